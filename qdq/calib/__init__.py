@@ -1,0 +1,36 @@
+"""Floor 2, statistics: calibrators that turn the tensors they see into an amax.
+
+>>> import torch
+>>> from qdq import calib
+>>> cal = calib.HistogramCalibrator(num_bits=8, axis=None, unsigned=False)
+>>> cal.collect(torch.linspace(-1, 1, 1001))
+>>> round(cal.compute_amax(method="percentile", percentile=100).item(), 3)
+1.0
+"""
+
+from qdq.calib.amax_search import (
+    entropy_amax,
+    get_search,
+    max_amax,
+    mse_amax,
+    percentile_amax,
+    register_search,
+    search_names,
+)
+from qdq.calib.calibrator import NoDataCollectedError, NonFiniteWarning, _Calibrator
+from qdq.calib.histogram import HistogramCalibrator
+from qdq.calib.max import MaxCalibrator
+
+__all__ = [
+    "MaxCalibrator",
+    "HistogramCalibrator",
+    "NoDataCollectedError",
+    "NonFiniteWarning",
+    "entropy_amax",
+    "mse_amax",
+    "percentile_amax",
+    "max_amax",
+    "register_search",
+    "get_search",
+    "search_names",
+]

@@ -1,0 +1,230 @@
+"""Histogram calibration: int64 counts of ``|x|`` with a bounded number of bins, and amax searches over them.
+
+The histogram covers ``[0, R]`` with ``num_bins`` equal bins. The first batch sets ``R`` to its largest
+magnitude. When a later batch goes beyond ``R``, the range grows by the smallest integer factor ``k`` that covers it
+and every ``k`` neighbouring bins are merged into one: counts move exactly (no interpolation, no smearing), the
+number of bins never changes, and the data always spans more than half of the bins. Counts are int64 and stay on
+the device of the data.
+
+Example:
+    >>> import torch
+    >>> torch.manual_seed(0) is not None
+    True
+    >>> cal = HistogramCalibrator(8, None, False, num_bins=256)
+    >>> cal.collect(torch.randn(10000))
+    >>> cal.collect(torch.randn(10000) * 2)          # the range grows, the bins merge
+    >>> cal.histogram()[0].shape, int(cal.histogram()[0].sum())
+    (torch.Size([256]), 20000)
+    >>> amax = cal.compute_amax("percentile", percentile=99.0)
+    >>> 3.5 < amax.item() < 5.5
+    True
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from qdq.calib.amax_search import get_search, search_names
+from qdq.calib.calibrator import NoDataCollectedError, _Calibrator
+
+__all__ = ["HistogramCalibrator"]
+
+logger = logging.getLogger(__name__)
+
+_HISTC_CHUNK = 1 << 24  # float32 histc counts are exact up to 2**24 per call
+
+
+class HistogramCalibrator(_Calibrator):
+    """Collects a histogram of ``|x|`` (of ``x`` when unsigned), one per channel when ``axis`` is set.
+
+    Args:
+        num_bits, axis, unsigned: as in :class:`~qdq.tensor_quant.QuantDescriptor`.
+        num_bins: bins of each histogram (2048, as TensorRT).
+        grow_method: accepted for pytorch_quantization compatibility; ignored (growth is always exact merging).
+        skip_zeros: leave exact zeros out of the histogram.
+        torch_hist: accepted for pytorch_quantization compatibility (collection always runs in torch, on the data's
+            device); the attribute ``_torch_hist`` may be set freely.
+
+    NaN and Inf values are skipped, counted in ``num_nonfinite`` and reported with a warning. A first batch of
+    zeros is counted in bin 0 and the range is set by the first batch with a non-zero value.
+    """
+
+    def __init__(
+        self,
+        num_bits: int = 8,
+        axis=None,
+        unsigned: bool = False,
+        num_bins: int = 2048,
+        grow_method: str | None = None,
+        skip_zeros: bool = False,
+        torch_hist: bool = True,
+    ):
+        super().__init__(num_bits, axis, unsigned)
+        if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 2:
+            raise ValueError(f"HistogramCalibrator: num_bins must be an int >= 2, got {num_bins!r}")
+        if grow_method is not None:
+            logger.warning("HistogramCalibrator: grow_method=%r is ignored; ranges grow by exact bin merging", grow_method)
+        self._num_bins = num_bins
+        self._skip_zeros = skip_zeros
+        self._torch_hist = torch_hist
+        self._counts: torch.Tensor | None = None  # int64 [channels, num_bins]
+        self._range: torch.Tensor | None = None  # float32 [channels], the top edge R
+        self._max: torch.Tensor | None = None  # float32 [channels], largest magnitude seen
+        self._shape: tuple[int, ...] | None = None  # shape of the amax
+
+    num_bins = property(lambda self: self._num_bins)
+
+    # collection -----------------------------------------------------------------------------------------------
+    def collect(self, x: torch.Tensor) -> None:
+        """Adds ``x`` to the histogram."""
+        if x.numel() == 0:
+            return
+        self._check_unsigned(x)
+        rows = self._rows(x).float()
+        if not self._unsigned:
+            rows = rows.abs()
+        batch_max = rows.amax(dim=1)
+        if not bool(torch.isfinite(batch_max).all()):
+            rows = self._skip_nonfinite(rows)
+            batch_max = rows.amax(dim=1).clamp(min=0)
+        if self._skip_zeros:
+            rows = torch.where(rows == 0, torch.full_like(rows, -1.0), rows)
+        shape = self._kept_shape(x)
+        if self._counts is None:
+            self._shape = shape
+            self._counts = torch.zeros(rows.shape[0], self._num_bins, dtype=torch.int64, device=rows.device)
+            self._range = batch_max.clone()
+            self._max = batch_max.clone()
+        else:
+            if shape != self._shape:
+                raise ValueError(
+                    f"HistogramCalibrator: this tensor {tuple(x.shape)} has per-channel shape {shape}, "
+                    f"but {self._shape} was collected so far"
+                )
+            batch_max = batch_max.to(self._counts.device)
+            rows = rows.to(self._counts.device)
+            self._grow(batch_max)
+            self._max = torch.maximum(self._max, batch_max)
+        self._counts += self._bin(rows)
+        self.num_batches += 1
+
+    def _grow(self, batch_max: torch.Tensor) -> None:
+        """Widens the range where ``batch_max`` exceeds it, merging bins by an integer factor."""
+        over = batch_max > self._range
+        if not bool(over.any()):
+            return
+        unset = self._range <= 0  # only zeros so far: every count is in bin 0, just set the range
+        factor = torch.ones_like(self._range, dtype=torch.int64)
+        grow = over & ~unset
+        if bool(grow.any()):
+            k = torch.ceil(batch_max / torch.where(grow, self._range, torch.ones_like(self._range))).to(torch.int64)
+            k = torch.where(grow, k.clamp(min=2), factor)
+            # float rounding: make sure k * R covers the new max
+            short = grow & (k.float() * self._range < batch_max)
+            k = k + short.to(torch.int64)
+            factor = k
+            target = torch.arange(self._num_bins, device=self._counts.device)[None, :] // factor[:, None]
+            merged = torch.zeros_like(self._counts).scatter_add_(1, target, self._counts)
+            self._counts = merged
+        self._range = torch.where(unset & over, batch_max, self._range * factor.float())
+
+    def _bin(self, rows: torch.Tensor) -> torch.Tensor:
+        """Counts of ``rows`` (magnitudes, -1 = skip) in the current bins, int64 ``[channels, num_bins]``."""
+        n = self._num_bins
+        top = torch.where(self._range > 0, self._range, torch.ones_like(self._range))
+        if rows.shape[0] == 1:
+            flat = rows.reshape(-1)
+            hist = torch.zeros(n, dtype=torch.int64, device=rows.device)
+            for part in flat.split(_HISTC_CHUNK):
+                hist += torch.histc(part, bins=n, min=0.0, max=float(top[0])).to(torch.int64)
+            return hist[None]
+        idx = (rows * (n / top)[:, None]).floor_().clamp_(max=n - 1).to(torch.int64)
+        idx += (torch.arange(rows.shape[0], device=rows.device) * n)[:, None]
+        idx = torch.where(rows >= 0, idx, rows.shape[0] * n)  # skipped values land past the end
+        return torch.bincount(idx.reshape(-1), minlength=rows.shape[0] * n + 1)[:-1].reshape(rows.shape[0], n)
+
+    def reset(self) -> None:
+        """Forgets everything collected."""
+        super().reset()
+        self._counts = self._range = self._max = None
+        self._shape = None
+
+    # results --------------------------------------------------------------------------------------------------
+    @property
+    def collected(self) -> bool:
+        """Whether any data was collected since the last reset."""
+        return self._counts is not None
+
+    def histogram(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(counts, edges)``: int64 ``[..., num_bins]`` and float32 ``[..., num_bins + 1]``.
+
+        One histogram (1-D tensors) per tensor, or one row per channel.
+        """
+        if self._counts is None:
+            raise NoDataCollectedError("HistogramCalibrator collected no data")
+        steps = torch.linspace(0, 1, self._num_bins + 1, device=self._counts.device, dtype=torch.float64)
+        top = torch.where(self._range > 0, self._range, torch.ones_like(self._range)).double()
+        edges = (top[:, None] * steps[None, :]).float()
+        if self._axis is None:
+            return self._counts[0], edges[0]
+        return self._counts, edges
+
+    def compute_amax(
+        self,
+        method: str | None = None,
+        *,
+        stride: int = 1,
+        start_bin: int = 128,
+        percentile: float = 99.99,
+        **params,
+    ) -> torch.Tensor:
+        """amax by a histogram search: ``"entropy"``, ``"mse"``, ``"percentile"`` (or ``"max"``: the exact max seen).
+
+        The result never exceeds the largest magnitude collected. Its shape is the quantizer's amax shape (a scalar
+        per tensor, keepdims per channel).
+        """
+        if method is None:
+            raise ValueError(
+                "HistogramCalibrator.compute_amax needs a method: one of " + ", ".join(repr(m) for m in search_names())
+            )
+        search = get_search(method)
+        if self._counts is None:
+            raise NoDataCollectedError("HistogramCalibrator collected no data")
+        if method == "max":
+            amax = self._max.clone()
+        else:
+            counts, edges = self._counts, self.histogram()[1].reshape(self._counts.shape[0], -1)
+            amax = search(
+                counts,
+                edges,
+                num_bits=self._num_bits,
+                unsigned=self._unsigned,
+                stride=stride,
+                start_bin=start_bin,
+                percentile=percentile,
+                **params,
+            )
+            amax = torch.minimum(amax.to(self._max.device), self._max)
+        return amax.reshape(self._shape)
+
+    # pytorch_quantization attribute names ----------------------------------------------------------------------
+    @property
+    def _calib_hist(self):
+        return None if self._counts is None else self.histogram()[0]
+
+    @property
+    def _calib_bin_edges(self):
+        return None if self._counts is None else self.histogram()[1]
+
+    def __repr__(self) -> str:
+        if self._counts is None:
+            seen = "nothing collected"
+        else:
+            seen = f"range=[0, {self._range.max().item():.4g}], {int(self._counts.sum())} values"
+        return (
+            f"HistogramCalibrator(num_bits={self._num_bits}, axis={self._axis}, unsigned={self._unsigned}, "
+            f"num_bins={self._num_bins}, {seen})"
+        )

@@ -1,0 +1,85 @@
+"""Running abs-max calibration, per tensor or per channel."""
+
+from __future__ import annotations
+
+import torch
+
+from qdq.calib.calibrator import NoDataCollectedError, _Calibrator
+
+__all__ = ["MaxCalibrator"]
+
+
+class MaxCalibrator(_Calibrator):
+    """Keeps the running maximum of ``|x|`` over everything collected (per kept channel when ``axis`` is set).
+
+    The running max stays on the device of the data. NaN and Inf values are skipped, counted in
+    ``num_nonfinite`` and reported with a warning.
+
+    Args:
+        num_bits, axis, unsigned: as in :class:`~qdq.tensor_quant.QuantDescriptor`.
+        track_amax: also keep each batch's amax in ``amaxs`` (on the CPU).
+
+    Example:
+        >>> import torch
+        >>> cal = MaxCalibrator(8, axis=0, unsigned=False)
+        >>> cal.collect(torch.tensor([[1.0, -4.0], [0.5, 2.0]]))
+        >>> cal.collect(torch.tensor([[3.0, 0.0], [-1.0, 0.0]]))
+        >>> cal.compute_amax().flatten().tolist()
+        [4.0, 2.0]
+    """
+
+    def __init__(self, num_bits: int = 8, axis=None, unsigned: bool = False, track_amax: bool = False):
+        super().__init__(num_bits, axis, unsigned)
+        self._track_amax = track_amax
+        self._calib_amax: torch.Tensor | None = None
+        self.amaxs: list[torch.Tensor] = []
+
+    def collect(self, x: torch.Tensor) -> None:
+        """Updates the running max with ``x``."""
+        if x.numel() == 0:
+            return
+        self._check_unsigned(x)
+        rows = self._rows(x)
+        amax = torch.maximum(rows.amax(dim=1), -rows.amin(dim=1)).float()
+        if not bool(torch.isfinite(amax).all()):
+            rows = self._skip_nonfinite(rows.float().abs())
+            amax = rows.amax(dim=1).clamp(min=0)
+        amax = amax.reshape(self._kept_shape(x))
+        if self._calib_amax is None:
+            self._calib_amax = amax
+        else:
+            if amax.shape != self._calib_amax.shape:
+                raise ValueError(
+                    f"MaxCalibrator: per-channel amax of shape {tuple(amax.shape)} for this tensor "
+                    f"{tuple(x.shape)} does not match the {tuple(self._calib_amax.shape)} collected so far"
+                )
+            self._calib_amax = torch.maximum(self._calib_amax, amax.to(self._calib_amax.device))
+        self.num_batches += 1
+        if self._track_amax:
+            self.amaxs.append(amax.cpu())
+
+    def reset(self) -> None:
+        """Forgets everything collected."""
+        super().reset()
+        self._calib_amax = None
+        self.amaxs = []
+
+    def compute_amax(self, *args, **kwargs) -> torch.Tensor:
+        """The running max (a copy); :class:`NoDataCollectedError` if nothing was collected.
+
+        Arguments such as ``method="max"`` are accepted and ignored, so model-wide code can call every calibrator
+        the same way.
+        """
+        method = kwargs.get("method", args[0] if args else None)
+        if method not in (None, "max"):
+            raise ValueError(f"MaxCalibrator computes the max only, not {method!r}; use a histogram calibrator")
+        if self._calib_amax is None:
+            raise NoDataCollectedError("MaxCalibrator collected no data")
+        return self._calib_amax.clone()
+
+    def __repr__(self) -> str:
+        if self._calib_amax is None:
+            seen = "nothing collected"
+        else:
+            seen = f"amax=[{self._calib_amax.min().item():.4g}, {self._calib_amax.max().item():.4g}]"
+        return f"MaxCalibrator(num_bits={self._num_bits}, axis={self._axis}, unsigned={self._unsigned}, {seen})"

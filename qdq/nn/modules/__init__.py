@@ -1,0 +1,1 @@
+"""Quantized modules (floor 3)."""

@@ -1,0 +1,394 @@
+"""TensorQuantizer: the module that holds a quantizer's state and calls the math and the calibrator.
+
+State: the ``_amax`` buffer (``None`` until calibrated or given; a ``Parameter`` when learned), the descriptor's
+settings and four public switches. Work: :func:`qdq.tensor_quant.fake_tensor_quant` for the numbers and a
+calibrator from :mod:`qdq.calib` for the statistics.
+
+=====================  ===========================================================================
+switch                 effect on ``forward(x)``
+=====================  ===========================================================================
+``disable()``          returns ``x`` untouched (nothing else runs)
+``enable_calib()``     the calibrator collects ``x``
+``enable_clip()``      ``x`` is clamped to ``[-amax, amax]`` (``[0, amax]`` unsigned) before quantization
+``enable_quant()``     ``x`` is fake-quantized (or quantized, with ``fake_quant=False``)
+=====================  ===========================================================================
+
+Calibration and quantization can run in the same forward. A quantizer with no amax quantizes each batch with its
+own abs-max (dynamic quantization).
+
+Example:
+    >>> import torch
+    >>> from qdq.nn import TensorQuantizer
+    >>> from qdq.tensor_quant import QuantDescriptor
+    >>> q = TensorQuantizer(QuantDescriptor(num_bits=8, calib_method="histogram"))
+    >>> q.disable_quant(); q.enable_calib()
+    >>> _ = q(torch.randn(1000))
+    >>> q.load_calib_amax(method="percentile", percentile=99.9)
+    >>> q.enable_quant(); q.disable_calib()
+    >>> q
+    TensorQuantizer(8bit fake per-tensor amax=... calibrator=HistogramCalibrator quant)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from qdq import calib
+from qdq.calib.calibrator import NoDataCollectedError
+from qdq.tensor_quant import (
+    QuantDescriptor,
+    check_amax,
+    fake_quantize,
+    fake_tensor_quant,
+    maxbound,
+    amax_to_scale,
+    quant_range,
+    reduce_amax,
+    tensor_quant,
+)
+
+__all__ = ["TensorQuantizer"]
+
+logger = logging.getLogger(__name__)
+
+
+class TensorQuantizer(nn.Module):
+    """Quantizes the tensors that pass through it, and calibrates its amax on them.
+
+    Args:
+        quant_desc: a :class:`~qdq.tensor_quant.QuantDescriptor` (8-bit per-tensor when omitted).
+        disabled: start disabled (``forward`` returns its input).
+        if_quant: quantize in ``forward``.
+        if_clip: clamp to amax before quantizing.
+        if_calib: collect calibration statistics in ``forward``.
+    """
+
+    def __init__(
+        self,
+        quant_desc: QuantDescriptor | None = None,
+        disabled: bool = False,
+        if_quant: bool = True,
+        if_clip: bool = False,
+        if_calib: bool = False,
+    ):
+        super().__init__()
+        if quant_desc is None:
+            quant_desc = QuantDescriptor()
+        if not isinstance(quant_desc, QuantDescriptor):
+            raise TypeError(f"TensorQuantizer needs a QuantDescriptor, got {type(quant_desc).__name__}")
+        self._quant_desc = quant_desc
+        self._num_bits = quant_desc.num_bits
+        self._fake_quant = quant_desc.fake_quant
+        self._axis = quant_desc.axis
+        self._scale_amax = quant_desc.scale_amax
+        self._learn_amax = quant_desc.learn_amax
+        self._unsigned = quant_desc.unsigned
+        self._narrow_range = quant_desc.narrow_range
+        self.name: str | None = quant_desc.name
+
+        self._disabled = bool(disabled)
+        self._if_quant = bool(if_quant)
+        self._if_clip = bool(if_clip)
+        self._if_calib = bool(if_calib)
+        self._export_mode = False
+        self._scale: torch.Tensor | None = None
+        self._device = torch.device("cpu")
+
+        self._set_amax_buffer(None)
+        if quant_desc.amax is not None:
+            self.amax = torch.tensor(quant_desc.amax, dtype=torch.float32)
+
+        if quant_desc.calib_method == "histogram":
+            self._calibrator = calib.HistogramCalibrator(self._num_bits, self._axis, self._unsigned)
+        else:
+            self._calibrator = calib.MaxCalibrator(self._num_bits, self._axis, self._unsigned)
+
+        if self._learn_amax and self._amax is not None:
+            self.init_learn_amax()
+
+    # ----------------------------------------------------------------------------------------------------------
+    # read-only settings
+    # ----------------------------------------------------------------------------------------------------------
+    quant_desc = property(lambda self: self._quant_desc)
+    num_bits = property(lambda self: self._num_bits)
+    unsigned = property(lambda self: self._unsigned)
+    narrow_range = property(lambda self: self._narrow_range)
+    axis = property(lambda self: self._axis)
+    fake_quant = property(lambda self: self._fake_quant)
+    scale_amax = property(lambda self: self._scale_amax)
+    learn_amax = property(lambda self: isinstance(self._amax, nn.Parameter))
+
+    @property
+    def maxbound(self) -> int:
+        """The integer amax maps to (127 for signed 8 bit)."""
+        return maxbound(self._num_bits, self._unsigned)
+
+    @property
+    def quant_range(self) -> tuple[int, int]:
+        """``(qmin, qmax)``."""
+        return quant_range(self._num_bits, self._unsigned, self._narrow_range)
+
+    @property
+    def is_enabled(self) -> bool:
+        return not self._disabled
+
+    # ----------------------------------------------------------------------------------------------------------
+    # amax
+    # ----------------------------------------------------------------------------------------------------------
+    @property
+    def amax(self) -> torch.Tensor | None:
+        """The calibrated (or given, or learned) amax; ``None`` while not calibrated."""
+        return self._amax
+
+    @amax.setter
+    def amax(self, value: Any) -> None:
+        if value is None:
+            self._set_amax_buffer(None)
+            return
+        value = torch.as_tensor(value, dtype=torch.float32).detach()
+        check_amax(value, f"{self._label()}: amax")
+        value = value.to(device=self._device, dtype=torch.float32)
+        if isinstance(self._amax, nn.Parameter):
+            if value.shape != self._amax.shape:
+                raise ValueError(
+                    f"{self._label()}: learned amax has shape {tuple(self._amax.shape)}, got {tuple(value.shape)}"
+                )
+            with torch.no_grad():
+                self._amax.copy_(value)
+        else:
+            self._set_amax_buffer(value.clone())
+
+    def _set_amax_buffer(self, value: torch.Tensor | None) -> None:
+        """Stores amax as a plain buffer (undoing a learned Parameter, if any)."""
+        self._parameters.pop("_amax", None)
+        self._buffers.pop("_amax", None)
+        self.register_buffer("_amax", value)
+
+    def effective_amax(self) -> torch.Tensor | None:
+        """amax as used to quantize: multiplied by ``scale_amax`` when the descriptor sets it."""
+        amax = self._amax
+        if amax is not None and self._scale_amax is not None:
+            amax = amax * self._scale_amax
+        return amax
+
+    @property
+    def scale(self) -> torch.Tensor | None:
+        """The step size ``amax / maxbound`` (ONNX's ``y_scale``); ``None`` without amax."""
+        amax = self.effective_amax()
+        return None if amax is None else amax_to_scale(amax.detach(), self._num_bits, self._unsigned)
+
+    step_size = scale
+
+    def load_calib_amax(self, *args: Any, strict: bool = True, **kwargs: Any) -> None:
+        """Sets amax from the calibrator (arguments go to its ``compute_amax``, e.g. ``method="mse"``).
+
+        A calibrator that collected nothing raises ``RuntimeError`` naming this quantizer; with ``strict=False`` it
+        logs a warning and leaves amax as it was.
+        """
+        if self._calibrator is None:
+            raise RuntimeError(f"{self._label()} has no calibrator")
+        try:
+            amax = self._calibrator.compute_amax(*args, **kwargs)
+        except NoDataCollectedError:
+            msg = (
+                f"{self._label()}: its calibrator collected no data, so there is no amax to load "
+                "(did calibration data reach this layer?)"
+            )
+            if strict:
+                raise RuntimeError(msg) from None
+            logger.warning("%s; amax left unchanged", msg)
+            return
+        except ValueError as err:
+            raise ValueError(f"{self._label()}: {err}") from None
+        check_amax(amax, f"{self._label()}: calibrated amax")
+        zero = int((amax == 0).sum())
+        if zero:
+            logger.warning("%s: calibrated amax is 0 for %d of %d values", self._label(), zero, amax.numel())
+        if isinstance(self._amax, nn.Parameter) and self._amax.shape != amax.shape:
+            self._set_amax_buffer(None)
+        self.amax = amax
+        if self._learn_amax and not isinstance(self._amax, nn.Parameter):
+            self.init_learn_amax()
+
+    def init_learn_amax(self) -> None:
+        """Makes amax a trainable ``Parameter`` (its gradient comes from the fake-quant function)."""
+        if self._amax is None:
+            raise RuntimeError(f"{self._label()}: cannot learn amax before it has a value; calibrate first")
+        if not isinstance(self._amax, nn.Parameter):
+            value = self._amax.detach().clone()
+            self._buffers.pop("_amax", None)
+            self.register_parameter("_amax", nn.Parameter(value))
+        self._learn_amax = True
+
+    # ----------------------------------------------------------------------------------------------------------
+    # switches
+    # ----------------------------------------------------------------------------------------------------------
+    def enable(self) -> None:
+        self._disabled = False
+
+    def disable(self) -> None:
+        self._disabled = True
+
+    def enable_quant(self) -> None:
+        self._if_quant = True
+
+    def disable_quant(self) -> None:
+        self._if_quant = False
+
+    def enable_calib(self) -> None:
+        if self._calibrator is None:
+            raise RuntimeError(f"{self._label()} has no calibrator")
+        self._if_calib = True
+
+    def disable_calib(self) -> None:
+        self._if_calib = False
+
+    def enable_clip(self) -> None:
+        self._if_clip = True
+
+    def disable_clip(self) -> None:
+        self._if_clip = False
+
+    def reset_calib(self) -> None:
+        """Forgets what the calibrator collected."""
+        if self._calibrator is not None:
+            self._calibrator.reset()
+
+    def state(self) -> dict[str, bool]:
+        """The switches, for code that saves and restores them."""
+        return {
+            "disabled": self._disabled,
+            "if_quant": self._if_quant,
+            "if_calib": self._if_calib,
+            "if_clip": self._if_clip,
+        }
+
+    def set_state(self, state: dict[str, bool]) -> None:
+        """Restores switches saved by :meth:`state`."""
+        self._disabled = bool(state["disabled"])
+        self._if_quant = bool(state["if_quant"])
+        self._if_calib = bool(state["if_calib"])
+        self._if_clip = bool(state["if_clip"])
+
+    # ----------------------------------------------------------------------------------------------------------
+    # forward
+    # ----------------------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._disabled:
+            return x
+        if self._export_mode:
+            return self._export_forward(x)
+        if self._if_calib:
+            self._calibrator.collect(x)
+        if self._if_clip:
+            x = self._clip(x)
+        if self._if_quant:
+            x = self._quant_forward(x)
+        return x
+
+    def _amax_for(self, x: torch.Tensor) -> torch.Tensor:
+        amax = self.effective_amax()
+        if amax is None:
+            if not getattr(self, "_logged_dynamic", False):
+                self._logged_dynamic = True
+                logger.info("%s has no amax: quantizing each batch with its own abs-max", self._label())
+            return reduce_amax(x, self._axis, keepdims=True)
+        return amax
+
+    def _clip(self, x: torch.Tensor) -> torch.Tensor:
+        amax = self.effective_amax()
+        if amax is None:
+            raise RuntimeError(f"{self._label()}: clipping needs an amax; calibrate first")
+        amax = amax.to(x.dtype)
+        return torch.clamp(x, min=torch.zeros_like(amax) if self._unsigned else -amax, max=amax)
+
+    def _quant_forward(self, x: torch.Tensor) -> torch.Tensor:
+        amax = self._amax_for(x)
+        try:
+            if self._fake_quant:
+                return fake_tensor_quant(x, amax, self._num_bits, self._unsigned, self._narrow_range)
+            q, self._scale = tensor_quant(x, amax, self._num_bits, self._unsigned, self._narrow_range)
+            return q
+        except ValueError as err:
+            raise ValueError(f"{self._label()}: {err}") from None
+
+    def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward traced by the ONNX export: the fused fake-quant op alone, no custom gradient."""
+        amax = self.effective_amax()
+        if amax is None:
+            raise RuntimeError(f"{self._label()} has no amax; calibrate it (or disable it) before export")
+        qmin, qmax = self.quant_range
+        scale = amax_to_scale(amax.detach(), self._num_bits, self._unsigned)
+        return fake_quantize(x, scale, 0, qmin, qmax).to(x.dtype)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # device and state_dict
+    # ----------------------------------------------------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        self._device = fn(torch.empty(0, device=self._device)).device
+        out = super()._apply(fn, recurse)
+        if self._amax is not None and self._amax.dtype != torch.float32:  # amax stays float32 under .half()
+            if isinstance(self._amax, nn.Parameter):
+                self._amax.data = self._amax.data.float()
+            else:
+                self._amax = self._amax.float()
+        return out
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        key = prefix + "_amax"
+        if key in state_dict:
+            value = state_dict[key]
+            bad = ~torch.isfinite(value) | (value < 0)
+            if bool(bad.any()):
+                errors.append(f"{key}: amax must be finite and >= 0, the checkpoint holds {value[bad][:4].tolist()}")
+                return
+            if self._amax is None:
+                self._amax = torch.empty_like(value, dtype=torch.float32, device=self._device)
+            elif self._amax.shape != value.shape:
+                if isinstance(self._amax, nn.Parameter):
+                    errors.append(
+                        f"{key}: the checkpoint's amax has shape {tuple(value.shape)}, this learned amax "
+                        f"{tuple(self._amax.shape)}"
+                    )
+                    return
+                self._amax = torch.empty_like(value, dtype=torch.float32, device=self._device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # printing
+    # ----------------------------------------------------------------------------------------------------------
+    def _label(self) -> str:
+        return f"TensorQuantizer {self.name!r}" if self.name else "TensorQuantizer (unnamed)"
+
+    def extra_repr(self) -> str:
+        parts = [f"{self._num_bits}bit"]
+        if self._unsigned:
+            parts.append("unsigned")
+        if self._narrow_range:
+            parts.append("narrow")
+        parts.append("fake" if self._fake_quant else "real")
+        parts.append("per-tensor" if self._axis is None else f"axis={self._axis}")
+        amax = self._amax
+        if amax is None:
+            parts.append("amax=dynamic")
+        elif amax.numel() == 1:
+            parts.append(f"amax={amax.item():.4f}")
+        else:
+            parts.append(f"amax=[{amax.min().item():.4f}, {amax.max().item():.4f}]({amax.numel()})")
+        if self.learn_amax:
+            parts.append("learned")
+        if self._scale_amax is not None:
+            parts.append(f"scale_amax={self._scale_amax}")
+        parts.append(f"calibrator={type(self._calibrator).__name__}" if self._calibrator is not None else "no calibrator")
+        if self._disabled:
+            parts.append("disabled")
+        else:
+            parts.extend(flag for flag, on in (("quant", self._if_quant), ("calib", self._if_calib), ("clip", self._if_clip)) if on)
+        return " ".join(parts)
+
+    def __repr__(self) -> str:  # one line, as users print quantizers in loops
+        return f"TensorQuantizer({self.extra_repr()})"

@@ -1,0 +1,606 @@
+"""Floor 1, the math: quantization descriptors and pure quantization functions.
+
+Nothing here holds state. The quantizer module (:class:`qdq.nn.TensorQuantizer`), the calibrators and the ONNX
+export all build on the functions below, so the numbers PyTorch computes during QAT are the numbers the exported
+QuantizeLinear/DequantizeLinear pair computes.
+
+The arithmetic, once for all of qdq::
+
+    scale     = max(amax, AMAX_EPS) / maxbound            # the ONNX y_scale (a step size), float32
+    q         = clamp(round_half_even(x * (1 / scale)), qmin, qmax)
+    x_hat     = q * scale                                 # fake quantization = dequantize(quantize(x))
+
+with ``maxbound = 2 ** (num_bits - 1 + unsigned) - 1`` (127 for signed 8 bit) and ``[qmin, qmax]``:
+
+=====================  ====================  ======================
+signedness             ``narrow_range=False``  ``narrow_range=True``
+=====================  ====================  ======================
+signed                 ``[-128, 127]``       ``[-127, 127]``
+unsigned               ``[0, 255]``          ``[0, 255]``
+=====================  ====================  ======================
+
+``narrow_range=False`` is the default: it is what ONNX QuantizeLinear and TensorRT's IQuantizeLayer saturate to.
+
+Fake quantization runs PyTorch's fused kernels (``torch.fake_quantize_per_tensor_affine`` and
+``torch.fake_quantize_per_channel_affine``), which are fast on CPU and GPU. They multiply by the float32
+reciprocal of the scale and round half to even; the plain tensor path here does the same, so both give identical
+numbers. ONNX defines QuantizeLinear with a division, which can differ from the reciprocal product by one ulp and so,
+on an exact rounding tie, by one quantization step: that is why exported models are compared with ONNX Runtime to
+the step, not bit for bit.
+
+Differences from pytorch_quantization, on purpose:
+
+* ``scale`` is the step size ``amax / maxbound`` (ONNX's ``y_scale``), not its reciprocal. ``tensor_quant`` returns
+  it, and ``q * scale`` dequantizes.
+* ``narrow_range`` defaults to ``False`` everywhere, in the functions as in the descriptor.
+* ``amax`` below :data:`AMAX_EPS` is raised to :data:`AMAX_EPS` instead of producing a zero scale, so the exported
+  scale stays positive (TensorRT and ONNX Runtime require it) and PyTorch computes what the export computes.
+
+Example:
+    >>> import torch
+    >>> from qdq.tensor_quant import fake_tensor_quant, tensor_quant
+    >>> x = torch.tensor([-1.0, -0.004, 0.5, 2.0])
+    >>> q, scale = tensor_quant(x, torch.tensor(1.0))
+    >>> q
+    tensor([-127.,   -1.,   64.,  127.])
+    >>> torch.equal(fake_tensor_quant(x, torch.tensor(1.0)), q * scale)
+    True
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Mapping
+
+import torch
+
+__all__ = [
+    "AMAX_EPS",
+    "CALIB_METHODS",
+    "QuantDescriptor",
+    "ScaledQuantDescriptor",
+    "QUANT_DESC_8BIT_PER_TENSOR",
+    "QUANT_DESC_UNSIGNED_8BIT_PER_TENSOR",
+    "QUANT_DESC_8BIT_CONV1D_WEIGHT_PER_CHANNEL",
+    "QUANT_DESC_8BIT_CONV2D_WEIGHT_PER_CHANNEL",
+    "QUANT_DESC_8BIT_CONV3D_WEIGHT_PER_CHANNEL",
+    "QUANT_DESC_8BIT_CONVTRANSPOSE1D_WEIGHT_PER_CHANNEL",
+    "QUANT_DESC_8BIT_CONVTRANSPOSE2D_WEIGHT_PER_CHANNEL",
+    "QUANT_DESC_8BIT_CONVTRANSPOSE3D_WEIGHT_PER_CHANNEL",
+    "QUANT_DESC_8BIT_LINEAR_WEIGHT_PER_ROW",
+    "maxbound",
+    "quant_range",
+    "amax_to_scale",
+    "quantize",
+    "dequantize",
+    "fake_quantize",
+    "tensor_quant",
+    "fake_tensor_quant",
+    "TensorQuantFunction",
+    "FakeTensorQuantFunction",
+    "check_amax",
+    "reduce_amax",
+]
+
+logger = logging.getLogger(__name__)
+
+#: amax values below this are treated as this value (2**-24, the smallest fp16 subnormal).
+AMAX_EPS = 2.0**-24
+#: Calibration methods a descriptor accepts; the histogram searches are chosen when amax is computed.
+CALIB_METHODS = ("max", "histogram")
+MIN_BITS, MAX_BITS = 2, 16
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Descriptor
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _check_bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"QuantDescriptor: {key} must be a bool, got {value!r}")
+    return value
+
+
+def _normalize_axis(axis: Any) -> int | tuple[int, ...] | None:
+    if axis is None:
+        return None
+    if isinstance(axis, bool):
+        raise TypeError(f"QuantDescriptor: axis must be None, an int or a tuple of ints, got {axis!r}")
+    if isinstance(axis, int):
+        return axis
+    if isinstance(axis, (list, tuple)) and all(isinstance(a, int) and not isinstance(a, bool) for a in axis):
+        if not axis:
+            raise ValueError("QuantDescriptor: axis=() is ambiguous; use axis=None for per-tensor quantization")
+        if len(set(axis)) != len(axis):
+            raise ValueError(f"QuantDescriptor: axis {tuple(axis)} repeats a dimension")
+        return axis[0] if len(axis) == 1 else tuple(axis)
+    raise TypeError(f"QuantDescriptor: axis must be None, an int or a tuple of ints, got {axis!r}")
+
+
+def _normalize_amax(amax: Any) -> float | tuple | None:
+    """Turns a user amax (number, list, array, tensor) into an immutable float or nested tuple, checked."""
+    if amax is None:
+        return None
+    if isinstance(amax, torch.Tensor):
+        amax = amax.detach().cpu().tolist()
+    elif hasattr(amax, "tolist"):  # numpy arrays and scalars
+        amax = amax.tolist()
+
+    def freeze(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return tuple(freeze(e) for e in v)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"QuantDescriptor: amax must be a number or a nested list of numbers, got {v!r}")
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"QuantDescriptor: amax must be finite and >= 0, got {v!r}")
+        return float(v)
+
+    return freeze(amax)
+
+
+class QuantDescriptor:
+    """How one tensor is quantized: validated, immutable data.
+
+    Args:
+        num_bits: bits of the integer type, 2..16 (8 for TensorRT INT8).
+        name: optional label, shown in logs and errors.
+        fake_quant: ``True`` returns dequantized floats (QAT, export); ``False`` returns the integer values.
+        axis: ``None`` for one amax for the whole tensor; an int or a tuple of ints for the dimensions that keep
+            their own amax (``axis=0`` is per output channel for a conv weight), as in pytorch_quantization.
+        amax: a fixed amax (number, or nested list matching the kept dimensions); ``None`` means "not calibrated".
+        learn_amax: make amax a trainable parameter (its gradient comes from :func:`fake_tensor_quant`).
+        scale_amax: multiply the calibrated amax by this factor.
+        calib_method: ``"max"`` or ``"histogram"``; with ``"histogram"`` the search (entropy, mse, percentile) is
+            chosen when amax is computed.
+        unsigned: quantize to ``[0, 2**num_bits - 1]``; negative inputs are an error.
+        narrow_range: signed range ``[-(2**(b-1) - 1), 2**(b-1) - 1]`` instead of ``[-2**(b-1), 2**(b-1) - 1]``.
+
+    Unknown keyword arguments raise ``TypeError`` naming them.
+
+    Example:
+        >>> d = QuantDescriptor(num_bits=4, axis=(0), calib_method="histogram")
+        >>> d.axis, d.num_bits
+        (0, 4)
+        >>> QuantDescriptor.from_dict(d.dict()) == d
+        True
+        >>> QuantDescriptor(num_bit=8)
+        Traceback (most recent call last):
+        ...
+        TypeError: QuantDescriptor got unknown keys ['num_bit']; valid keys are ...
+    """
+
+    _FIELDS = (
+        "num_bits",
+        "name",
+        "fake_quant",
+        "axis",
+        "amax",
+        "learn_amax",
+        "scale_amax",
+        "calib_method",
+        "unsigned",
+        "narrow_range",
+    )
+    __slots__ = tuple("_" + f for f in _FIELDS)
+    #: Version of the dict form written by :meth:`dict`.
+    VERSION = 1
+
+    def __init__(self, num_bits: int = 8, name: str | None = None, **kwargs: Any):
+        unknown = sorted(set(kwargs) - set(self._FIELDS))
+        if unknown:
+            raise TypeError(
+                f"QuantDescriptor got unknown keys {unknown}; valid keys are {', '.join(self._FIELDS)}"
+            )
+        if isinstance(num_bits, bool) or not isinstance(num_bits, int):
+            raise TypeError(f"QuantDescriptor: num_bits must be an int, got {num_bits!r}")
+        if not MIN_BITS <= num_bits <= MAX_BITS:
+            raise ValueError(f"QuantDescriptor: num_bits must be in [{MIN_BITS}, {MAX_BITS}], got {num_bits}")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"QuantDescriptor: name must be a str or None, got {name!r}")
+        calib_method = kwargs.get("calib_method", "max")
+        if calib_method not in CALIB_METHODS:
+            raise ValueError(
+                f"QuantDescriptor: calib_method must be one of {CALIB_METHODS}, got {calib_method!r} "
+                "(entropy, mse and percentile are histogram searches: use calib_method='histogram' and pass "
+                "method=... when computing amax)"
+            )
+        scale_amax = kwargs.get("scale_amax")
+        if scale_amax is not None:
+            if isinstance(scale_amax, bool) or not isinstance(scale_amax, (int, float)):
+                raise TypeError(f"QuantDescriptor: scale_amax must be a number, got {scale_amax!r}")
+            if not math.isfinite(scale_amax) or scale_amax <= 0:
+                raise ValueError(f"QuantDescriptor: scale_amax must be finite and > 0, got {scale_amax!r}")
+            scale_amax = float(scale_amax)
+        values = {
+            "num_bits": num_bits,
+            "name": name,
+            "fake_quant": _check_bool("fake_quant", kwargs.get("fake_quant", True)),
+            "axis": _normalize_axis(kwargs.get("axis")),
+            "amax": _normalize_amax(kwargs.get("amax")),
+            "learn_amax": _check_bool("learn_amax", kwargs.get("learn_amax", False)),
+            "scale_amax": scale_amax,
+            "calib_method": calib_method,
+            "unsigned": _check_bool("unsigned", kwargs.get("unsigned", False)),
+            "narrow_range": _check_bool("narrow_range", kwargs.get("narrow_range", False)),
+        }
+        for key, value in values.items():
+            object.__setattr__(self, "_" + key, value)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError(f"QuantDescriptor is immutable; build a new one with .replace({key}=...)")
+
+    def __delattr__(self, key: str) -> None:
+        raise AttributeError("QuantDescriptor is immutable")
+
+    # read-only fields --------------------------------------------------------------------------------------------
+    num_bits = property(lambda self: self._num_bits)
+    name = property(lambda self: self._name)
+    fake_quant = property(lambda self: self._fake_quant)
+    axis = property(lambda self: self._axis)
+    amax = property(lambda self: self._amax)
+    learn_amax = property(lambda self: self._learn_amax)
+    scale_amax = property(lambda self: self._scale_amax)
+    calib_method = property(lambda self: self._calib_method)
+    unsigned = property(lambda self: self._unsigned)
+    narrow_range = property(lambda self: self._narrow_range)
+
+    def dict(self) -> dict[str, Any]:
+        """Every field, as plain Python values (``from_dict(d.dict()) == d``)."""
+        return {f: getattr(self, f) for f in self._FIELDS}
+
+    to_dict = dict
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "QuantDescriptor":
+        """Builds a descriptor from :meth:`dict` output; unknown keys raise ``TypeError``."""
+        data = dict(data)
+        version = data.pop("version", cls.VERSION)
+        if version != cls.VERSION:
+            raise ValueError(f"QuantDescriptor: unsupported descriptor version {version!r} (this is {cls.VERSION})")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "QuantDescriptor":
+        """A copy with some fields changed (the descriptor itself never changes)."""
+        return type(self).from_dict({**self.dict(), **changes})
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, QuantDescriptor) and self.dict() == other.dict()
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.dict().values()))
+
+    def __repr__(self) -> str:
+        defaults = QuantDescriptor().dict()
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.dict().items() if k == "num_bits" or v != defaults[k])
+        return f"QuantDescriptor({fields})"
+
+    __str__ = __repr__
+
+    def __reduce__(self):
+        return (_descriptor_from_dict, (self.dict(),))
+
+
+def _descriptor_from_dict(data: dict) -> QuantDescriptor:
+    return QuantDescriptor.from_dict(data)
+
+
+#: pytorch_quantization's name for the same class.
+ScaledQuantDescriptor = QuantDescriptor
+
+QUANT_DESC_8BIT_PER_TENSOR = QuantDescriptor(num_bits=8)
+QUANT_DESC_UNSIGNED_8BIT_PER_TENSOR = QuantDescriptor(num_bits=8, unsigned=True)
+QUANT_DESC_8BIT_CONV1D_WEIGHT_PER_CHANNEL = QuantDescriptor(num_bits=8, axis=0)
+QUANT_DESC_8BIT_CONV2D_WEIGHT_PER_CHANNEL = QuantDescriptor(num_bits=8, axis=0)
+QUANT_DESC_8BIT_CONV3D_WEIGHT_PER_CHANNEL = QuantDescriptor(num_bits=8, axis=0)
+QUANT_DESC_8BIT_LINEAR_WEIGHT_PER_ROW = QuantDescriptor(num_bits=8, axis=0)
+# A transposed conv weight is (in_channels, out_channels / groups, *kernel). TensorRT's deconvolution kernels take
+# per-channel weight scales along the *input* channels (axis 0) and do not support per-output-channel scales
+# (TensorRT issues #1694 and #2380), so axis 0 is the one that builds and runs correctly there.
+QUANT_DESC_8BIT_CONVTRANSPOSE1D_WEIGHT_PER_CHANNEL = QuantDescriptor(num_bits=8, axis=0)
+QUANT_DESC_8BIT_CONVTRANSPOSE2D_WEIGHT_PER_CHANNEL = QuantDescriptor(num_bits=8, axis=0)
+QUANT_DESC_8BIT_CONVTRANSPOSE3D_WEIGHT_PER_CHANNEL = QuantDescriptor(num_bits=8, axis=0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Ranges and scales
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _check_bits(num_bits: int) -> None:
+    if isinstance(num_bits, bool) or not isinstance(num_bits, int) or not MIN_BITS <= num_bits <= MAX_BITS:
+        raise ValueError(f"num_bits must be an int in [{MIN_BITS}, {MAX_BITS}], got {num_bits!r}")
+
+
+def maxbound(num_bits: int = 8, unsigned: bool = False) -> int:
+    """The integer that amax maps to: ``2**(num_bits - 1 + unsigned) - 1`` (127 for signed 8 bit).
+
+    >>> maxbound(8), maxbound(8, unsigned=True), maxbound(4)
+    (127, 255, 7)
+    """
+    _check_bits(num_bits)
+    return 2 ** (num_bits - 1 + int(unsigned)) - 1
+
+
+def quant_range(num_bits: int = 8, unsigned: bool = False, narrow_range: bool = False) -> tuple[int, int]:
+    """``(qmin, qmax)`` of the integer grid.
+
+    >>> quant_range(8), quant_range(8, narrow_range=True), quant_range(8, unsigned=True)
+    ((-128, 127), (-127, 127), (0, 255))
+    """
+    qmax = maxbound(num_bits, unsigned)
+    if unsigned:
+        return 0, qmax
+    return (-qmax if narrow_range else -qmax - 1), qmax
+
+
+def amax_to_scale(amax: torch.Tensor, num_bits: int = 8, unsigned: bool = False) -> torch.Tensor:
+    """The float32 step size ``max(amax, AMAX_EPS) / maxbound`` (ONNX QuantizeLinear's ``y_scale``).
+
+    >>> amax_to_scale(torch.tensor([127.0, 0.0]))
+    tensor([1.0000e+00, 4.6933e-10])
+    """
+    amax = torch.as_tensor(amax, dtype=torch.float32)
+    return amax.to(torch.float32).clamp(min=AMAX_EPS) / maxbound(num_bits, unsigned)
+
+
+def check_amax(amax: torch.Tensor, what: str = "amax") -> None:
+    """Raises ``ValueError`` if ``amax`` has a negative, NaN or infinite entry (one device sync)."""
+    bad = ~torch.isfinite(amax) | (amax < 0)
+    if bool(bad.any()):
+        raise ValueError(f"{what} must be finite and >= 0; got {amax[bad].flatten()[:4].tolist()} among its values")
+
+
+def reduce_amax(x: torch.Tensor, axis: int | tuple[int, ...] | None = None, keepdims: bool = True) -> torch.Tensor:
+    """abs-max of ``x`` over every dimension except ``axis`` (the kept ones); float32, a scalar for ``axis=None``.
+
+    >>> reduce_amax(torch.tensor([[1.0, -3.0], [0.5, 2.0]]), axis=0).flatten().tolist()
+    [3.0, 2.0]
+    """
+    if axis is None:
+        return x.detach().abs().amax().float()
+    kept = _kept_dims(axis, x.dim())
+    dims = [d for d in range(x.dim()) if d not in kept]
+    if not dims:
+        return x.detach().abs().float()
+    return x.detach().abs().amax(dim=dims, keepdim=keepdims).float()
+
+
+def _kept_dims(axis: int | tuple[int, ...], ndim: int) -> tuple[int, ...]:
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    kept = []
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(f"axis {a} is out of range for a tensor with {ndim} dimensions")
+        kept.append(a % ndim)
+    return tuple(sorted(kept))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Quantize / dequantize / fake-quantize with explicit scale
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _channel_axis(scale: torch.Tensor, x: torch.Tensor) -> int | None:
+    """The one dimension along which ``scale`` varies, or None if it is a single value.
+
+    Raises if ``scale`` does not broadcast to ``x`` or varies along more than one dimension (those cases are
+    handled by the caller's plain-math path).
+    """
+    if scale.numel() == 1:
+        return None
+    if scale.dim() > x.dim():
+        raise ValueError(f"scale/amax of shape {tuple(scale.shape)} has more dimensions than the tensor {tuple(x.shape)}")
+    shape = [1] * (x.dim() - scale.dim()) + list(scale.shape)
+    for d, (s, n) in enumerate(zip(shape, x.shape)):
+        if s not in (1, n):
+            raise ValueError(
+                f"amax of shape {tuple(scale.shape)} does not match the tensor of shape {tuple(x.shape)}: "
+                f"dimension {d} has {s} values for {n} channels"
+            )
+    varying = [d for d, s in enumerate(shape) if s != 1]
+    return varying[0] if len(varying) == 1 else -1
+
+
+_logged_plain_paths: set[str] = set()
+
+
+def _log_plain_path(reason: str) -> None:
+    if reason not in _logged_plain_paths:
+        _logged_plain_paths.add(reason)
+        logger.info("fake quantization uses plain tensor math instead of the fused kernel: %s", reason)
+
+
+def _quantize_plain(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int):
+    inv_scale = torch.reciprocal(scale)
+    return torch.clamp(torch.round(x * inv_scale) + zero_point, qmin, qmax)
+
+
+def quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | int = 0,
+    qmin: int = -128,
+    qmax: int = 127,
+) -> torch.Tensor:
+    """Integer values ``clamp(round_half_even(x * (1 / scale)) + zero_point, qmin, qmax)`` as float32.
+
+    ``scale`` (and ``zero_point``) broadcast against ``x``. Computed in float32 whatever ``x``'s dtype.
+
+    >>> quantize(torch.tensor([0.25, 0.75, 300.0]), torch.tensor(0.5))
+    tensor([  0.,   2., 127.])
+    """
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    zero_point = torch.as_tensor(zero_point, dtype=torch.float32, device=x.device)
+    return _quantize_plain(x.float(), scale, zero_point, qmin, qmax)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | int = 0) -> torch.Tensor:
+    """``(q - zero_point) * scale`` in float32.
+
+    >>> dequantize(torch.tensor([0.0, 2.0, 127.0]), torch.tensor(0.5))
+    tensor([ 0.0000,  1.0000, 63.5000])
+    """
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=q.device)
+    zero_point = torch.as_tensor(zero_point, dtype=torch.float32, device=q.device)
+    return (q.float() - zero_point) * scale
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | int = 0,
+    qmin: int = -128,
+    qmax: int = 127,
+) -> torch.Tensor:
+    """``dequantize(quantize(x))`` through PyTorch's fused kernels; float32 result, no custom gradient.
+
+    This is the op the ONNX export traces: both exporters turn the fused kernels into QuantizeLinear ->
+    DequantizeLinear. ``scale`` is a single value or varies along exactly one dimension of ``x``; anything else
+    (several kept dimensions) is computed with the same math in plain tensor ops, and logged once.
+
+    >>> fake_quantize(torch.tensor([0.25, 0.75, 300.0]), torch.tensor(0.5))
+    tensor([ 0.0000,  1.0000, 63.5000])
+    """
+    x = x.float()
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    zero_point = torch.as_tensor(zero_point, device=x.device)
+    axis = _channel_axis(scale, x)
+    if axis is None:
+        zp = zero_point.reshape(()).round().to(torch.int32)
+        return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zp, qmin, qmax)
+    if axis >= 0:
+        zp = torch.broadcast_to(zero_point, scale.shape).reshape(-1).round().to(torch.int32)
+        return torch.fake_quantize_per_channel_affine(x, scale.reshape(-1), zp, axis, qmin, qmax)
+    _log_plain_path("scale varies along several dimensions")
+    zp = zero_point.float()
+    return (_quantize_plain(x, scale, zp, qmin, qmax) - zp) * scale
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# amax-based functions with gradients (QAT)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _prepare(x: torch.Tensor, amax: torch.Tensor, num_bits: int, unsigned: bool, narrow_range: bool):
+    _check_bits(num_bits)
+    if not isinstance(amax, torch.Tensor):
+        amax = torch.tensor(amax, dtype=torch.float32, device=x.device)
+    if amax.device != x.device:
+        amax = amax.to(x.device)
+    _channel_axis(amax, x)  # shape check with a clear message
+    check_amax(amax.detach())
+    if unsigned and x.numel() and bool((x.detach().amin() < 0)):
+        raise ValueError(
+            f"unsigned quantization of negative data (min {x.detach().amin().item():.6g}); "
+            "use a signed quantizer for this tensor"
+        )
+    qmin, qmax = quant_range(num_bits, unsigned, narrow_range)
+    return amax, qmin, qmax
+
+
+class FakeTensorQuantFunction(torch.autograd.Function):
+    """Fake quantization with a straight-through gradient and an LSQ-style gradient for amax.
+
+    Backward:
+
+    * ``d x_hat / d x`` is 1 where ``|x| <= amax`` and 0 elsewhere (pytorch_quantization's straight-through
+      estimator);
+    * ``d x_hat / d amax``, when amax requires grad, is ``(q - x / scale) / maxbound`` where ``|x| <= amax`` and
+      ``q / maxbound`` where the input is clipped (q the clamped integer), summed over the elements that share an
+      amax: the learned step size gradient of LSQ expressed for amax.
+    """
+
+    @staticmethod
+    def forward(ctx, x, amax, num_bits=8, unsigned=False, narrow_range=False):
+        amax_t, qmin, qmax = _prepare(x, amax, num_bits, unsigned, narrow_range)
+        amax_f = amax_t.detach().float()
+        scale = amax_to_scale(amax_f, num_bits, unsigned)
+        out = fake_quantize(x, scale, 0, qmin, qmax)
+        inside = x.detach().abs() <= amax_f
+        if isinstance(amax, torch.Tensor) and amax.requires_grad:
+            ctx.save_for_backward(inside, x, scale, amax_t)
+            ctx.bounds = (qmin, qmax, maxbound(num_bits, unsigned))
+        else:
+            ctx.save_for_backward(inside)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        inside = ctx.saved_tensors[0]
+        grad_x = grad_out * inside
+        grad_amax = None
+        if len(ctx.saved_tensors) > 1:
+            _, x, scale, amax = ctx.saved_tensors
+            qmin, qmax, mb = ctx.bounds
+            xs = x.float() * torch.reciprocal(scale)
+            q = torch.clamp(torch.round(xs), qmin, qmax)
+            dscale = torch.where(inside, q - xs, q)
+            g = (grad_out.float() * dscale) / mb
+            # sum over the broadcast dimensions down to amax's shape
+            lead = g.dim() - amax.dim()
+            if lead:
+                g = g.sum(dim=tuple(range(lead)))
+            dims = tuple(d for d, s in enumerate(amax.shape) if s == 1 and g.shape[d] != 1)
+            if dims:
+                g = g.sum(dim=dims, keepdim=True)
+            grad_amax = g.reshape(amax.shape).to(amax.dtype)
+        return grad_x, grad_amax, None, None, None
+
+
+class TensorQuantFunction(torch.autograd.Function):
+    """Real quantization: returns ``(q, scale)``, q the integer values in float32 (exact for every supported bit
+    width, which fp16/bf16 are not); straight-through gradient."""
+
+    @staticmethod
+    def forward(ctx, x, amax, num_bits=8, unsigned=False, narrow_range=False):
+        amax_t, qmin, qmax = _prepare(x, amax, num_bits, unsigned, narrow_range)
+        amax_f = amax_t.detach().float()
+        scale = amax_to_scale(amax_f, num_bits, unsigned)
+        ctx.save_for_backward(x.detach().abs() <= amax_f)
+        q = _quantize_plain(x.float(), scale, torch.zeros((), device=x.device), qmin, qmax)
+        ctx.mark_non_differentiable(scale)
+        return q, scale
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_scale):
+        (inside,) = ctx.saved_tensors
+        return grad_q * inside, None, None, None, None
+
+
+def fake_tensor_quant(
+    x: torch.Tensor,
+    amax: torch.Tensor,
+    num_bits: int = 8,
+    unsigned: bool = False,
+    narrow_range: bool = False,
+) -> torch.Tensor:
+    """Fake-quantizes ``x`` with the given ``amax`` (a scalar, or keepdims-shaped for per-channel).
+
+    fp16/bf16 inputs are computed in float32 and returned in their dtype. See :class:`FakeTensorQuantFunction`
+    for the gradients.
+
+    >>> x = torch.tensor([-2.0, -1.0, 0.3, 1.0], requires_grad=True)
+    >>> y = fake_tensor_quant(x, torch.tensor(1.0))
+    >>> y.sum().backward()
+    >>> x.grad
+    tensor([0., 1., 1., 1.])
+    """
+    return FakeTensorQuantFunction.apply(x, amax, num_bits, unsigned, narrow_range)
+
+
+def tensor_quant(
+    x: torch.Tensor,
+    amax: torch.Tensor,
+    num_bits: int = 8,
+    unsigned: bool = False,
+    narrow_range: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantizes ``x``: returns the integer values (in a float tensor) and the float32 step ``scale``.
+
+    >>> q, scale = tensor_quant(torch.tensor([0.5, -3.0]), torch.tensor(2.0), num_bits=4)
+    >>> q, scale
+    (tensor([ 2., -8.]), tensor(0.2857))
+    """
+    return TensorQuantFunction.apply(x, amax, num_bits, unsigned, narrow_range)

@@ -1,0 +1,1 @@
+"""Model-family recipes (installed as ``qdq.rules``): which adds and concats get quantizers, which share a scale."""

@@ -1,0 +1,25 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def require_shared_data(name: str) -> Path:
+    """Path of a file in ../shared/data; skips where it is absent, fails under CI (where it must exist)."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{path} is missing; CI always has ../shared/data")
+        pytest.skip(f"{path} is not available")
+    return path

@@ -1,0 +1,210 @@
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import reference as ref
+from qdq import calib
+from qdq.nn import TensorQuantizer
+from qdq.tensor_quant import QuantDescriptor
+
+
+def test_defaults_and_descriptor():
+    q = TensorQuantizer()
+    assert (q.num_bits, q.axis, q.unsigned, q.narrow_range, q.fake_quant) == (8, None, False, False, True)
+    assert q.amax is None and q._amax is None
+    assert isinstance(q._calibrator, calib.MaxCalibrator)
+    h = TensorQuantizer(QuantDescriptor(calib_method="histogram", axis=0, num_bits=4))
+    assert isinstance(h._calibrator, calib.HistogramCalibrator) and h.axis == 0 and h.maxbound == 7
+    with pytest.raises(TypeError, match="QuantDescriptor"):
+        TensorQuantizer({"num_bits": 8})
+
+
+def test_fixed_amax_matches_reference():
+    q = TensorQuantizer(QuantDescriptor(amax=2.0))
+    x = torch.randn(100) * 3
+    np.testing.assert_array_equal(q(x).numpy(), ref.fake_quant(x.numpy(), np.float32(2.0)))
+    assert q.scale.item() == pytest.approx(2.0 / 127)
+
+
+def test_dynamic_when_no_amax(caplog):
+    q = TensorQuantizer(QuantDescriptor(axis=0))
+    x = torch.randn(4, 10)
+    with caplog.at_level(logging.INFO, logger="qdq"):
+        out = q(x)
+    amax = x.abs().amax(1, keepdim=True)
+    np.testing.assert_array_equal(out.numpy(), ref.fake_quant(x.numpy(), amax.numpy()))
+    assert "quantizing each batch with its own abs-max" in caplog.text
+
+
+def test_switches():
+    q = TensorQuantizer(QuantDescriptor(amax=1.0))
+    x = torch.randn(10) * 3
+    q.disable()
+    assert q(x) is x
+    q.enable()
+    q.disable_quant()
+    assert torch.equal(q(x), x)
+    q.enable_quant()
+    assert not torch.equal(q(x), x)
+    state = q.state()
+    q.disable(); q.enable_calib()
+    q.set_state(state)
+    assert q.state() == state
+
+
+def test_calibrate_and_quantize_in_same_forward():
+    q = TensorQuantizer(QuantDescriptor(amax=1.0), if_calib=True)
+    x = torch.randn(50) * 4
+    out = q(x)
+    np.testing.assert_array_equal(out.numpy(), ref.fake_quant(x.numpy(), np.float32(1.0)))
+    q.load_calib_amax()
+    assert q.amax.item() == x.abs().max().item()
+
+
+@pytest.mark.parametrize("method,kw", [("entropy", {}), ("mse", {}), ("percentile", {"percentile": 99.9})])
+def test_histogram_load_calib_amax(method, kw):
+    q = TensorQuantizer(QuantDescriptor(calib_method="histogram"))
+    q._calibrator._torch_hist = True  # as the seed code does
+    q.disable_quant()
+    q.enable_calib()
+    for _ in range(3):
+        q(torch.randn(5000))
+    q.load_calib_amax(method=method, **kw)
+    assert q.amax.dim() == 0 and 1.0 < q.amax.item() < 5.0
+
+
+def test_load_calib_amax_without_data_names_quantizer(caplog):
+    q = TensorQuantizer()
+    q.name = "backbone.conv1._input_quantizer"
+    with pytest.raises(RuntimeError, match=r"'backbone.conv1._input_quantizer'.*collected no data"):
+        q.load_calib_amax()
+    with caplog.at_level(logging.WARNING):
+        q.load_calib_amax(strict=False)
+    assert "collected no data" in caplog.text and q.amax is None
+
+
+def test_histogram_without_method():
+    q = TensorQuantizer(QuantDescriptor(calib_method="histogram"), if_calib=True, if_quant=False)
+    q(torch.randn(10))
+    with pytest.raises(ValueError, match="needs a method"):
+        q.load_calib_amax()
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_bad_amax_assignment(bad):
+    q = TensorQuantizer()
+    with pytest.raises(ValueError, match="amax must be finite"):
+        q.amax = bad
+
+
+def test_per_channel_shape_mismatch_names_quantizer():
+    q = TensorQuantizer(QuantDescriptor(axis=0, amax=[[1.0], [2.0]]))
+    q.name = "fc._weight_quantizer"
+    with pytest.raises(ValueError, match=r"'fc._weight_quantizer'.*does not match"):
+        q(torch.randn(3, 4))
+
+
+def test_state_dict_round_trip_into_fresh_quantizer():
+    src = TensorQuantizer(QuantDescriptor(axis=0), if_calib=True)
+    src(torch.randn(6, 3))
+    src.load_calib_amax()
+    dst = TensorQuantizer(QuantDescriptor(axis=0))
+    dst.load_state_dict(src.state_dict())
+    assert torch.equal(dst.amax, src.amax)
+    # an uncalibrated quantizer has no amax entry (as in pytorch_quantization)
+    assert "_amax" not in TensorQuantizer().state_dict()
+
+
+@pytest.mark.filterwarnings("ignore:for _amax.*meta")
+def test_state_dict_loads_on_module_device():
+    """Regression: pytorch_quantization created missing amax buffers with a hard-coded .cuda()."""
+    src = TensorQuantizer(QuantDescriptor(amax=3.0))
+    dst = TensorQuantizer().to("meta")  # a device other than the checkpoint's, available without a GPU
+    dst.load_state_dict(src.state_dict())
+    assert dst.amax.device.type == "meta"
+    back = TensorQuantizer().to("meta").to_empty(device="cpu")
+    back.load_state_dict(src.state_dict())
+    assert back.amax.device.type == "cpu" and back.amax.item() == 3.0
+
+
+def test_state_dict_bad_values_and_shapes():
+    dst = TensorQuantizer(QuantDescriptor(axis=0))
+    with pytest.raises(RuntimeError, match="amax must be finite"):
+        dst.load_state_dict({"_amax": torch.tensor([-1.0])})
+    learned = TensorQuantizer(QuantDescriptor(amax=[[1.0], [2.0]], axis=0, learn_amax=True))
+    with pytest.raises(RuntimeError, match=r"shape \(3, 1\).*\(2, 1\)"):
+        learned.load_state_dict({"_amax": torch.ones(3, 1)})
+
+
+def test_state_dict_in_a_model():
+    model = nn.Sequential(nn.Linear(3, 3))
+    model.q = TensorQuantizer(QuantDescriptor(amax=1.5))
+    other = nn.Sequential(nn.Linear(3, 3))
+    other.q = TensorQuantizer()
+    other.load_state_dict(model.state_dict())
+    assert other.q.amax.item() == 1.5
+
+
+def test_half_keeps_amax_float32():
+    q = TensorQuantizer(QuantDescriptor(amax=1.0)).half()
+    assert q.amax.dtype == torch.float32
+    out = q(torch.randn(8).half())
+    assert out.dtype == torch.float16
+
+
+def test_learned_amax_gets_gradient_and_round_trips():
+    q = TensorQuantizer(QuantDescriptor(amax=3.0, learn_amax=True))
+    assert isinstance(q._amax, nn.Parameter) and q.learn_amax
+    assert [n for n, _ in q.named_parameters()] == ["_amax"]
+    x = torch.randn(100, requires_grad=True)
+    ((q(x) - x.detach()) ** 2).sum().backward()
+    assert q._amax.grad is not None and q._amax.grad.item() != 0
+    fresh = TensorQuantizer(QuantDescriptor(learn_amax=True))
+    fresh.load_state_dict(q.state_dict())
+    assert fresh.amax.item() == 3.0
+
+
+def test_learn_amax_after_calibration():
+    q = TensorQuantizer(QuantDescriptor(learn_amax=True), if_calib=True)
+    q(torch.randn(20))
+    q.load_calib_amax()
+    assert isinstance(q._amax, nn.Parameter)
+    with pytest.raises(RuntimeError, match="calibrate first"):
+        TensorQuantizer().init_learn_amax()
+
+
+def test_clip_stage():
+    q = TensorQuantizer(QuantDescriptor(amax=1.0), if_clip=True, if_quant=False)
+    assert q(torch.tensor([-3.0, 0.5, 2.0])).tolist() == [-1.0, 0.5, 1.0]
+
+
+def test_scale_amax_is_applied():
+    q = TensorQuantizer(QuantDescriptor(amax=2.0, scale_amax=0.5))
+    x = torch.randn(30) * 2
+    np.testing.assert_array_equal(q(x).numpy(), ref.fake_quant(x.numpy(), np.float32(1.0)))
+
+
+def test_real_quant_returns_integers():
+    q = TensorQuantizer(QuantDescriptor(amax=1.0, fake_quant=False))
+    out = q(torch.tensor([0.5, -2.0]))
+    assert out.tolist() == [64.0, -128.0] and q._scale.item() == pytest.approx(1 / 127)
+
+
+def test_repr():
+    q = TensorQuantizer(QuantDescriptor(calib_method="histogram", axis=0, amax=[[0.5], [2.0]], unsigned=True))
+    text = repr(q)
+    for part in ["8bit", "unsigned", "axis=0", "amax=[0.5000, 2.0000](2)", "calibrator=HistogramCalibrator", "quant"]:
+        assert part in text, (part, text)
+    q.disable()
+    assert "disabled" in repr(q)
+    assert "amax=dynamic" in repr(TensorQuantizer())
+
+
+def test_unsigned_negative_input_named():
+    q = TensorQuantizer(QuantDescriptor(unsigned=True, amax=1.0))
+    q.name = "relu_out"
+    with pytest.raises(ValueError, match="'relu_out'.*negative"):
+        q(torch.tensor([-1.0]))

@@ -1,0 +1,279 @@
+"""qdq.tensor_quant against the NumPy reference, exactly (atol=0)."""
+
+import itertools
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import reference as ref
+from qdq import tensor_quant as tq
+from qdq.tensor_quant import QuantDescriptor
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# descriptor
+# ------------------------------------------------------------------------------------------------------------------
+class TestQuantDescriptor:
+    def test_defaults_match_pytorch_quantization(self):
+        d = QuantDescriptor()
+        assert (d.num_bits, d.name, d.fake_quant, d.axis, d.amax) == (8, None, True, None, None)
+        assert (d.learn_amax, d.scale_amax, d.calib_method, d.unsigned, d.narrow_range) == (
+            False, None, "max", False, False)
+        assert tq.ScaledQuantDescriptor is QuantDescriptor
+
+    def test_round_trip_every_field(self):
+        d = QuantDescriptor(num_bits=4, name="x", fake_quant=False, axis=(0, 2), amax=[[1.0], [2.0]],
+                            learn_amax=True, scale_amax=0.5, calib_method="histogram", unsigned=True,
+                            narrow_range=True)
+        data = d.dict()
+        assert set(data) == set(QuantDescriptor._FIELDS)
+        assert QuantDescriptor.from_dict(data) == d
+        assert pickle.loads(pickle.dumps(d)) == d
+        assert hash(QuantDescriptor.from_dict(data)) == hash(d)
+
+    def test_immutable(self):
+        d = QuantDescriptor()
+        with pytest.raises(AttributeError, match="immutable"):
+            d.num_bits = 4
+        assert d.replace(num_bits=4).num_bits == 4 and d.num_bits == 8
+
+    def test_unknown_keys_named(self):
+        with pytest.raises(TypeError, match=r"\['bits', 'calib'\]"):
+            QuantDescriptor(bits=8, calib="max")
+        with pytest.raises(TypeError, match="'nope'"):
+            QuantDescriptor.from_dict({"num_bits": 8, "nope": 1})
+
+    @pytest.mark.parametrize("bits", [1, 17, 0, -3])
+    def test_num_bits_range(self, bits):
+        with pytest.raises(ValueError, match="num_bits"):
+            QuantDescriptor(num_bits=bits)
+
+    @pytest.mark.parametrize("bad", [True, 8.0, "8"])
+    def test_num_bits_type(self, bad):
+        with pytest.raises(TypeError, match="num_bits"):
+            QuantDescriptor(num_bits=bad)
+
+    @pytest.mark.parametrize("amax", [-1.0, float("nan"), float("inf"), [1.0, -0.5]])
+    def test_bad_amax(self, amax):
+        with pytest.raises(ValueError, match="amax"):
+            QuantDescriptor(amax=amax)
+
+    def test_amax_forms(self):
+        assert QuantDescriptor(amax=torch.tensor([1.0, 2.0])).amax == (1.0, 2.0)
+        assert QuantDescriptor(amax=np.float32(3.0)).amax == 3.0
+
+    def test_calib_method_error_lists_histogram_methods(self):
+        with pytest.raises(ValueError, match="histogram"):
+            QuantDescriptor(calib_method="entropy")
+
+    @pytest.mark.parametrize("axis,expected", [(0, 0), ((1,), 1), ([0, 1], (0, 1)), (None, None)])
+    def test_axis(self, axis, expected):
+        assert QuantDescriptor(axis=axis).axis == expected
+
+    @pytest.mark.parametrize("axis", [(), (0, 0), 1.5, "0", True])
+    def test_bad_axis(self, axis):
+        with pytest.raises((TypeError, ValueError), match="axis"):
+            QuantDescriptor(axis=axis)
+
+    def test_predefined(self):
+        assert tq.QUANT_DESC_8BIT_PER_TENSOR.axis is None
+        assert tq.QUANT_DESC_UNSIGNED_8BIT_PER_TENSOR.unsigned
+        for name in ["CONV1D", "CONV2D", "CONV3D", "CONVTRANSPOSE1D", "CONVTRANSPOSE2D", "CONVTRANSPOSE3D"]:
+            assert getattr(tq, f"QUANT_DESC_8BIT_{name}_WEIGHT_PER_CHANNEL").axis == 0
+        assert tq.QUANT_DESC_8BIT_LINEAR_WEIGHT_PER_ROW.axis == 0
+
+    def test_version_checked(self):
+        with pytest.raises(ValueError, match="version"):
+            QuantDescriptor.from_dict({"version": 99})
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# math against the reference
+# ------------------------------------------------------------------------------------------------------------------
+def _amax_for(x, axis, rng):
+    """A per-tensor or per-channel (keepdims) amax: some below, some above the data's range."""
+    if axis is None:
+        return np.float32(np.abs(x).max() * rng.uniform(0.3, 1.2))
+    keep = [i == axis for i in range(x.ndim)]
+    shape = [n if k else 1 for n, k in zip(x.shape, keep)]
+    return (rng.uniform(0.05, 3.0, size=shape)).astype(np.float32)
+
+
+CASES = list(itertools.product([2, 3, 4, 7, 8, 12, 16], [False, True], [False, True], [None, 0, 1, -1]))
+
+
+@pytest.mark.parametrize("num_bits,unsigned,narrow_range,axis", CASES)
+def test_fake_tensor_quant_matches_reference(num_bits, unsigned, narrow_range, axis):
+    rng = np.random.default_rng(num_bits * 100 + unsigned * 10 + narrow_range + (axis or 0) * 7)
+    shape = tuple(rng.integers(1, 9, size=int(rng.integers(2, 5))))
+    x = (rng.standard_normal(shape) * rng.uniform(0.1, 10)).astype(np.float32)
+    if unsigned:
+        x = np.abs(x)
+    amax = _amax_for(x, axis if axis is None else axis % x.ndim, rng)
+    got = tq.fake_tensor_quant(torch.from_numpy(x), torch.from_numpy(np.asarray(amax)), num_bits, unsigned,
+                               narrow_range)
+    expected = ref.fake_quant(x, amax, num_bits, unsigned, narrow_range)
+    np.testing.assert_array_equal(got.numpy(), expected)
+    q, s = tq.tensor_quant(torch.from_numpy(x), torch.from_numpy(np.asarray(amax)), num_bits, unsigned, narrow_range)
+    rq, rs = ref.quantize(x, amax, num_bits, unsigned, narrow_range)
+    np.testing.assert_array_equal(q.numpy(), rq)
+    np.testing.assert_array_equal(s.numpy(), rs)
+
+
+def test_large_random_tensor_exact():
+    """Millions of values: the fused kernel and the reference agree on every element, ties included."""
+    x = (torch.randn(2_000_000) * 3).numpy()
+    x[:1000] = (np.arange(1000) - 500) * np.float32(2.5 / 127) / 2  # exact half steps: round half to even
+    got = tq.fake_tensor_quant(torch.from_numpy(x), torch.tensor(2.5))
+    np.testing.assert_array_equal(got.numpy(), ref.fake_quant(x, np.float32(2.5)))
+
+
+def test_round_half_to_even():
+    s = 1.0 / 127  # amax 1 -> scale 1/127
+    x = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5]) * torch.tensor(s, dtype=torch.float32)
+    q, _ = tq.tensor_quant(x, torch.tensor(1.0))
+    ref_q, _ = ref.quantize(x.numpy(), np.float32(1.0))
+    np.testing.assert_array_equal(q.numpy(), ref_q)
+    np.testing.assert_array_equal(np.abs(ref_q) % 2, 0)  # ties went to even
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_computed_in_fp32(dtype):
+    x = (torch.randn(4, 16) * 4).to(dtype)
+    amax = torch.tensor(3.0)
+    got = tq.fake_tensor_quant(x, amax)
+    assert got.dtype == dtype
+    expected = torch.from_numpy(ref.fake_quant(x.float().numpy(), np.float32(3.0))).to(dtype)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("amax", [65504.0, 1e-3, 1e-6])
+def test_fp16_overflow_region(amax):
+    """x / scale overflows fp16 for large x and small amax; the math runs in fp32, so nothing becomes inf or NaN."""
+    x = torch.tensor([60000.0, -65504.0, 1.0, -3e-4, 0.0], dtype=torch.float16)
+    got = tq.fake_tensor_quant(x, torch.tensor(amax))
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, torch.from_numpy(ref.fake_quant(x.float().numpy(), np.float32(amax))).half())
+
+
+@pytest.mark.parametrize("axis", [None, 0, 2])
+def test_non_contiguous(axis):
+    base = torch.randn(6, 5, 4)
+    x = base.transpose(0, 2)  # (4, 5, 6), not contiguous
+    assert not x.is_contiguous()
+    amax = torch.rand([n if i == axis else 1 for i, n in enumerate(x.shape)]) + 0.1 if axis is not None \
+        else torch.tensor(1.3)
+    got = tq.fake_tensor_quant(x, amax)
+    np.testing.assert_array_equal(got.numpy(), ref.fake_quant(x.contiguous().numpy(), amax.numpy()))
+
+
+def test_multi_axis_plain_path_matches_and_logs(caplog):
+    x = torch.randn(3, 4, 5)
+    amax = torch.rand(3, 4, 1) + 0.2
+    with caplog.at_level("INFO", logger="qdq.tensor_quant"):
+        tq._logged_plain_paths.clear()
+        got = tq.fake_tensor_quant(x, amax)
+    np.testing.assert_array_equal(got.numpy(), ref.fake_quant(x.numpy(), amax.numpy()))
+    assert "plain tensor math" in caplog.text
+
+
+def test_fake_quant_is_dequantize_of_quantize():
+    x = torch.randn(64, 33) * 5
+    for amax in [torch.tensor(2.0), torch.rand(64, 1) + 0.5]:
+        s = tq.amax_to_scale(amax)
+        composed = tq.dequantize(tq.quantize(x, s), s)
+        assert torch.equal(tq.fake_quantize(x, s), composed)
+        assert torch.equal(tq.fake_tensor_quant(x, amax), composed)
+
+
+def test_zero_amax_is_eps():
+    x = torch.tensor([0.0, 1.0, -1.0])
+    got = tq.fake_tensor_quant(x, torch.tensor(0.0))
+    np.testing.assert_array_equal(got.numpy(), ref.fake_quant(x.numpy(), np.float32(0.0)))
+    assert got[0] == 0 and got.abs().max() <= 2.0**-24 * 128 / 127
+    # per channel: an all-zero channel stays exactly zero
+    w = torch.randn(3, 4)
+    w[1] = 0
+    out = tq.fake_tensor_quant(w, tq.reduce_amax(w, axis=0))
+    assert torch.equal(out[1], torch.zeros(4))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# gradients
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_straight_through_gradient(unsigned):
+    x = torch.linspace(-3, 3, 601)
+    if unsigned:
+        x = x.abs()
+    x.requires_grad_(True)
+    amax = torch.tensor(1.7)
+    tq.fake_tensor_quant(x, amax, unsigned=unsigned).backward(torch.full_like(x, 2.0))
+    expected = torch.where(x.detach().abs() <= amax, 2.0, 0.0)
+    assert torch.equal(x.grad, expected)
+
+
+@pytest.mark.parametrize("axis", [None, 0, 1])
+@pytest.mark.parametrize("num_bits", [4, 8])
+def test_amax_gradient_matches_reference(axis, num_bits):
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((6, 5, 3)) * 2).astype(np.float32)
+    amax = _amax_for(x, axis, rng)
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    amax_t = torch.tensor(np.asarray(amax), requires_grad=True)
+    xt = torch.tensor(x, requires_grad=True)
+    tq.fake_tensor_quant(xt, amax_t, num_bits).backward(torch.from_numpy(g))
+    expected = ref.amax_grad(x, amax, g, num_bits)
+    np.testing.assert_allclose(amax_t.grad.numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(xt.grad, torch.from_numpy(g) * (xt.detach().abs() <= amax_t.detach()))
+
+
+def test_learned_amax_descends():
+    """With the amax gradient, a too-large amax shrinks under an MSE loss on data much narrower than it."""
+    x = torch.randn(4096)
+    amax = torch.tensor(20.0, requires_grad=True)
+    opt = torch.optim.SGD([amax], lr=5.0)
+    losses = []
+    for _ in range(60):
+        opt.zero_grad()
+        loss = ((tq.fake_tensor_quant(x, amax, 4) - x) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert amax.item() < 10 and losses[-1] < losses[0] / 4
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("amax", [-1.0, float("nan"), float("inf")])
+def test_bad_amax_function(amax):
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        tq.fake_tensor_quant(torch.randn(4), torch.tensor(amax))
+
+
+def test_unsigned_negative_data():
+    with pytest.raises(ValueError, match="unsigned quantization of negative data"):
+        tq.fake_tensor_quant(torch.tensor([1.0, -0.5]), torch.tensor(1.0), unsigned=True)
+
+
+def test_per_channel_shape_mismatch():
+    with pytest.raises(ValueError, match=r"amax of shape \(5, 1\) does not match the tensor of shape \(4, 3\)"):
+        tq.fake_tensor_quant(torch.randn(4, 3), torch.ones(5, 1))
+
+
+@pytest.mark.parametrize("bits", [1, 17])
+def test_bits_out_of_range(bits):
+    with pytest.raises(ValueError, match="num_bits"):
+        tq.fake_tensor_quant(torch.randn(4), torch.tensor(1.0), bits)
+
+
+def test_ranges():
+    assert tq.quant_range(8) == (-128, 127)
+    assert tq.quant_range(8, narrow_range=True) == (-127, 127)
+    assert tq.quant_range(4, unsigned=True) == (0, 15)
+    assert tq.maxbound(16) == 32767
+    assert math.isclose(tq.amax_to_scale(torch.tensor(2.54)).item(), 0.02, rel_tol=1e-6)
