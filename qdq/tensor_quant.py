@@ -529,7 +529,7 @@ class FakeTensorQuantFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         inside = ctx.saved_tensors[0]
-        grad_x = grad_out * inside
+        grad_x = torch.where(inside, grad_out, torch.zeros((), dtype=grad_out.dtype, device=grad_out.device))
         grad_amax = None
         if len(ctx.saved_tensors) > 1:
             _, x, scale, amax = ctx.saved_tensors
@@ -566,7 +566,7 @@ class TensorQuantFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_q, grad_scale):
         (inside,) = ctx.saved_tensors
-        return grad_q * inside, None, None, None, None
+        return torch.where(inside, grad_q, torch.zeros((), dtype=grad_q.dtype, device=grad_q.device)), None, None, None, None
 
 
 def fake_tensor_quant(

@@ -85,17 +85,19 @@ class _Calibrator:
         return tuple(x.shape[d] if d in kept else 1 for d in range(x.dim()))
 
     def _skip_nonfinite(self, v: torch.Tensor) -> torch.Tensor:
-        """Replaces NaN/Inf magnitudes by -1 (never counted, never a max), counting and warning once per call."""
+        """Replaces NaN/Inf magnitudes by -1 (never counted, never a max), counting and warning."""
         bad = ~torch.isfinite(v)
-        nbad = int(bad.sum())
+        self._warn_nonfinite(int(bad.sum()), v.numel())
+        return torch.where(bad, torch.full_like(v, -1.0), v)
+
+    def _warn_nonfinite(self, nbad: int, numel: int) -> None:
         self.num_nonfinite += nbad
         msg = (
-            f"{type(self).__name__}: skipped {nbad} NaN/Inf values of {v.numel()} in this batch "
+            f"{type(self).__name__}: skipped {nbad} NaN/Inf values of {numel} in this batch "
             f"({self.num_nonfinite} since reset)"
         )
         logger.warning(msg)
         warnings.warn(msg, NonFiniteWarning, stacklevel=4)
-        return torch.where(bad, torch.full_like(v, -1.0), v)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(num_bits={self._num_bits}, axis={self._axis}, unsigned={self._unsigned})"

@@ -83,19 +83,17 @@ class HistogramCalibrator(_Calibrator):
         if x.numel() == 0:
             return
         self._check_unsigned(x)
-        rows = self._rows(x).float()
-        if not self._unsigned:
-            rows = rows.abs()
-        batch_max = rows.amax(dim=1)
-        if not bool(torch.isfinite(batch_max).all()):
-            rows = self._skip_nonfinite(rows)
-            batch_max = rows.amax(dim=1).clamp(min=0)
-        if self._skip_zeros:
-            rows = torch.where(rows == 0, torch.full_like(rows, -1.0), rows)
+        x = x.detach()
+        if x.dtype != torch.float32:
+            x = x.float()
+        if self._axis is None:
+            rows, batch_max = self._prepare_tensor(x)
+        else:
+            rows, batch_max = self._prepare_channels(x)
         shape = self._kept_shape(x)
         if self._counts is None:
             self._shape = shape
-            self._counts = torch.zeros(rows.shape[0], self._num_bins, dtype=torch.int64, device=rows.device)
+            self._counts = torch.zeros(batch_max.numel(), self._num_bins, dtype=torch.int64, device=x.device)
             self._range = batch_max.clone()
             self._max = batch_max.clone()
         else:
@@ -108,8 +106,35 @@ class HistogramCalibrator(_Calibrator):
             rows = rows.to(self._counts.device)
             self._grow(batch_max)
             self._max = torch.maximum(self._max, batch_max)
-        self._counts += self._bin(rows)
+        self._counts += self._bin_tensor(rows) if self._axis is None else self._bin_channels(rows)
         self.num_batches += 1
+
+    def _prepare_tensor(self, x: torch.Tensor):
+        """Per tensor: the flat data (signed values are binned symmetrically and folded, saving an abs copy)."""
+        flat = x.reshape(-1)
+        low, high = torch.aminmax(flat)
+        batch_max = high if self._unsigned else torch.maximum(high, -low)
+        if not bool(torch.isfinite(batch_max)):
+            finite = torch.isfinite(flat)
+            self._warn_nonfinite(int(flat.numel() - finite.sum()), flat.numel())
+            flat = flat[finite]
+            batch_max = flat.abs().amax() if flat.numel() else torch.zeros((), device=flat.device)
+        if self._skip_zeros:
+            flat = flat[flat != 0]
+        return flat, batch_max.reshape(1)
+
+    def _prepare_channels(self, x: torch.Tensor):
+        """Per channel: magnitudes as ``[channels, -1]`` rows, -1 marking values to skip."""
+        rows = self._rows(x)
+        if not self._unsigned:
+            rows = rows.abs()
+        batch_max = rows.amax(dim=1)
+        if not bool(torch.isfinite(batch_max).all()):
+            rows = self._skip_nonfinite(rows)
+            batch_max = rows.amax(dim=1).clamp(min=0)
+        if self._skip_zeros:
+            rows = torch.where(rows == 0, torch.full_like(rows, -1.0), rows)
+        return rows, batch_max
 
     def _grow(self, batch_max: torch.Tensor) -> None:
         """Widens the range where ``batch_max`` exceeds it, merging bins by an integer factor."""
@@ -131,17 +156,32 @@ class HistogramCalibrator(_Calibrator):
             self._counts = merged
         self._range = torch.where(unset & over, batch_max, self._range * factor.float())
 
-    def _bin(self, rows: torch.Tensor) -> torch.Tensor:
-        """Counts of ``rows`` (magnitudes, -1 = skip) in the current bins, int64 ``[channels, num_bins]``."""
+    def _top(self) -> torch.Tensor:
+        return torch.where(self._range > 0, self._range, torch.ones_like(self._range))
+
+    def _bin_tensor(self, flat: torch.Tensor) -> torch.Tensor:
+        """Counts of the flat data in the current bins, int64 ``[1, num_bins]``.
+
+        Signed data is binned over ``[-R, R]`` with twice the bins and folded onto ``[0, R]``: the counts of
+        ``|x|`` without computing ``|x|``.
+        """
         n = self._num_bins
-        top = torch.where(self._range > 0, self._range, torch.ones_like(self._range))
-        if rows.shape[0] == 1:
-            flat = rows.reshape(-1)
-            hist = torch.zeros(n, dtype=torch.int64, device=rows.device)
-            for part in flat.split(_HISTC_CHUNK):
-                hist += torch.histc(part, bins=n, min=0.0, max=float(top[0])).to(torch.int64)
-            return hist[None]
-        idx = (rows * (n / top)[:, None]).floor_().clamp_(max=n - 1).to(torch.int64)
+        top = float(self._top()[0])
+        signed = not self._unsigned
+        hist = torch.zeros(2 * n if signed else n, dtype=torch.int64, device=flat.device)
+        for part in flat.split(_HISTC_CHUNK):
+            if signed:
+                hist += torch.histc(part, bins=2 * n, min=-top, max=top).to(torch.int64)
+            else:
+                hist += torch.histc(part, bins=n, min=0.0, max=top).to(torch.int64)
+        if signed:
+            hist = hist[n:] + hist[:n].flip(0)
+        return hist[None]
+
+    def _bin_channels(self, rows: torch.Tensor) -> torch.Tensor:
+        """Counts of ``rows`` (magnitudes, -1 = skip) in each channel's bins, int64 ``[channels, num_bins]``."""
+        n = self._num_bins
+        idx = (rows * (n / self._top())[:, None]).floor_().clamp_(max=n - 1).to(torch.int64)
         idx += (torch.arange(rows.shape[0], device=rows.device) * n)[:, None]
         idx = torch.where(rows >= 0, idx, rows.shape[0] * n)  # skipped values land past the end
         return torch.bincount(idx.reshape(-1), minlength=rows.shape[0] * n + 1)[:-1].reshape(rows.shape[0], n)
@@ -166,7 +206,7 @@ class HistogramCalibrator(_Calibrator):
         if self._counts is None:
             raise NoDataCollectedError("HistogramCalibrator collected no data")
         steps = torch.linspace(0, 1, self._num_bins + 1, device=self._counts.device, dtype=torch.float64)
-        top = torch.where(self._range > 0, self._range, torch.ones_like(self._range)).double()
+        top = self._top().double()
         edges = (top[:, None] * steps[None, :]).float()
         if self._axis is None:
             return self._counts[0], edges[0]

@@ -1,0 +1,98 @@
+"""Cost of the core pieces, as ratios measured side by side in one process.
+
+* fake-quant forward+backward over a plain copy (forward+backward) of a large activation, per tensor and per channel;
+* histogram collect over the conv that produced the tensor;
+* compute_amax time of entropy, mse and percentile on one 2048-bin histogram.
+
+Run: python benchmarks/core_ops.py [--json out/core_ops.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from _common import machine, timeit, write_json
+from qdq import calib
+from qdq.tensor_quant import fake_tensor_quant
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--batch", type=int, default=32)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    results: dict = {"machine": machine()}
+
+    # an activation of a ResNet stage: 32 x 64 x 56 x 56 (6.4 M values)
+    x = torch.randn(args.batch, 64, 56, 56)
+    grad = torch.randn_like(x)
+    amax_t = torch.tensor(3.0)
+    amax_c = torch.rand(1, 64, 1, 1) + 2.0
+
+    def copy_fb():  # the floor: one pass forward (a copy) and one backward (a copy of the gradient)
+        x.clone()
+        grad.clone()
+
+    def fq_fb(amax):
+        def run():
+            xr = x.detach().requires_grad_(True)
+            fake_tensor_quant(xr, amax).backward(grad)
+
+        return run
+
+    t_copy = timeit(copy_fb)
+    t_fq_t = timeit(fq_fb(amax_t))
+    t_fq_c = timeit(fq_fb(amax_c))
+    results["fake_quant"] = {
+        "tensor_shape": list(x.shape),
+        "copy_fwd_bwd_ms": t_copy * 1e3,
+        "per_tensor_fwd_bwd_ms": t_fq_t * 1e3,
+        "per_channel_fwd_bwd_ms": t_fq_c * 1e3,
+        "per_tensor_over_copy": t_fq_t / t_copy,
+        "per_channel_over_copy": t_fq_c / t_copy,
+    }
+
+    # histogram collect against the conv that produced the tensor
+    inp = torch.randn(args.batch, 64, 56, 56)
+    weight = torch.randn(64, 64, 3, 3) * 0.05
+    with torch.no_grad():
+        out = F.conv2d(inp, weight, padding=1)
+        t_conv = timeit(lambda: F.conv2d(inp, weight, padding=1), repeat=5)
+        cal = calib.HistogramCalibrator(8, None, False)
+        t_hist = timeit(lambda: cal.collect(out), repeat=5)
+        mcal = calib.MaxCalibrator(8, None, False)
+        t_max = timeit(lambda: mcal.collect(out), repeat=5)
+    results["collect"] = {
+        "conv_ms": t_conv * 1e3,
+        "histogram_collect_ms": t_hist * 1e3,
+        "max_collect_ms": t_max * 1e3,
+        "histogram_over_conv": t_hist / t_conv,
+        "max_over_conv": t_max / t_conv,
+    }
+
+    # amax searches on one 2048-bin histogram
+    times = {}
+    for method in ("entropy", "mse", "percentile"):
+        times[method] = timeit(lambda m=method: cal.compute_amax(m), repeat=5) * 1e3
+    results["compute_amax_ms"] = {**times, "all_three": sum(times.values())}
+
+    print(f"machine: {results['machine']['cpu']}, {results['machine']['torch_threads']} torch threads")
+    fq = results["fake_quant"]
+    print(f"fake-quant fwd+bwd over copy fwd+bwd, {tuple(x.shape)}: per-tensor {fq['per_tensor_over_copy']:.2f}x, "
+          f"per-channel {fq['per_channel_over_copy']:.2f}x  (copy {fq['copy_fwd_bwd_ms']:.1f} ms)")
+    c = results["collect"]
+    print(f"collect over the conv that produced the tensor: histogram {c['histogram_over_conv']:.3f}x, "
+          f"max {c['max_over_conv']:.3f}x  (conv {c['conv_ms']:.1f} ms)")
+    a = results["compute_amax_ms"]
+    print(f"compute_amax on 2048 bins: entropy {a['entropy']:.1f} ms, mse {a['mse']:.1f} ms, "
+          f"percentile {a['percentile']:.2f} ms, all three {a['all_three']:.1f} ms")
+    if args.json:
+        write_json(args.json, results)
+
+
+if __name__ == "__main__":
+    main()
