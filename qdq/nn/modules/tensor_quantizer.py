@@ -253,6 +253,17 @@ class TensorQuantizer(nn.Module):
     def disable_clip(self) -> None:
         self._if_clip = False
 
+    @property
+    def calibrator(self):
+        """The calibrator (``_calibrator`` in pytorch_quantization-era code)."""
+        return self._calibrator
+
+    def set_calibrator(self, calibrator) -> None:
+        """Replaces the calibrator (a :mod:`qdq.calib` calibrator, or ``None`` for none)."""
+        if calibrator is not None and not isinstance(calibrator, calib._Calibrator):
+            raise TypeError(f"{self._label()}: a calibrator must derive from qdq.calib's _Calibrator")
+        self._calibrator = calibrator
+
     def reset_calib(self) -> None:
         """Forgets what the calibrator collected."""
         if self._calibrator is not None:

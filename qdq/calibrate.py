@@ -1,0 +1,288 @@
+"""Calibration of a whole model: feed data, collect statistics, compute every quantizer's amax.
+
+:func:`calibrate_model` does both halves; :func:`collect_stats` and :func:`compute_amax` are the halves alone (for
+example to compare methods on one collection).
+
+``data`` may be a DataLoader or any iterable of batches - a tensor, a ``(inputs, labels)`` tuple or list (the first
+item is the input), or a dict (passed as keyword arguments) - or a callable ``forward_loop(model)`` that runs the model
+itself. ``preprocess(batch)`` turns a batch into the model's input when the defaults do not fit: a tensor is passed
+as the single argument, a tuple or list as positional arguments, a dict as keyword arguments.
+
+Example:
+    >>> import torch
+    >>> from qdq import calibrate_model, quant_modules
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+    ...                             torch.nn.Linear(8 * 6 * 6, 10))
+    >>> _ = quant_modules.replace_to_quantization_module(model)
+    >>> data = [(torch.randn(4, 3, 8, 8), torch.zeros(4)) for _ in range(10)]
+    >>> report = calibrate_model(model, data, num_batches=5, method="mse", progress=False)
+    >>> report.batches, report.calibrated
+    (5, 4)
+    >>> model[0].input_quantizer.amax.item() > 0
+    True
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qdq.calib import HistogramCalibrator, MaxCalibrator, search_names
+from qdq.nn.modules.tensor_quantizer import TensorQuantizer
+from qdq.quant_modules import name_quantizers
+from qdq.switches import quantizers, restore_quantizer_states, save_quantizer_states
+
+__all__ = ["calibrate_model", "collect_stats", "compute_amax", "CalibrationReport", "model_inputs"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CalibrationReport:
+    """What a calibration did."""
+
+    batches: int = 0
+    calibrated: int = 0
+    method: str = "max"
+    no_data: list[str] = field(default_factory=list)
+    collect_seconds: float = 0.0
+    compute_seconds: float = 0.0
+
+
+def _to_device(obj: Any, device: torch.device | None) -> Any:
+    if device is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, (list, tuple)):
+        moved = [_to_device(o, device) for o in obj]
+        return type(obj)(*moved) if hasattr(obj, "_fields") else type(obj)(moved)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def model_inputs(batch: Any, index: int = 0) -> Any:
+    """The model input of a batch: a tensor as is, the first item of a tuple or list, a dict as is.
+
+    >>> model_inputs((torch.zeros(2), torch.ones(2))).tolist()
+    [0.0, 0.0]
+    """
+    if isinstance(batch, (torch.Tensor, dict)):
+        return batch
+    if isinstance(batch, (list, tuple)) and batch:
+        return batch[0]
+    raise TypeError(
+        f"calibration batch {index} is a {type(batch).__name__}; expected a tensor, a (inputs, labels) tuple or list, "
+        "or a dict - pass preprocess= to turn it into the model's input"
+    )
+
+
+def _run(model: nn.Module, inputs: Any, index: int) -> None:
+    try:
+        if isinstance(inputs, dict):
+            model(**inputs)
+        elif isinstance(inputs, (list, tuple)):
+            model(*inputs)
+        else:
+            model(inputs)
+    except Exception as err:
+        raise RuntimeError(f"calibration batch {index} ({_describe(inputs)}) failed in the model: {err}") from err
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, torch.Tensor):
+        return f"Tensor{tuple(obj.shape)} {str(obj.dtype).replace('torch.', '')}"
+    if isinstance(obj, (list, tuple)):
+        return f"{type(obj).__name__}[" + ", ".join(_describe(o) for o in obj[:4]) + (", ..." if len(obj) > 4 else "") + "]"
+    if isinstance(obj, dict):
+        return "dict{" + ", ".join(f"{k}: {_describe(v)}" for k, v in list(obj.items())[:4]) + "}"
+    return type(obj).__name__
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return None
+
+
+def _check_method(method: str) -> None:
+    if method not in search_names():
+        raise ValueError(f"unknown calibration method {method!r}; choose one of {', '.join(search_names())}")
+
+
+def _active(model: nn.Module) -> list[tuple[str, TensorQuantizer]]:
+    return [(n, q) for n, q in quantizers(model) if q.is_enabled and q.calibrator is not None]
+
+
+def collect_stats(
+    model: nn.Module,
+    data: Iterable | Callable[[nn.Module], Any],
+    device: torch.device | str | None = None,
+    num_batches: int | None = None,
+    *,
+    method: str = "max",
+    preprocess: Callable[[Any], Any] | None = None,
+    progress: bool = True,
+) -> int:
+    """Feeds ``data`` through ``model`` with every enabled quantizer collecting statistics; returns the batch count.
+
+    Exactly ``num_batches`` batches are fed (all of them when ``None``), in eval mode under ``no_grad``, with
+    quantization off. Quantizer switches and the train/eval state of every module are restored afterwards, also on
+    an exception. With a histogram ``method`` (entropy, mse, percentile, ...), per-tensor quantizers that have a max
+    calibrator get a histogram calibrator (logged).
+    """
+    _check_method(method)
+    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1):
+        raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
+    name_quantizers(model)
+    active = _active(model)
+    if not active:
+        raise RuntimeError(
+            "the model has no enabled quantizer to calibrate (did you call replace_to_quantization_module?)"
+        )
+    device = torch.device(device) if device is not None else _model_device(model)
+
+    if method not in ("max",):
+        swapped = 0
+        for _, q in active:
+            if isinstance(q.calibrator, MaxCalibrator) and q.axis is None:
+                q.set_calibrator(HistogramCalibrator(q.num_bits, None, q.unsigned))
+                swapped += 1
+        if swapped:
+            logger.info("method=%r: collecting histograms for %d quantizers that had max calibrators", method, swapped)
+
+    states = save_quantizer_states(model)
+    training = {m: m.training for m in model.modules()}
+    fed = 0
+    try:
+        for _, q in active:
+            q.reset_calib()
+            q.disable_quant()
+            q.enable_calib()
+        model.eval()
+        with torch.no_grad():
+            if callable(data) and not hasattr(data, "__iter__"):
+                if num_batches is not None:
+                    logger.info("num_batches=%d is ignored: the forward loop decides how much data it feeds", num_batches)
+                data(model)
+                fed = 1
+            else:
+                total = num_batches
+                if total is None and hasattr(data, "__len__"):
+                    total = len(data)
+                elif total is not None and hasattr(data, "__len__"):
+                    total = min(total, len(data))
+                bar = tqdm(total=total, desc="Calibrating", unit="batch", disable=not progress, leave=False)
+                batches = iter(data)
+                try:
+                    for index in itertools.count():
+                        if num_batches is not None and index >= num_batches:
+                            break  # before taking one more batch from the data
+                        try:
+                            batch = next(batches)
+                        except StopIteration:
+                            break
+                        batch = _to_device(batch, device)
+                        inputs = preprocess(batch) if preprocess is not None else model_inputs(batch, index)
+                        _run(model, inputs, index)
+                        fed += 1
+                        bar.update(1)
+                finally:
+                    bar.close()
+                if fed == 0:
+                    raise ValueError("the calibration data yielded no batches")
+                if num_batches is not None and fed < num_batches:
+                    logger.info("the calibration data had only %d of the %d batches asked for", fed, num_batches)
+    finally:
+        restore_quantizer_states(states)
+        for m, mode in training.items():
+            m.training = mode
+    return fed
+
+
+def compute_amax(model: nn.Module, method: str = "max", strict: bool = True, **kwargs: Any) -> CalibrationReport:
+    """Sets every enabled quantizer's amax from what its calibrator collected.
+
+    Max calibrators give their max; histogram calibrators run ``method`` (``"max"`` gives their exact max) with
+    ``kwargs`` (``percentile=``, ``start_bin=``, ``stride=``). Quantizers that collected nothing are an error naming
+    them all; with ``strict=False`` they are disabled instead, with a warning.
+    """
+    _check_method(method)
+    name_quantizers(model)
+    report = CalibrationReport(method=method)
+    t0 = time.perf_counter()
+    for name, q in _active(model):
+        if q.calibrator.num_batches == 0:
+            report.no_data.append(name)
+            continue
+        if isinstance(q.calibrator, MaxCalibrator):
+            q.load_calib_amax()
+        else:
+            q.load_calib_amax(method=method, **kwargs)
+        report.calibrated += 1
+    if report.no_data:
+        listed = ", ".join(report.no_data[:20]) + (" ..." if len(report.no_data) > 20 else "")
+        msg = f"{len(report.no_data)} quantizers saw no calibration data: {listed}"
+        if strict:
+            raise RuntimeError(msg + " (unused layers? pass strict=False to disable them)")
+        logger.warning("%s; they are disabled", msg)
+        named = dict(quantizers(model))
+        for name in report.no_data:
+            named[name].disable()
+    report.compute_seconds = time.perf_counter() - t0
+    return report
+
+
+def calibrate_model(
+    model: nn.Module,
+    data: Iterable | Callable[[nn.Module], Any],
+    device: torch.device | str | None = None,
+    num_batches: int | None = None,
+    *,
+    method: str = "max",
+    percentile: float = 99.99,
+    preprocess: Callable[[Any], Any] | None = None,
+    strict: bool = True,
+    progress: bool = True,
+    **search_kwargs: Any,
+) -> CalibrationReport:
+    """Calibrates every enabled quantizer of ``model`` on ``data`` (post-training quantization).
+
+    Args:
+        model: a model with quantizers (after :func:`~qdq.quant_modules.replace_to_quantization_module`).
+        data: batches or a forward loop (see the module docstring).
+        device: where batches go (default: the model's device).
+        num_batches: how many batches to feed (all when ``None``).
+        method: ``"max"``, ``"entropy"``, ``"mse"``, ``"percentile"`` (and any registered search).
+        percentile: for ``method="percentile"``.
+        preprocess: ``batch -> model input``.
+        strict: quantizers that see no data are an error (``False``: disable them, with a warning).
+        progress: show a tqdm progress bar.
+        search_kwargs: ``start_bin``, ``stride``, ... for the histogram searches.
+
+    Returns:
+        A :class:`CalibrationReport`.
+    """
+    t0 = time.perf_counter()
+    fed = collect_stats(model, data, device, num_batches, method=method, preprocess=preprocess, progress=progress)
+    t1 = time.perf_counter()
+    if method == "percentile":
+        search_kwargs["percentile"] = percentile
+    report = compute_amax(model, method=method, strict=strict, **search_kwargs)
+    report.batches = fed
+    report.collect_seconds = t1 - t0
+    logger.info(
+        "calibrated %d quantizers with %r on %d batches (collect %.2f s, amax %.2f s)",
+        report.calibrated, method, fed, report.collect_seconds, report.compute_seconds,
+    )
+    return report

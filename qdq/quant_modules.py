@@ -1,0 +1,360 @@
+"""The module map and the in-place conversion of a float model to a quantized one.
+
+:func:`replace_to_quantization_module` walks the whole model and turns every layer whose type is in the map into
+its quantized twin **in place**: the module object stays the same (its class changes and quantizers are added), so
+its parameters, buffers, hooks, optimizer state and every outside reference to it survive.
+
+Subclasses of mapped layers are quantized too. A subclass that keeps its parent's ``forward`` gets the quantized
+parent's ``forward``; a subclass with its own ``forward`` (EfficientNet's ``Conv2dStaticSamePadding``, which pads
+and then calls ``F.conv2d`` itself) keeps that ``forward``, run on the quantized input with the quantized weight in
+place of ``self.weight``. pytorch_quantization and ModelOpt skip such layers without a word.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from qdq import quant_modules
+    >>> class SamePadConv(nn.Conv2d):           # a subclass with its own forward
+    ...     def forward(self, x):
+    ...         return nn.functional.conv2d(nn.functional.pad(x, (1, 1, 1, 1)), self.weight, self.bias)
+    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), SamePadConv(8, 8, 3), nn.Flatten(), nn.LazyLinear(2))
+    >>> weight = model[0].weight
+    >>> report = quant_modules.replace_to_quantization_module(model, ignore_policy="4")
+    >>> report.replaced, report.ignored
+    (['0', '2'], ['4'])
+    >>> type(model[2]).__name__, model[0].weight is weight
+    ('QuantSamePadConv', True)
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from collections import namedtuple
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence, Union
+
+import torch
+from torch import nn
+
+from qdq import nn as quant_nn
+from qdq.nn.modules._utils import QuantInputMixin, QuantMixin, pop_quant_desc_in_kwargs
+
+__all__ = [
+    "_DEFAULT_QUANT_MAP",
+    "_quant_entry",
+    "register_quant_module",
+    "replace_to_quantization_module",
+    "ReplacementReport",
+    "IgnorePolicy",
+    "compile_ignore_policy",
+    "initialize",
+    "deactivate",
+    "enable_onnx_export",
+    "name_quantizers",
+    "is_quantized",
+]
+
+logger = logging.getLogger(__name__)
+
+_quant_entry = namedtuple("_quant_entry", ["orig_mod", "mod_name", "replace_mod"])
+
+#: pytorch_quantization's map: module, attribute name, quantized class.
+_DEFAULT_QUANT_MAP = [
+    _quant_entry(torch.nn, "Conv1d", quant_nn.QuantConv1d),
+    _quant_entry(torch.nn, "Conv2d", quant_nn.QuantConv2d),
+    _quant_entry(torch.nn, "Conv3d", quant_nn.QuantConv3d),
+    _quant_entry(torch.nn, "ConvTranspose1d", quant_nn.QuantConvTranspose1d),
+    _quant_entry(torch.nn, "ConvTranspose2d", quant_nn.QuantConvTranspose2d),
+    _quant_entry(torch.nn, "ConvTranspose3d", quant_nn.QuantConvTranspose3d),
+    _quant_entry(torch.nn, "Linear", quant_nn.QuantLinear),
+    _quant_entry(torch.nn, "LSTM", quant_nn.QuantLSTM),
+    _quant_entry(torch.nn, "LSTMCell", quant_nn.QuantLSTMCell),
+    _quant_entry(torch.nn, "AvgPool1d", quant_nn.QuantAvgPool1d),
+    _quant_entry(torch.nn, "AvgPool2d", quant_nn.QuantAvgPool2d),
+    _quant_entry(torch.nn, "AvgPool3d", quant_nn.QuantAvgPool3d),
+    _quant_entry(torch.nn, "AdaptiveAvgPool1d", quant_nn.QuantAdaptiveAvgPool1d),
+    _quant_entry(torch.nn, "AdaptiveAvgPool2d", quant_nn.QuantAdaptiveAvgPool2d),
+    _quant_entry(torch.nn, "AdaptiveAvgPool3d", quant_nn.QuantAdaptiveAvgPool3d),
+]
+
+# the float classes, captured at import so that initialize() patching torch.nn does not change the map
+_FLOAT_CLASSES = {entry: getattr(entry.orig_mod, entry.mod_name) for entry in _DEFAULT_QUANT_MAP}
+
+
+def _check_pair(float_cls, quant_cls) -> None:
+    for what, cls in (("float", float_cls), ("quantized", quant_cls)):
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise TypeError(f"quant_map: the {what} side of {float_cls!r} -> {quant_cls!r} is not an nn.Module subclass")
+
+
+def register_quant_module(float_cls: type, quant_cls: type) -> None:
+    """Adds ``float_cls -> quant_cls`` to the default map (for every later conversion in this process).
+
+    ``quant_cls`` should subclass ``float_cls`` (it becomes the module's class) and create its quantizers in
+    ``init_quantizer``, as the classes of :mod:`qdq.nn` do.
+    """
+    _check_pair(float_cls, quant_cls)
+    module = __import__(float_cls.__module__, fromlist=[float_cls.__name__])
+    entry = _quant_entry(module, float_cls.__name__, quant_cls)
+    _DEFAULT_QUANT_MAP.append(entry)
+    _FLOAT_CLASSES[entry] = float_cls
+
+
+def _build_map(quant_map) -> dict[type, type]:
+    mapping = {_FLOAT_CLASSES.get(e, getattr(e.orig_mod, e.mod_name)): e.replace_mod for e in _DEFAULT_QUANT_MAP}
+    if quant_map is None:
+        return mapping
+    pairs = quant_map.items() if isinstance(quant_map, Mapping) else quant_map
+    for item in pairs:
+        if isinstance(item, _quant_entry):
+            float_cls, quant_cls = getattr(item.orig_mod, item.mod_name), item.replace_mod
+        else:
+            try:
+                float_cls, quant_cls = item
+            except (TypeError, ValueError):
+                raise TypeError(f"quant_map entries must be (float class, quantized class) pairs, got {item!r}") from None
+        _check_pair(float_cls, quant_cls)
+        mapping[float_cls] = quant_cls
+    return mapping
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ignore policies
+# ----------------------------------------------------------------------------------------------------------------
+IgnorePolicy = Union[None, str, re.Pattern, Callable[[str], bool], Sequence[Union[str, re.Pattern, Callable]]]
+
+
+def compile_ignore_policy(policy: IgnorePolicy) -> Callable[[str], bool]:
+    """A predicate on dotted module paths.
+
+    A string matches a path that equals it, a path under it (``"head"`` matches ``"head.conv"``) or a path the
+    string, read as a regular expression, matches in full (``"head.*"``, ``r"model\\.2[0-4]\\..*"``). Compiled
+    patterns match in full; callables receive the path. A list matches when any item does.
+
+    >>> ignore = compile_ignore_policy(["head", r"backbone\\.layer[34]\\..*"])
+    >>> [ignore(p) for p in ["head.fc", "backbone.layer3.0.conv1", "backbone.layer1.0.conv1", "header"]]
+    [True, True, False, False]
+    """
+    if policy is None:
+        return lambda path: False
+    items = [policy] if isinstance(policy, (str, re.Pattern)) or callable(policy) else list(policy)
+    tests = []
+    for item in items:
+        if isinstance(item, re.Pattern):
+            tests.append(lambda p, rx=item: rx.fullmatch(p) is not None)
+        elif isinstance(item, str):
+            try:
+                rx = re.compile(item)
+            except re.error as err:
+                raise ValueError(f"ignore_policy: {item!r} is not a valid regular expression ({err})") from None
+            tests.append(lambda p, s=item, rx=rx: p == s or p.startswith(s + ".") or rx.fullmatch(p) is not None)
+        elif callable(item):
+            tests.append(lambda p, f=item: bool(f(p)))
+        else:
+            raise TypeError(f"ignore_policy items must be strings, compiled patterns or callables, got {item!r}")
+    return lambda path: any(t(path) for t in tests)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# conversion
+# ----------------------------------------------------------------------------------------------------------------
+def is_quantized(module: nn.Module) -> bool:
+    """Whether ``module`` is a quantized layer (has its own quantizers)."""
+    return isinstance(module, (QuantMixin, QuantInputMixin))
+
+
+def _weight_quantizers(module) -> list[tuple[str, str]]:
+    """(parameter name, quantizer attribute) pairs a converted subclass forward must quantize."""
+    if isinstance(module, QuantMixin) and hasattr(module, "_weight_quantizer") and "weight" in module._parameters:
+        return [("weight", "_weight_quantizer")]
+    return []
+
+
+def _subclass_forward(float_sub: type):
+    """The forward of a converted subclass with its own forward: its forward on quantized operands."""
+    original = float_sub.forward
+
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        if args:
+            args = (self._input_quantizer(args[0]),) + args[1:]
+        views = {name: getattr(self, attr)(self._parameters[name]) for name, attr in _weight_quantizers(self)}
+        self.__dict__.update(views)  # instance attributes shadow the parameters while the forward runs
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            for name in views:
+                self.__dict__.pop(name, None)
+
+    return forward
+
+
+@functools.lru_cache(maxsize=None)
+def _quant_subclass(float_sub: type, quant_cls: type, float_base: type) -> type:
+    """``Quant<Sub>``: a class deriving from the quantized twin of ``float_base`` and from ``float_sub``."""
+    own_forward = any("forward" in vars(c) for c in float_sub.__mro__[: float_sub.__mro__.index(float_base)])
+    attrs = {
+        "__module__": float_sub.__module__,
+        "__doc__": f"Quantized {float_sub.__qualname__} (made by qdq).",
+        "_qdq_generated": True,
+    }
+    if own_forward:
+        if issubclass(quant_cls, nn.RNNBase) or issubclass(quant_cls, nn.RNNCellBase):
+            raise NotImplementedError(f"{float_sub.__qualname__} overrides forward; recurrent layers with their own "
+                                      "forward cannot be quantized automatically")
+        attrs["forward"] = _subclass_forward(float_sub)
+    return type(f"Quant{float_sub.__name__}", (quant_cls, float_sub), attrs)
+
+
+def _quant_class_for(cls: type, mapping: dict[type, type]) -> type | None:
+    if cls in mapping:
+        return mapping[cls]
+    for base in cls.__mro__[1:]:
+        if base in mapping:
+            return _quant_subclass(cls, mapping[base], base)
+    return None
+
+
+def _convert(module: nn.Module, quant_cls: type) -> None:
+    module.__class__ = quant_cls
+    if issubclass(quant_cls, QuantInputMixin):
+        module.init_quantizer(pop_quant_desc_in_kwargs(quant_cls, input_only=True))
+    elif issubclass(quant_cls, QuantMixin):
+        module.init_quantizer(*pop_quant_desc_in_kwargs(quant_cls))
+    elif hasattr(module, "init_quantizer"):
+        module.init_quantizer()
+
+
+@dataclass
+class ReplacementReport:
+    """What :func:`replace_to_quantization_module` did, by dotted module path."""
+
+    replaced: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    already_quantized: list[str] = field(default_factory=list)
+    unsupported: list[tuple[str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"quantized {len(self.replaced)} layers, ignored {len(self.ignored)}"]
+        if self.ignored:
+            lines.append("  ignored: " + ", ".join(self.ignored))
+        if self.already_quantized:
+            lines.append("  already quantized: " + ", ".join(self.already_quantized))
+        for path, why in self.unsupported:
+            lines.append(f"  not quantized: {path}: {why}")
+        return "\n".join(lines)
+
+
+def replace_to_quantization_module(
+    model: nn.Module,
+    ignore_policy: IgnorePolicy = None,
+    quant_map: Mapping[type, type] | Iterable | None = None,
+) -> ReplacementReport:
+    """Quantizes every mapped layer of ``model`` in place (see the module docstring).
+
+    Args:
+        model: the float model (the root itself is converted too if it is a mapped layer).
+        ignore_policy: layers to leave in float: a name, a regular expression, a callable on the dotted path, or a
+            list of them (see :func:`compile_ignore_policy`). A layer reachable under several paths is ignored only
+            when every path is.
+        quant_map: extra or overriding ``{float class: quantized class}`` pairs (or ``_quant_entry`` items) for this
+            call; the defaults are ``_DEFAULT_QUANT_MAP``.
+
+    Returns:
+        A :class:`ReplacementReport`; its summary is also logged.
+    """
+    mapping = _build_map(quant_map)
+    ignore = compile_ignore_policy(ignore_policy)
+    paths: dict[int, list[str]] = {}
+    modules: dict[int, nn.Module] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(path)
+        modules[id(module)] = module
+
+    report = ReplacementReport()
+    for key, module in modules.items():
+        where = paths[key]
+        path = where[0]
+        if is_quantized(module):
+            report.already_quantized.append(path)
+            cls = type(module)
+            if not cls.__module__.startswith("qdq.") and not vars(cls).get("_qdq_generated") and "forward" in vars(cls):
+                logger.warning("%s (%s) subclasses a quantized layer with its own forward, which may bypass the "
+                               "quantizers", path, cls.__qualname__)
+            continue
+        quant_cls = None
+        try:
+            quant_cls = _quant_class_for(type(module), mapping)
+        except NotImplementedError as err:
+            report.unsupported.append((path, str(err)))
+            logger.warning("not quantized: %s: %s", path, err)
+            continue
+        if quant_cls is None:
+            continue
+        flags = [ignore(p) for p in where]
+        if all(flags):
+            report.ignored.append(path)
+            logger.info("Quantization: %s is ignored", path)
+            continue
+        if any(flags):
+            logger.warning("%s is reachable as %s; some of these paths are ignored, others not: it is quantized",
+                           type(module).__name__, where)
+        _convert(module, quant_cls)
+        report.replaced.append(path)
+    name_quantizers(model)
+    logger.info("%s", report)
+    return report
+
+
+def name_quantizers(model: nn.Module) -> None:
+    """Gives every TensorQuantizer of ``model`` its dotted path as name (errors and reports use it)."""
+    for path, module in model.named_modules():
+        if isinstance(module, quant_nn.TensorQuantizer):
+            module.name = path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pytorch_quantization's monkey patching, for code that builds the model after calling initialize()
+# ----------------------------------------------------------------------------------------------------------------
+_patched: list[tuple[object, str, object]] = []
+
+
+def initialize(float_module_list: Iterable[str] | None = None, custom_quant_modules: Iterable | None = None) -> None:
+    """Replaces ``torch.nn.Conv2d`` & co. by their quantized classes, so models built *afterwards* are quantized.
+
+    Opt-in compatibility with pytorch_quantization. A model built before the call is not affected (use
+    :func:`replace_to_quantization_module`); classes that subclass ``nn.Conv2d`` and are *defined* after the call
+    inherit the quantized class. Undo with :func:`deactivate`. Calling it twice patches once.
+
+    Args:
+        float_module_list: names (``"Conv2d"``) of the default entries not to patch.
+        custom_quant_modules: extra ``(module, name, quantized class)`` triples to patch.
+    """
+    skip = set(float_module_list or ())
+    entries = [e for e in _DEFAULT_QUANT_MAP if e.mod_name not in skip]
+    entries += [_quant_entry(*item) for item in (custom_quant_modules or ())]
+    for entry in entries:
+        current = getattr(entry.orig_mod, entry.mod_name)
+        if current is entry.replace_mod:
+            continue
+        _patched.append((entry.orig_mod, entry.mod_name, current))
+        setattr(entry.orig_mod, entry.mod_name, entry.replace_mod)
+
+
+def deactivate() -> None:
+    """Restores what :func:`initialize` replaced."""
+    while _patched:
+        module, name, original = _patched.pop()
+        setattr(module, name, original)
+
+
+class enable_onnx_export:
+    """pytorch_quantization's export switch; qdq's export (:func:`qdq.export_onnx`) needs none. Kept as a no-op
+    context manager so old export scripts run."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

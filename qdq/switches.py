@@ -1,0 +1,98 @@
+"""Model-wide quantizer switches: enable, disable, save and restore, as calls or as context managers.
+
+Example:
+    >>> import torch
+    >>> from qdq import nn as quant_nn
+    >>> from qdq.switches import disable_quantization, have_quantizer, quantizers
+    >>> model = torch.nn.Sequential(quant_nn.QuantLinear(4, 4), torch.nn.ReLU())
+    >>> have_quantizer(model[0]), have_quantizer(model[1])
+    (True, False)
+    >>> with disable_quantization(model):              # restores the previous state on exit
+    ...     [q.is_enabled for _, q in quantizers(model)]
+    [False, False]
+    >>> [q.is_enabled for _, q in quantizers(model)]
+    [True, True]
+    >>> _ = disable_quantization(model[0]).apply()     # the pytorch_quantization-era call, no restore
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from torch import nn
+
+from qdq.nn.modules.tensor_quantizer import TensorQuantizer
+
+__all__ = [
+    "quantizers",
+    "have_quantizer",
+    "disable_quantization",
+    "enable_quantization",
+    "save_quantizer_states",
+    "restore_quantizer_states",
+]
+
+
+def quantizers(module: nn.Module) -> Iterator[tuple[str, TensorQuantizer]]:
+    """``(dotted name, quantizer)`` for every TensorQuantizer in ``module`` (each shared quantizer once)."""
+    for name, m in module.named_modules():
+        if isinstance(m, TensorQuantizer):
+            yield name, m
+
+
+def have_quantizer(module: nn.Module) -> bool:
+    """Whether ``module`` holds at least one TensorQuantizer (itself included)."""
+    return any(True for _ in quantizers(module))
+
+
+def save_quantizer_states(module: nn.Module) -> dict[TensorQuantizer, dict[str, bool]]:
+    """The switches of every quantizer of ``module``."""
+    return {q: q.state() for _, q in quantizers(module)}
+
+
+def restore_quantizer_states(states: dict[TensorQuantizer, dict[str, bool]]) -> None:
+    """Puts back switches saved by :func:`save_quantizer_states`."""
+    for q, state in states.items():
+        q.set_state(state)
+
+
+class _Switch:
+    """Turns every quantizer of a module on or off: ``.apply()`` to do it for good, ``with`` to do it for a block."""
+
+    _enable = True
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self._saved: dict | None = None
+
+    def _set(self, on: bool) -> "_Switch":
+        for _, q in quantizers(self.module):
+            q.enable() if on else q.disable()
+        return self
+
+    def __enter__(self) -> "_Switch":
+        self._saved = save_quantizer_states(self.module)
+        return self._set(self._enable)
+
+    def __exit__(self, *exc) -> bool:
+        restore_quantizer_states(self._saved or {})
+        self._saved = None
+        return False
+
+
+class disable_quantization(_Switch):
+    """Disables every quantizer of ``module`` (``.apply()``, or ``with`` to restore the previous state)."""
+
+    _enable = False
+
+    def apply(self, disabled: bool = True) -> "disable_quantization":
+        return self._set(not disabled)
+
+
+class enable_quantization(_Switch):
+    """Enables every quantizer of ``module`` (``.apply()``, or ``with`` to restore the previous state)."""
+
+    _enable = True
+
+    def apply(self, enabled: bool = True) -> "enable_quantization":
+        return self._set(enabled)

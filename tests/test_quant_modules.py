@@ -1,0 +1,225 @@
+import logging
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from qdq import nn as quant_nn
+from qdq import quant_modules
+from qdq.quant_modules import compile_ignore_policy, replace_to_quantization_module
+from qdq.switches import quantizers
+from qdq.tensor_quant import QuantDescriptor
+
+
+class StaticSamePadConv(nn.Conv2d):
+    """Like EfficientNet's Conv2dStaticSamePadding: pads itself, then calls F.conv2d."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.static_padding = nn.ZeroPad2d((1, 1, 1, 1))
+
+    def forward(self, x):
+        x = self.static_padding(x)
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class SuperCallConv(nn.Conv2d):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class PlainSubConv(nn.Conv2d):
+    def extra(self):
+        return "kept"
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        StaticSamePadConv(3, 4, 3), nn.ReLU(), SuperCallConv(4, 4, 1), PlainSubConv(4, 4, 1), nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(), nn.Linear(4, 3),
+    )
+
+
+def test_keeps_objects_parameters_and_hooks():
+    model = torchvision.models.resnet18(num_classes=10)
+    conv = model.layer1[0].conv1
+    weight = conv.weight
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    calls = []
+    handle = conv.register_forward_hook(lambda *a: calls.append(1))
+    report = replace_to_quantization_module(model)
+    assert model.layer1[0].conv1 is conv and conv.weight is weight
+    assert isinstance(conv, quant_nn.QuantConv2d) and isinstance(conv, nn.Conv2d)
+    assert len(report.replaced) == 20 + 1 + 1  # convs, fc, avgpool
+    assert isinstance(model.avgpool, quant_nn.QuantAdaptiveAvgPool2d)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt.step()  # the optimizer still owns the very same parameters
+    assert calls == [1]
+    handle.remove()
+    model(torch.randn(2, 3, 32, 32))
+    assert calls == [1]
+    assert conv.weight_quantizer.name == "layer1.0.conv1._weight_quantizer"
+
+
+def test_mobilenet_v2_every_conv_and_linear():
+    model = torchvision.models.mobilenet_v2(num_classes=10)
+    n_conv = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+    report = replace_to_quantization_module(model)
+    assert len(report.replaced) == n_conv
+    assert all(isinstance(m, (quant_nn.QuantConv2d, quant_nn.QuantLinear)) for m in model.modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear)))
+    model.eval()
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+
+
+def test_subclassed_convs_are_quantized_with_their_forward():
+    model = _net()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+    report = replace_to_quantization_module(model)
+    assert report.replaced == ["0", "2", "3", "4", "6"]
+    assert type(model[0]).__name__ == "QuantStaticSamePadConv"
+    assert isinstance(model[0], StaticSamePadConv) and isinstance(model[0], quant_nn.QuantConv2d)
+    assert model[3].extra() == "kept"
+    for _, q in quantizers(model):
+        q.disable()
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)  # behaviour preserved
+    # enabled: the subclass forward runs on the quantized input and weight
+    for _, q in quantizers(model):
+        q.enable()
+    model[0].input_quantizer.amax = 0.5
+    model[0].weight_quantizer.amax = torch.full((4, 1, 1, 1), 0.05)
+    with torch.no_grad():
+        got = model[0](x)
+        ref = F.conv2d(F.pad(model[0].input_quantizer(x), (1, 1, 1, 1)), model[0].weight_quantizer(model[0].weight),
+                       model[0].bias)
+    assert torch.equal(got, ref)
+    assert isinstance(model[0].weight, nn.Parameter)  # the parameter is back after the forward
+    # the super() path quantizes once (input calibrated once per forward)
+    model[2].input_quantizer.disable_quant()
+    model[2].input_quantizer.enable_calib()
+    model[2](torch.randn(1, 4, 2, 2))
+    assert model[2].input_quantizer.calibrator.num_batches == 1
+
+
+def test_subclass_forward_gradients():
+    model = _net()
+    replace_to_quantization_module(model)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    model(x).sum().backward()
+    assert model[0].weight.grad is not None and x.grad is not None
+
+
+@pytest.mark.parametrize("policy,ignored", [
+    ("6", ["6"]),
+    (["0", "6"], ["0", "6"]),
+    (r"[0-3]", ["0", "2", "3"]),
+    (re.compile(r"\d"), ["0", "2", "3", "4", "6"]),
+    (lambda path: path.endswith("2"), ["2"]),
+])
+def test_ignore_policies(policy, ignored):
+    model = _net()
+    report = replace_to_quantization_module(model, ignore_policy=policy)
+    assert report.ignored == ignored
+    assert sorted(report.replaced + report.ignored) == ["0", "2", "3", "4", "6"]
+    for path in ignored:
+        assert not quant_modules.is_quantized(model.get_submodule(path))
+
+
+def test_ignore_subtree_not_prefix():
+    model = nn.Sequential()
+    model.add_module("head", nn.Sequential(nn.Linear(2, 2)))
+    model.add_module("header", nn.Linear(2, 2))
+    report = replace_to_quantization_module(model, ignore_policy="head")
+    assert report.ignored == ["head.0"] and report.replaced == ["header"]
+
+
+def test_bad_regex_is_named():
+    with pytest.raises(ValueError, match=r"'layer\[1' is not a valid regular expression"):
+        compile_ignore_policy(["ok", "layer[1"])
+    with pytest.raises(TypeError, match="ignore_policy"):
+        compile_ignore_policy([3])
+
+
+def test_quant_map_validation_and_custom_entries():
+    with pytest.raises(TypeError, match="not an nn.Module subclass"):
+        replace_to_quantization_module(nn.Linear(2, 2), quant_map={nn.Linear: int})
+    with pytest.raises(TypeError, match="pairs"):
+        replace_to_quantization_module(nn.Linear(2, 2), quant_map=[nn.Linear])
+    model = nn.Sequential(nn.MaxPool2d(2), nn.Linear(2, 2))
+    report = replace_to_quantization_module(model, quant_map={nn.MaxPool2d: quant_nn.QuantMaxPool2d})
+    assert report.replaced == ["0", "1"]
+    assert isinstance(model[0], quant_nn.QuantMaxPool2d)
+
+
+def test_root_module_and_shared_module():
+    root = nn.Linear(3, 3)
+    replace_to_quantization_module(root)
+    assert isinstance(root, quant_nn.QuantLinear)
+    shared = nn.Linear(3, 3)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    report = replace_to_quantization_module(model)
+    assert report.replaced == ["0"] and model[0] is model[2]
+    assert len(list(quantizers(model))) == 2
+
+
+def test_second_call_does_not_requantize():
+    model = _net()
+    replace_to_quantization_module(model)
+    report = replace_to_quantization_module(model)
+    assert report.replaced == [] and len(report.already_quantized) == 5
+
+
+def test_uses_class_default_descriptors():
+    old = quant_nn.QuantConv2d.default_quant_desc_input
+    try:
+        quant_nn.QuantConv2d.set_default_quant_desc_input(QuantDescriptor(calib_method="histogram", num_bits=7))
+        model = _net()
+        replace_to_quantization_module(model)
+        assert model[0].input_quantizer.num_bits == 7  # subclass conv follows QuantConv2d's defaults
+        assert model[6].input_quantizer.num_bits == 8
+    finally:
+        quant_nn.QuantConv2d.set_default_quant_desc_input(old)
+
+
+def test_lstm_in_model():
+    model = nn.Sequential(nn.LSTM(4, 5, num_layers=2))
+    replace_to_quantization_module(model)
+    assert isinstance(model[0], quant_nn.QuantLSTM) and len(model[0]._input_quantizers) == 2
+    out, _ = model[0](torch.randn(3, 2, 4))
+    assert out.shape == (3, 2, 5)
+
+
+def test_initialize_and_deactivate():
+    quant_modules.initialize()
+    try:
+        quant_modules.initialize()  # twice patches once
+        assert nn.Conv2d is quant_nn.QuantConv2d
+        built = nn.Sequential(nn.Conv2d(1, 1, 1), nn.Linear(1, 1))
+        assert isinstance(built[0], quant_nn.QuantConv2d) and isinstance(built[1], quant_nn.QuantLinear)
+        assert built[0](torch.randn(1, 1, 2, 2)).shape == (1, 1, 2, 2)  # no recursion
+    finally:
+        quant_modules.deactivate()
+    assert nn.Conv2d is not quant_nn.QuantConv2d and nn.Conv2d.__name__ == "Conv2d"
+    assert type(nn.Conv2d(1, 1, 1)) is nn.Conv2d
+
+
+def test_report_logged(caplog):
+    with caplog.at_level(logging.INFO, logger="qdq"):
+        replace_to_quantization_module(_net(), ignore_policy="6")
+    assert "quantized 4 layers, ignored 1" in caplog.text and "Quantization: 6 is ignored" in caplog.text
+
+
+def test_default_map_entries():
+    names = [e.mod_name for e in quant_modules._DEFAULT_QUANT_MAP]
+    assert "Conv2d" in names and "LSTMCell" in names and "AdaptiveAvgPool3d" in names
+    entry = quant_modules._DEFAULT_QUANT_MAP[1]
+    assert getattr(entry.orig_mod, entry.mod_name) is nn.Conv2d and entry.replace_mod is quant_nn.QuantConv2d
