@@ -478,6 +478,23 @@ def fake_quantize(
     return (_quantize_plain(x, scale, zp, qmin, qmax) - zp) * scale
 
 
+def _register_missing_fake_kernels() -> None:
+    """torch ships no fake (meta) kernel for the op behind ``fake_quantize_per_tensor_affine`` with tensor scale,
+    so torch.export / torch.compile cannot trace fake quantization with dynamic shapes. Register one: it only
+    describes output shapes and dtypes; the numbers still come from torch's kernel."""
+    try:
+
+        @torch.library.register_fake("aten::_fake_quantize_per_tensor_affine_cachemask_tensor_qparams")
+        def _(x, scale, zero_point, fake_quant_enabled, quant_min, quant_max):
+            return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
+
+    except (RuntimeError, ValueError) as err:  # torch already has one: nothing to do
+        logger.debug("fake kernel not registered: %s", err)
+
+
+_register_missing_fake_kernels()
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # amax-based functions with gradients (QAT)
 # --------------------------------------------------------------------------------------------------------------------

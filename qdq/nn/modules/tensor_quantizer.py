@@ -42,7 +42,6 @@ from qdq.calib.calibrator import NoDataCollectedError
 from qdq.tensor_quant import (
     QuantDescriptor,
     check_amax,
-    fake_quantize,
     fake_tensor_quant,
     maxbound,
     amax_to_scale,
@@ -328,13 +327,47 @@ class TensorQuantizer(nn.Module):
             raise ValueError(f"{self._label()}: {err}") from None
 
     def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The forward traced by the ONNX export: the fused fake-quant op alone, no custom gradient."""
-        amax = self.effective_amax()
-        if amax is None:
-            raise RuntimeError(f"{self._label()} has no amax; calibrate it (or disable it) before export")
-        qmin, qmax = self.quant_range
-        scale = amax_to_scale(amax.detach(), self._num_bits, self._unsigned)
-        return fake_quantize(x, scale, 0, qmin, qmax).to(x.dtype)
+        """The forward traced by the ONNX export: the fused fake-quant op alone, no custom gradient.
+
+        Both of torch's exporters turn it into QuantizeLinear -> DequantizeLinear. The scale and zero point were
+        computed when export mode was switched on and are plain tensors (not buffers), so the exporters take them as
+        constants instead of tracing the arithmetic that made them.
+        """
+        scale, zero_point, axis, (qmin, qmax) = self._export_qparams
+        if self._narrow_range and not self._unsigned:
+            # ONNX's int8 saturates at -128: clamp at -127 * scale first (a Clip for activations, folded for weights)
+            x = torch.maximum(x, (scale.reshape(self._export_shape) * qmin).to(x.dtype))
+            qmin -= 1
+        xf = x if x.dtype == torch.float32 else x.float()
+        if axis is None:
+            out = torch.fake_quantize_per_tensor_affine(xf, scale, zero_point, qmin, qmax)
+        else:
+            out = torch.fake_quantize_per_channel_affine(xf, scale, zero_point, axis, qmin, qmax)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    @property
+    def export_mode(self) -> bool:
+        """In export mode ``forward`` is the plain fused fake-quant op that the ONNX exporters translate."""
+        return self._export_mode
+
+    @export_mode.setter
+    def export_mode(self, on: bool) -> None:
+        if on:
+            amax = self.effective_amax()
+            if amax is None:
+                raise RuntimeError(f"{self._label()} has no amax; calibrate it (or disable it) before export")
+            scale = amax_to_scale(amax.detach(), self._num_bits, self._unsigned)
+            varying = [d for d, n in enumerate(scale.shape) if n > 1]
+            if len(varying) > 1:
+                raise RuntimeError(f"{self._label()}: amax varies along {len(varying)} dimensions; ONNX Q/DQ take "
+                                   "one axis")
+            axis = varying[0] if varying else None
+            flat = scale.reshape(-1).clone() if axis is not None else scale.reshape(()).clone()
+            self._export_shape = tuple(scale.shape) if axis is not None else ()
+            self._export_qparams = (flat, torch.zeros_like(flat, dtype=torch.int32), axis, self.quant_range)
+        else:
+            self.__dict__.pop("_export_qparams", None)
+        self._export_mode = bool(on)
 
     # ----------------------------------------------------------------------------------------------------------
     # device and state_dict

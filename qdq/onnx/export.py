@@ -1,0 +1,301 @@
+"""QDQ ONNX export: every enabled quantizer becomes QuantizeLinear -> DequantizeLinear.
+
+This is the one module of qdq that uses ``torch.onnx``. The export:
+
+* checks every enabled quantizer first and stops with one error naming all that cannot be exported (no amax,
+  still calibrating, a bit width TensorRT cannot run);
+* puts the quantizers in export mode (their forward becomes the fused fake-quant op, which both of torch's exporters
+  translate to QuantizeLinear/DequantizeLinear with int8 zero points, per channel with ``axis`` for weights) and the
+  model in eval mode, and undoes both in ``finally``;
+* exports with the TorchScript exporter (``dynamo=False``, the default) or the dynamo exporter (``dynamo=True``);
+* optionally folds constants without touching Q/DQ (``simplify=True``), and checks the file with ``onnx.checker``.
+
+Two forms of the same model:
+
+* the default *fake-quant* form keeps float weights behind QuantizeLinear -> DequantizeLinear (what TensorRT's
+  explicit quantization and ``trtexec --int8`` take);
+* the *deploy* form (``deploy=True``) stores weights as int8 initializers feeding DequantizeLinear directly, a
+  quarter of the size; both run in ONNX Runtime with the same outputs.
+
+Build the engine with ``trtexec --onnx=model.onnx --int8 --fp16`` (TensorRT 8-10); TensorRT 11 builds Q/DQ networks
+strongly typed and needs no precision flags.
+
+Example:
+    >>> import tempfile, os, torch
+    >>> import qdq
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    >>> _ = qdq.replace_to_quantization_module(model)
+    >>> _ = qdq.calibrate_model(model, [torch.randn(2, 3, 8, 8)], progress=False)
+    >>> path = os.path.join(tempfile.mkdtemp(), "m.onnx")
+    >>> info = export_onnx(model, torch.randn(1, 3, 8, 8), path)
+    >>> [n.op_type for n in info.model.graph.node]
+    ['QuantizeLinear', 'DequantizeLinear', 'QuantizeLinear', 'DequantizeLinear', 'Conv', 'Relu']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from qdq.nn.modules.tensor_quantizer import TensorQuantizer
+from qdq.quant_modules import name_quantizers
+from qdq.switches import quantizers
+
+__all__ = ["export_onnx", "ExportInfo", "export_mode", "check_exportable", "ExportError", "to_deploy_form"]
+
+logger = logging.getLogger(__name__)
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported as it is; the message names every quantizer at fault."""
+
+
+@dataclass
+class ExportInfo:
+    """What :func:`export_onnx` wrote."""
+
+    path: Path
+    model: onnx.ModelProto
+    exporter: str
+    opset: int
+    num_qdq_pairs: int = 0
+    deploy: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def check_exportable(model: nn.Module, allow_bits: Sequence[int] = (8,)) -> None:
+    """Raises :class:`ExportError` naming every enabled quantizer that cannot be exported."""
+    name_quantizers(model)
+    problems = []
+    for name, q in quantizers(model):
+        if not q.is_enabled:
+            continue
+        if q.state()["if_calib"]:
+            problems.append(f"{name}: still in calibration mode (finish calibration: calibrate_model or disable_calib)")
+        if not q.state()["if_quant"]:
+            problems.append(f"{name}: enabled but not quantizing (disable_quant); disable() it to export it in float")
+        if q.amax is None:
+            problems.append(f"{name}: has no amax (calibrate the model, or disable this quantizer)")
+        if q.num_bits not in allow_bits:
+            problems.append(f"{name}: {q.num_bits}-bit; TensorRT's explicit quantization takes 8-bit Q/DQ only")
+        if not q.fake_quant:
+            problems.append(f"{name}: fake_quant=False (real quantization) cannot be exported as Q/DQ")
+        if q.amax is not None and not bool(torch.isfinite(q.amax).all() and (q.amax >= 0).all()):
+            problems.append(f"{name}: amax has negative or non-finite values (a learned amax that diverged?)")
+    if problems:
+        raise ExportError("cannot export:\n  " + "\n  ".join(problems))
+
+
+@contextlib.contextmanager
+def export_mode(model: nn.Module, quantize: bool = True) -> Iterator[nn.Module]:
+    """Eval mode and export-mode quantizers for the duration of the block (or every quantizer disabled when
+    ``quantize=False``); everything restored in ``finally``."""
+    training = {m: m.training for m in model.modules()}
+    qs = [q for _, q in quantizers(model)]
+    saved = [(q, q.export_mode, q.state()) for q in qs]
+    try:
+        model.eval()
+        for q in qs:
+            if quantize:
+                q.export_mode = True
+            else:
+                q.disable()
+        yield model
+    finally:
+        for q, mode, state in saved:
+            q.export_mode = mode
+            q.set_state(state)
+        for m, mode in training.items():
+            m.training = mode
+
+
+def _dynamic_axes(names: Sequence[str]) -> dict[str, dict[int, str]]:
+    return {name: {0: "batch"} for name in names}
+
+
+def _torch_export(model, args, path, opset, input_names, output_names, dynamic_batch, dynamo, kwargs) -> None:
+    common = dict(opset_version=opset, input_names=list(input_names), do_constant_folding=True)
+    if output_names:
+        common["output_names"] = list(output_names)
+    if dynamic_batch and dynamo:
+        batch = torch.export.Dim("batch")
+        common["dynamic_shapes"] = tuple({0: batch} if isinstance(a, torch.Tensor) else None for a in args)
+    elif dynamic_batch:
+        common["dynamic_axes"] = _dynamic_axes(list(input_names) + list(output_names or []))
+    common.update(kwargs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*ONNX exporter.*")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch.onnx")
+        if dynamo:
+            quiet = io.StringIO()
+            with contextlib.redirect_stdout(quiet):
+                program = torch.onnx.export(model, args, dynamo=True, verbose=False, **common)
+            program.save(str(path))
+        else:
+            torch.onnx.export(model, args, str(path), dynamo=False, **common)
+
+
+def _keep_qdq(node) -> bool:
+    return node.op in ("QuantizeLinear", "DequantizeLinear")
+
+
+def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Constant folding and dead-node removal that leaves every Q/DQ in place."""
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(model)
+    graph.fold_constants(should_exclude_node=_keep_qdq).cleanup().toposort()
+    return gs.export_onnx(graph)
+
+
+def _constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Moves tensor-valued Constant nodes into initializers (the TorchScript exporter writes Q/DQ scales as
+    Constant nodes; initializers are what tools and readers expect)."""
+    graph = model.graph
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+        else:
+            keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+    return model
+
+
+def _constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
+def to_deploy_form(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replaces each QuantizeLinear of a constant float weight by an int8 initializer feeding its DequantizeLinear.
+
+    The integers are computed with qdq's arithmetic (``round_half_even(w * (1 / scale))``, saturated), so the deploy
+    model dequantizes to exactly the weights PyTorch's fake quantization used.
+    """
+    from qdq.tensor_quant import quantize
+
+    consts = _constant_values(model)
+    graph = model.graph
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    keep, new_inits = [], []
+    replaced = 0
+    for node in graph.node:
+        weight = node.input[0] if node.op_type == "QuantizeLinear" else None
+        if weight is None or weight not in consts or node.input[1] not in consts or len(node.input) < 3:
+            keep.append(node)
+            continue
+        w = consts[weight].astype(np.float32)
+        scale = consts[node.input[1]].astype(np.float32)
+        zp = consts[node.input[2]]
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        if scale.size > 1:
+            shape = [1] * w.ndim
+            shape[axis % w.ndim] = scale.size
+            scale_b, zp_b = scale.reshape(shape), zp.astype(np.float32).reshape(shape)
+        else:
+            scale_b, zp_b = scale.reshape(()), zp.astype(np.float32).reshape(())
+        info = np.iinfo(zp.dtype)
+        q = quantize(torch.from_numpy(w), torch.from_numpy(scale_b), torch.from_numpy(zp_b), int(info.min),
+                     int(info.max)).numpy().astype(zp.dtype)
+        name = f"{weight}_quantized"
+        new_inits.append(numpy_helper.from_array(q, name))
+        for consumer in consumers.get(node.output[0], []):
+            for i, inp in enumerate(consumer.input):
+                if inp == node.output[0]:
+                    consumer.input[i] = name
+        replaced += 1
+    del graph.node[:]
+    graph.node.extend(keep)
+    graph.initializer.extend(new_inits)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    alive = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(alive)
+    logger.info("deploy form: %d weights stored as integers", replaced)
+    return model
+
+
+def export_onnx(
+    model: nn.Module,
+    args: Any,
+    path: str | os.PathLike,
+    opset: int = 17,
+    dynamic_batch: bool = False,
+    input_names: Sequence[str] = ("input",),
+    output_names: Sequence[str] | None = ("output",),
+    dynamo: bool = False,
+    deploy: bool = False,
+    simplify: bool = False,
+    quantize: bool = True,
+    **kwargs: Any,
+) -> ExportInfo:
+    """Exports ``model`` to a QDQ ONNX file (see the module docstring).
+
+    Args:
+        model: a calibrated quantized model.
+        args: example input (a tensor or a tuple of inputs).
+        path: the ``.onnx`` file to write (its folder is created).
+        opset: ONNX opset (>= 13 for per-channel Q/DQ).
+        dynamic_batch: make dimension 0 of inputs and outputs dynamic.
+        input_names, output_names: graph input/output names (``output_names=None`` lets the exporter choose, for
+            models whose number of outputs you do not want to spell out).
+        dynamo: use torch's dynamo exporter instead of the TorchScript one.
+        deploy: store weights as int8 initializers feeding DequantizeLinear.
+        simplify: fold constants (keeping every Q/DQ) and drop dead nodes.
+        quantize: ``False`` exports the float model (all quantizers off), e.g. as the fp32 baseline.
+        kwargs: passed to ``torch.onnx.export``.
+    """
+    if opset < 13:
+        raise ValueError(f"opset {opset} cannot express per-channel Q/DQ; use opset >= 13")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if quantize:
+        check_exportable(model)
+    if isinstance(args, torch.Tensor):
+        args = (args,)
+    exporter = "dynamo" if dynamo else "torchscript"
+    with export_mode(model, quantize=quantize), torch.no_grad():
+        try:
+            _torch_export(model, args, path, opset, input_names, output_names, dynamic_batch, dynamo, kwargs)
+        except ExportError:
+            raise
+        except Exception as err:
+            raise ExportError(f"the {exporter} exporter failed on {type(model).__name__}: {err}") from err
+    onnx_model = _constants_to_initializers(onnx.load(str(path)))
+    if simplify:
+        onnx_model = _simplify(onnx_model)
+    if deploy:
+        onnx_model = to_deploy_form(onnx_model)
+    onnx.save(onnx_model, str(path))
+    onnx.checker.check_model(onnx_model)
+    pairs = sum(1 for n in onnx_model.graph.node if n.op_type == "DequantizeLinear")
+    opset_used = next((o.version for o in onnx_model.opset_import if o.domain in ("", "ai.onnx")), opset)
+    info = ExportInfo(path=path, model=onnx_model, exporter=exporter, opset=opset_used, num_qdq_pairs=pairs,
+                      deploy=deploy)
+    logger.info("exported %s with the %s exporter: opset %d, %d Q/DQ pairs%s", path, exporter, opset_used, pairs,
+                " (deploy form)" if deploy else "")
+    return info
