@@ -155,7 +155,7 @@ def collect_stats(
     if method not in ("max",):
         swapped = 0
         for _, q in active:
-            if isinstance(q.calibrator, MaxCalibrator) and q.axis is None:
+            if isinstance(q.calibrator, MaxCalibrator) and q.axis is None and q.symmetric:
                 q.set_calibrator(HistogramCalibrator(q.num_bits, None, q.unsigned))
                 swapped += 1
         if swapped:
@@ -226,7 +226,7 @@ def compute_amax(model: nn.Module, method: str = "max", strict: bool = True, **k
             report.no_data.append(name)
             continue
         if isinstance(q.calibrator, MaxCalibrator):
-            q.load_calib_amax()
+            q.load_calib_amax()  # max (or min/max for asymmetric quantizers) whatever the method
         else:
             q.load_calib_amax(method=method, **kwargs)
         report.calibrated += 1

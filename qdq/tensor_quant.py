@@ -81,6 +81,9 @@ __all__ = [
     "FakeTensorQuantFunction",
     "check_amax",
     "reduce_amax",
+    "reduce_range",
+    "affine_qparams",
+    "fake_affine_quant",
 ]
 
 logger = logging.getLogger(__name__)
@@ -156,6 +159,9 @@ class QuantDescriptor:
             chosen when amax is computed.
         unsigned: quantize to ``[0, 2**num_bits - 1]``; negative inputs are an error.
         narrow_range: signed range ``[-(2**(b-1) - 1), 2**(b-1) - 1]`` instead of ``[-2**(b-1), 2**(b-1) - 1]``.
+        symmetric: ``False`` for asymmetric (affine) quantization with a zero point: the range ``[amin, amax]``
+            from a min/max calibration maps onto the integer range (see :func:`affine_qparams`). ONNX Runtime runs
+            it; TensorRT does not (its Q/DQ zero points must be 0).
 
     Unknown keyword arguments raise ``TypeError`` naming them.
 
@@ -182,6 +188,7 @@ class QuantDescriptor:
         "calib_method",
         "unsigned",
         "narrow_range",
+        "symmetric",
     )
     __slots__ = tuple("_" + f for f in _FIELDS)
     #: Version of the dict form written by :meth:`dict`.
@@ -224,7 +231,16 @@ class QuantDescriptor:
             "calib_method": calib_method,
             "unsigned": _check_bool("unsigned", kwargs.get("unsigned", False)),
             "narrow_range": _check_bool("narrow_range", kwargs.get("narrow_range", False)),
+            "symmetric": _check_bool("symmetric", kwargs.get("symmetric", True)),
         }
+        if not values["symmetric"]:
+            if calib_method != "max":
+                raise ValueError("QuantDescriptor: asymmetric quantization is calibrated with min/max "
+                                 "(calib_method='max'); histograms of |x| cannot place a zero point")
+            if values["learn_amax"]:
+                raise ValueError("QuantDescriptor: learn_amax is not supported with asymmetric quantization")
+            if values["narrow_range"]:
+                raise ValueError("QuantDescriptor: narrow_range has no meaning for asymmetric quantization")
         for key, value in values.items():
             object.__setattr__(self, "_" + key, value)
 
@@ -245,6 +261,7 @@ class QuantDescriptor:
     calib_method = property(lambda self: self._calib_method)
     unsigned = property(lambda self: self._unsigned)
     narrow_range = property(lambda self: self._narrow_range)
+    symmetric = property(lambda self: self._symmetric)
 
     def dict(self) -> dict[str, Any]:
         """Every field, as plain Python values (``from_dict(d.dict()) == d``)."""
@@ -367,6 +384,23 @@ def reduce_amax(x: torch.Tensor, axis: int | tuple[int, ...] | None = None, keep
     return x.detach().abs().amax(dim=dims, keepdim=keepdims).float()
 
 
+def reduce_range(x: torch.Tensor, axis: int | tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(min, max)`` of ``x`` over every dimension except ``axis``, keepdims, float32 (scalars when ``axis=None``).
+
+    >>> [t.flatten().tolist() for t in reduce_range(torch.tensor([[1.0, -3.0], [0.5, 2.0]]), axis=0)]
+    [[-3.0, 0.5], [1.0, 2.0]]
+    """
+    x = x.detach()
+    if axis is None:
+        low, high = torch.aminmax(x)
+        return low.float(), high.float()
+    kept = _kept_dims(axis, x.dim())
+    dims = [d for d in range(x.dim()) if d not in kept]
+    if not dims:
+        return x.float(), x.float()
+    return x.amin(dim=dims, keepdim=True).float(), x.amax(dim=dims, keepdim=True).float()
+
+
 def _kept_dims(axis: int | tuple[int, ...], ndim: int) -> tuple[int, ...]:
     axes = (axis,) if isinstance(axis, int) else tuple(axis)
     kept = []
@@ -476,6 +510,63 @@ def fake_quantize(
     _log_plain_path("scale varies along several dimensions")
     zp = zero_point.float()
     return (_quantize_plain(x, scale, zp, qmin, qmax) - zp) * scale
+
+
+def affine_qparams(
+    amin: torch.Tensor, amax: torch.Tensor, num_bits: int = 8, unsigned: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero_point)`` of asymmetric quantization mapping ``[amin, amax]`` onto ``[qmin, qmax]``.
+
+    The range is first widened to contain 0 (so that zero, e.g. padding, is exact); then
+    ``scale = (amax - amin) / (qmax - qmin)`` (at least ``AMAX_EPS / (qmax - qmin)``) and
+    ``zero_point = clamp(round_half_even(qmin - amin / scale), qmin, qmax)``, as a float32 tensor of integers.
+
+    >>> scale, zp = affine_qparams(torch.tensor(-1.0), torch.tensor(3.0), unsigned=True)
+    >>> round(scale.item(), 6), zp.item()
+    (0.015686, 64.0)
+    """
+    qmin, qmax = quant_range(num_bits, unsigned, False)
+    amin = torch.as_tensor(amin, dtype=torch.float32).clamp(max=0)
+    amax = torch.as_tensor(amax, dtype=torch.float32).clamp(min=0)
+    scale = (amax - amin).clamp(min=AMAX_EPS) / (qmax - qmin)
+    zero_point = torch.clamp(torch.round(qmin - amin / scale), qmin, qmax)
+    return scale, zero_point
+
+
+class FakeAffineQuantFunction(torch.autograd.Function):
+    """Asymmetric fake quantization; straight-through gradient inside ``[amin, amax]``, none for the range."""
+
+    @staticmethod
+    def forward(ctx, x, amin, amax, num_bits=8, unsigned=False):
+        _check_bits(num_bits)
+        amin = torch.as_tensor(amin, dtype=torch.float32, device=x.device)
+        amax = torch.as_tensor(amax, dtype=torch.float32, device=x.device)
+        _channel_axis(amax, x)
+        if not bool(torch.isfinite(amin).all() & torch.isfinite(amax).all() & (amin <= amax).all()):
+            raise ValueError("amin and amax must be finite with amin <= amax")
+        scale, zero_point = affine_qparams(amin, amax, num_bits, unsigned)
+        qmin, qmax = quant_range(num_bits, unsigned, False)
+        xd = x.detach()
+        ctx.save_for_backward((xd >= amin.clamp(max=0)) & (xd <= amax.clamp(min=0)))
+        return fake_quantize(x, scale, zero_point, qmin, qmax).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (inside,) = ctx.saved_tensors
+        zero = torch.zeros((), dtype=grad_out.dtype, device=grad_out.device)
+        return torch.where(inside, grad_out, zero), None, None, None, None
+
+
+def fake_affine_quant(
+    x: torch.Tensor, amin: torch.Tensor, amax: torch.Tensor, num_bits: int = 8, unsigned: bool = False
+) -> torch.Tensor:
+    """Asymmetric fake quantization of ``x`` over ``[amin, amax]`` (see :func:`affine_qparams`).
+
+    >>> fake_affine_quant(torch.tensor([-1.0, 0.0, 0.5, 3.0, 9.0]), torch.tensor(-1.0), torch.tensor(3.0),
+    ...                   unsigned=True)
+    tensor([-1.0039,  0.0000,  0.5020,  2.9961,  2.9961])
+    """
+    return FakeAffineQuantFunction.apply(x, amin, amax, num_bits, unsigned)
 
 
 def _register_missing_fake_kernels() -> None:

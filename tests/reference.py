@@ -92,3 +92,21 @@ def mse_loop(calib_hist, edges, num_bits=8, unsigned=False, stride=1, start_bin=
     errs = np.array(errs)
     best = len(errs) - 1 - np.argmin(errs[::-1])
     return edges[cands[best]], errs
+
+
+def affine_qparams(amin, amax, num_bits=8, unsigned=False):
+    """Asymmetric scale and zero point, float32: range widened to contain 0."""
+    qmin, qmax = qrange(num_bits, unsigned, False)
+    amin = np.minimum(np.asarray(amin, dtype=np.float32), np.float32(0))
+    amax = np.maximum(np.asarray(amax, dtype=np.float32), np.float32(0))
+    s = (np.maximum((amax - amin).astype(np.float32), AMAX_EPS) / np.float32(qmax - qmin)).astype(np.float32)
+    zp = np.clip(np.rint((np.float32(qmin) - (amin / s).astype(np.float32)).astype(np.float32)), qmin, qmax)
+    return s, zp.astype(np.float32)
+
+
+def fake_affine(x, amin, amax, num_bits=8, unsigned=False):
+    s, zp = affine_qparams(amin, amax, num_bits, unsigned)
+    qmin, qmax = qrange(num_bits, unsigned, False)
+    inv = (np.float32(1.0) / s).astype(np.float32)
+    q = np.clip(np.rint((np.asarray(x, np.float32) * inv).astype(np.float32)) + zp, qmin, qmax)
+    return ((q - zp).astype(np.float32) * s).astype(np.float32)

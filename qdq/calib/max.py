@@ -32,6 +32,8 @@ class MaxCalibrator(_Calibrator):
         super().__init__(num_bits, axis, unsigned)
         self._track_amax = track_amax
         self._calib_amax: torch.Tensor | None = None
+        self._calib_min: torch.Tensor | None = None  # signed running min and max, for asymmetric quantization
+        self._calib_max: torch.Tensor | None = None
         self.amaxs: list[torch.Tensor] = []
 
     def collect(self, x: torch.Tensor) -> None:
@@ -40,20 +42,30 @@ class MaxCalibrator(_Calibrator):
             return
         self._check_unsigned(x)
         rows = self._rows(x)
-        amax = torch.maximum(rows.amax(dim=1), -rows.amin(dim=1)).float()
-        if not bool(torch.isfinite(amax).all()):
-            rows = self._skip_nonfinite(rows.float().abs())
-            amax = rows.amax(dim=1).clamp(min=0)
-        amax = amax.reshape(self._kept_shape(x))
+        low, high = rows.amin(dim=1).float(), rows.amax(dim=1).float()
+        if not bool(torch.isfinite(low).all() & torch.isfinite(high).all()):
+            clean = self._skip_nonfinite(rows.float().abs())  # -1 marks the skipped values
+            keep = clean >= 0
+            big = torch.finfo(torch.float32).max
+            low = torch.where(keep, rows.float(), big).amin(dim=1)
+            high = torch.where(keep, rows.float(), -big).amax(dim=1)
+            empty = ~keep.any(dim=1)  # a channel with nothing finite contributes zeros
+            low, high = torch.where(empty, 0.0, low), torch.where(empty, 0.0, high)
+        shape = self._kept_shape(x)
+        low, high = low.reshape(shape), high.reshape(shape)
+        amax = torch.maximum(high, -low)
         if self._calib_amax is None:
-            self._calib_amax = amax
+            self._calib_amax, self._calib_min, self._calib_max = amax, low, high
         else:
             if amax.shape != self._calib_amax.shape:
                 raise ValueError(
                     f"MaxCalibrator: per-channel amax of shape {tuple(amax.shape)} for this tensor "
                     f"{tuple(x.shape)} does not match the {tuple(self._calib_amax.shape)} collected so far"
                 )
-            self._calib_amax = torch.maximum(self._calib_amax, amax.to(self._calib_amax.device))
+            device = self._calib_amax.device
+            self._calib_amax = torch.maximum(self._calib_amax, amax.to(device))
+            self._calib_min = torch.minimum(self._calib_min, low.to(device))
+            self._calib_max = torch.maximum(self._calib_max, high.to(device))
         self.num_batches += 1
         if self._track_amax:
             self.amaxs.append(amax.cpu())
@@ -61,7 +73,7 @@ class MaxCalibrator(_Calibrator):
     def reset(self) -> None:
         """Forgets everything collected."""
         super().reset()
-        self._calib_amax = None
+        self._calib_amax = self._calib_min = self._calib_max = None
         self.amaxs = []
 
     def compute_amax(self, *args, **kwargs) -> torch.Tensor:
@@ -76,6 +88,12 @@ class MaxCalibrator(_Calibrator):
         if self._calib_amax is None:
             raise NoDataCollectedError("MaxCalibrator collected no data")
         return self._calib_amax.clone()
+
+    def compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The running ``(min, max)`` of the signed values (asymmetric quantization); copies."""
+        if self._calib_amax is None:
+            raise NoDataCollectedError("MaxCalibrator collected no data")
+        return self._calib_min.clone(), self._calib_max.clone()
 
     def __repr__(self) -> str:
         if self._calib_amax is None:

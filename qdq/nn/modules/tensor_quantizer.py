@@ -41,6 +41,9 @@ from qdq import calib
 from qdq.calib.calibrator import NoDataCollectedError
 from qdq.tensor_quant import (
     QuantDescriptor,
+    affine_qparams,
+    fake_affine_quant,
+    reduce_range,
     check_amax,
     fake_tensor_quant,
     maxbound,
@@ -87,6 +90,7 @@ class TensorQuantizer(nn.Module):
         self._learn_amax = quant_desc.learn_amax
         self._unsigned = quant_desc.unsigned
         self._narrow_range = quant_desc.narrow_range
+        self._symmetric = quant_desc.symmetric
         self.name: str | None = quant_desc.name
 
         self._disabled = bool(disabled)
@@ -98,13 +102,14 @@ class TensorQuantizer(nn.Module):
         self._device = torch.device("cpu")
 
         self._set_amax_buffer(None)
+        self.register_buffer("_amin", None)  # lower bound of asymmetric quantization
         if quant_desc.amax is not None:
             self.amax = torch.tensor(quant_desc.amax, dtype=torch.float32)
 
         if quant_desc.calib_method == "histogram":
             self._calibrator = calib.HistogramCalibrator(self._num_bits, self._axis, self._unsigned)
-        else:
-            self._calibrator = calib.MaxCalibrator(self._num_bits, self._axis, self._unsigned)
+        else:  # an asymmetric unsigned quantizer takes negative data (its zero point moves), so calibrate signed
+            self._calibrator = calib.MaxCalibrator(self._num_bits, self._axis, self._unsigned and self._symmetric)
 
         if self._learn_amax and self._amax is not None:
             self.init_learn_amax()
@@ -116,6 +121,7 @@ class TensorQuantizer(nn.Module):
     num_bits = property(lambda self: self._num_bits)
     unsigned = property(lambda self: self._unsigned)
     narrow_range = property(lambda self: self._narrow_range)
+    symmetric = property(lambda self: self._symmetric)
     axis = property(lambda self: self._axis)
     fake_quant = property(lambda self: self._fake_quant)
     scale_amax = property(lambda self: self._scale_amax)
@@ -175,10 +181,42 @@ class TensorQuantizer(nn.Module):
         return amax
 
     @property
+    def amin(self) -> torch.Tensor | None:
+        """Lower bound of an asymmetric quantizer's range (``amax`` is the upper bound); ``None`` if symmetric."""
+        return self._amin
+
+    @amin.setter
+    def amin(self, value: Any) -> None:
+        if value is None:
+            self._amin = None
+            return
+        if self._symmetric:
+            raise ValueError(f"{self._label()}: amin is for asymmetric quantizers (QuantDescriptor(symmetric=False))")
+        value = torch.as_tensor(value, dtype=torch.float32).detach()
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{self._label()}: amin must be finite")
+        self._amin = value.to(device=self._device, dtype=torch.float32).clone()
+
+    @property
     def scale(self) -> torch.Tensor | None:
-        """The step size ``amax / maxbound`` (ONNX's ``y_scale``); ``None`` without amax."""
+        """The step size (ONNX's ``y_scale``): ``amax / maxbound``, or the affine scale when asymmetric; ``None``
+        without amax."""
         amax = self.effective_amax()
-        return None if amax is None else amax_to_scale(amax.detach(), self._num_bits, self._unsigned)
+        if amax is None:
+            return None
+        if not self._symmetric:
+            return affine_qparams(self._amin, amax.detach(), self._num_bits, self._unsigned)[0]
+        return amax_to_scale(amax.detach(), self._num_bits, self._unsigned)
+
+    @property
+    def zero_point(self) -> torch.Tensor | None:
+        """The zero point (0 when symmetric); ``None`` without amax."""
+        amax = self.effective_amax()
+        if amax is None:
+            return None
+        if not self._symmetric:
+            return affine_qparams(self._amin, amax.detach(), self._num_bits, self._unsigned)[1]
+        return torch.zeros_like(amax)
 
     step_size = scale
 
@@ -191,7 +229,10 @@ class TensorQuantizer(nn.Module):
         if self._calibrator is None:
             raise RuntimeError(f"{self._label()} has no calibrator")
         try:
-            amax = self._calibrator.compute_amax(*args, **kwargs)
+            if self._symmetric:
+                amax = self._calibrator.compute_amax(*args, **kwargs)
+            else:
+                amin, amax = self._calibrator.compute_range()
         except NoDataCollectedError:
             msg = (
                 f"{self._label()}: its calibrator collected no data, so there is no amax to load "
@@ -209,6 +250,9 @@ class TensorQuantizer(nn.Module):
             logger.warning("%s: calibrated amax is 0 for %d of %d values", self._label(), zero, amax.numel())
         if isinstance(self._amax, nn.Parameter) and self._amax.shape != amax.shape:
             self._set_amax_buffer(None)
+        if not self._symmetric:
+            self.amin = amin
+            amax = amax.clamp(min=0)  # the upper bound: it may be below 0 where amin rules, the range contains 0
         self.amax = amax
         if self._learn_amax and not isinstance(self._amax, nn.Parameter):
             self.init_learn_amax()
@@ -317,12 +361,25 @@ class TensorQuantizer(nn.Module):
         return torch.clamp(x, min=torch.zeros_like(amax) if self._unsigned else -amax, max=amax)
 
     def _quant_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._symmetric:
+            return self._affine_forward(x)
         amax = self._amax_for(x)
         try:
             if self._fake_quant:
                 return fake_tensor_quant(x, amax, self._num_bits, self._unsigned, self._narrow_range)
             q, self._scale = tensor_quant(x, amax, self._num_bits, self._unsigned, self._narrow_range)
             return q
+        except ValueError as err:
+            raise ValueError(f"{self._label()}: {err}") from None
+
+    def _affine_forward(self, x: torch.Tensor) -> torch.Tensor:
+        amax = self.effective_amax()
+        if amax is None or self._amin is None:
+            amin, amax = reduce_range(x, self._axis)
+        else:
+            amin = self._amin
+        try:
+            return fake_affine_quant(x, amin, amax, self._num_bits, self._unsigned)
         except ValueError as err:
             raise ValueError(f"{self._label()}: {err}") from None
 
@@ -334,7 +391,7 @@ class TensorQuantizer(nn.Module):
         constants instead of tracing the arithmetic that made them.
         """
         scale, zero_point, axis, (qmin, qmax) = self._export_qparams
-        if self._narrow_range and not self._unsigned:
+        if self._narrow_range and not self._unsigned and self._symmetric:
             # ONNX's int8 saturates at -128: clamp at -127 * scale first (a Clip for activations, folded for weights)
             x = torch.maximum(x, (scale.reshape(self._export_shape) * qmin).to(x.dtype))
             qmin -= 1
@@ -352,22 +409,40 @@ class TensorQuantizer(nn.Module):
 
     @export_mode.setter
     def export_mode(self, on: bool) -> None:
-        if on:
-            amax = self.effective_amax()
-            if amax is None:
-                raise RuntimeError(f"{self._label()} has no amax; calibrate it (or disable it) before export")
-            scale = amax_to_scale(amax.detach(), self._num_bits, self._unsigned)
-            varying = [d for d, n in enumerate(scale.shape) if n > 1]
-            if len(varying) > 1:
-                raise RuntimeError(f"{self._label()}: amax varies along {len(varying)} dimensions; ONNX Q/DQ take "
-                                   "one axis")
-            axis = varying[0] if varying else None
-            flat = scale.reshape(-1).clone() if axis is not None else scale.reshape(()).clone()
-            self._export_shape = tuple(scale.shape) if axis is not None else ()
-            self._export_qparams = (flat, torch.zeros_like(flat, dtype=torch.int32), axis, self.quant_range)
-        else:
+        self.set_export_mode(on)
+
+    def set_export_mode(self, on: bool, scale: float | None = None) -> None:
+        """Switches export mode on (computing the constant scale and zero point the exporters will write) or off.
+
+        ``scale`` overrides the amax-derived scale with one per-tensor value: the scale-matching rules export the
+        model with a distinct scale per quantizer to recognise each quantizer's QuantizeLinear in the graph.
+        """
+        if not on:
             self.__dict__.pop("_export_qparams", None)
-        self._export_mode = bool(on)
+            self._export_mode = False
+            return
+        zero_point = None
+        if scale is not None:
+            scale_t = torch.tensor(float(scale), dtype=torch.float32, device=self._device)
+        else:
+            amax = self.effective_amax()
+            if amax is None or (not self._symmetric and self._amin is None):
+                raise RuntimeError(f"{self._label()} has no amax; calibrate it (or disable it) before export")
+            if self._symmetric:
+                scale_t = amax_to_scale(amax.detach(), self._num_bits, self._unsigned)
+            else:
+                scale_t, zero_point = affine_qparams(self._amin, amax.detach(), self._num_bits, self._unsigned)
+                scale_t, zero_point = torch.broadcast_tensors(scale_t, zero_point)
+        varying = [d for d, n in enumerate(scale_t.shape) if n > 1]
+        if len(varying) > 1:
+            raise RuntimeError(f"{self._label()}: amax varies along {len(varying)} dimensions; ONNX Q/DQ take one axis")
+        axis = varying[0] if varying else None
+        flat = scale_t.reshape(-1).clone() if axis is not None else scale_t.reshape(()).clone()
+        self._export_shape = tuple(scale_t.shape) if axis is not None else ()
+        zp = torch.zeros_like(flat, dtype=torch.int32) if zero_point is None else (
+            zero_point.reshape(flat.shape).to(torch.int32).clone())
+        self._export_qparams = (flat, zp, axis, self.quant_range)
+        self._export_mode = True
 
     # ----------------------------------------------------------------------------------------------------------
     # device and state_dict
@@ -386,7 +461,7 @@ class TensorQuantizer(nn.Module):
         key = prefix + "_amax"
         if key in state_dict:
             value = state_dict[key]
-            bad = ~torch.isfinite(value) | (value < 0)
+            bad = ~torch.isfinite(value) | ((value < 0) if self._symmetric else torch.zeros_like(value, dtype=bool))
             if bool(bad.any()):
                 errors.append(f"{key}: amax must be finite and >= 0, the checkpoint holds {value[bad][:4].tolist()}")
                 return
@@ -400,6 +475,9 @@ class TensorQuantizer(nn.Module):
                     )
                     return
                 self._amax = torch.empty_like(value, dtype=torch.float32, device=self._device)
+        key = prefix + "_amin"
+        if key in state_dict and (self._amin is None or self._amin.shape != state_dict[key].shape):
+            self._amin = torch.empty_like(state_dict[key], dtype=torch.float32, device=self._device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
 
     # ----------------------------------------------------------------------------------------------------------
@@ -414,6 +492,10 @@ class TensorQuantizer(nn.Module):
             parts.append("unsigned")
         if self._narrow_range:
             parts.append("narrow")
+        if not self._symmetric:
+            parts.append("asymmetric")
+            if self._amin is not None:
+                parts.append(f"amin={self._amin.min().item():.4f}")
         parts.append("fake" if self._fake_quant else "real")
         parts.append("per-tensor" if self._axis is None else f"axis={self._axis}")
         amax = self._amax
