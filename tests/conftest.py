@@ -5,7 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent))  # the NumPy reference module
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # examples/ is not installed; tests import it from the checkout
+    sys.path.insert(0, str(ROOT))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -1,10 +1,18 @@
 """Floor 5, the graph side: QDQ ONNX export, ONNX Runtime parity, the TensorRT rule checker, scale matching.
 
->>> from qdq.onnx import export_onnx, verify
+>>> from qdq.onnx import export_onnx, verify, check_tensorrt, apply_custom_rules_to_quantizer
 """
 
-from qdq.onnx.export import ExportError, ExportInfo, check_exportable, export_mode, export_onnx, to_deploy_form
-from qdq.onnx.verify import OutputParity, VerifyReport, run_onnxruntime, verify
+from qdq.onnx.export import (
+    ExportError,
+    ExportInfo,
+    check_exportable,
+    export_mode,
+    export_onnx,
+    export_with_quantizer_tags,
+    to_deploy_form,
+)
+from qdq.onnx.verify import OutputParity, RoundingParity, VerifyReport, run_onnxruntime, verify
 
 __all__ = [
     "export_onnx",
@@ -13,8 +21,36 @@ __all__ = [
     "export_mode",
     "check_exportable",
     "to_deploy_form",
+    "export_with_quantizer_tags",
     "verify",
     "VerifyReport",
     "OutputParity",
+    "RoundingParity",
     "run_onnxruntime",
+    "check_tensorrt",
+    "format_findings",
+    "Finding",
+    "quantize_groups",
+    "apply_custom_rules_to_quantizer",
+    "find_quantizer_pairs",
+    "share_quantizer",
 ]
+
+_LAZY = {
+    "check_tensorrt": "qdq.onnx.check",
+    "format_findings": "qdq.onnx.check",
+    "Finding": "qdq.onnx.check",
+    "quantize_groups": "qdq.onnx.check",
+    "apply_custom_rules_to_quantizer": "qdq.onnx.rules",
+    "find_quantizer_pairs": "qdq.onnx.rules",
+    "share_quantizer": "qdq.onnx.rules",
+}
+
+
+def __getattr__(name: str):
+    # imported on first use, so that `python -m qdq.onnx.check` does not find its module imported already
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'qdq.onnx' has no attribute {name!r}")

@@ -134,7 +134,7 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
-__all__ = ["Finding", "ModelReadError", "RULES", "SEVERITIES", "check_tensorrt", "format_findings", "main"]
+__all__ = ["Finding", "ModelReadError", "RULES", "SEVERITIES", "check_tensorrt", "format_findings", "main", "quantize_groups"]
 
 logger = logging.getLogger(__name__)
 
@@ -804,6 +804,50 @@ def _scale_groups(ix: _Index) -> tuple[_UnionFind, dict[str, list[_Node]]]:
     for tensor, node in joins:
         joined[groups.find(tensor)].append(node)
     return groups, joined
+
+
+def quantize_groups(model: PathOrModel) -> list[list[str]]:
+    """Names of the QuantizeLinear nodes that TensorRT needs to share one scale, group by group.
+
+    Two Q nodes belong together when they read tensors of one scale group (tensors joined by Concat and by the ops
+    that commute with per-tensor quantization, as in the ``scale-mismatch`` rule), when they read the same tensor
+    (``fanout-scale``), when one reads a tensor of a group that a DQ fed by the other produces, or when their Q/DQ
+    pairs feed the two inputs of one Add (``add-scale-mismatch``). Per-channel (weight) Q nodes never join. Groups
+    of one are left out; each group lists its nodes in graph order. The scale-matching rules
+    (:mod:`qdq.onnx.rules`) use these groups to make quantizers share.
+    """
+    onnx_model, base_dir = _load(model)
+    ix = _Index(onnx_model, base_dir)
+    tensor_groups, _ = _scale_groups(ix)
+    qgroups = _UnionFind()
+    per_tensor = [q for q in ix.qs if (ix.scale_size(q) or 1) == 1]
+    anchor: dict[str, str] = {}  # tensor group root -> first Q node of the group
+
+    def join(root: str, q: _Node) -> None:
+        if root in anchor:
+            qgroups.union(anchor[root], q.name)
+        else:
+            anchor[root] = q.name
+            qgroups.find(q.name)
+
+    for q in per_tensor:
+        join(tensor_groups.find(q.input(0)), q)
+    for dq in ix.dqs:
+        q = ix.q_of(dq)
+        if q is not None and (ix.scale_size(q) or 1) == 1:
+            join(tensor_groups.find(dq.output(0)), q)
+    for node in ix.nodes:
+        if node.op == "Add" and node.in_default_domain and len(node.inputs) == 2:
+            sources = [ix.dq_source(t) for t in node.inputs]
+            qs = [ix.q_of(dq) if dq is not None else None for dq in sources]
+            if all(q is not None and (ix.scale_size(q) or 1) == 1 for q in qs):
+                qgroups.union(qs[0].name, qs[1].name)
+    order = {q.name: i for i, q in enumerate(ix.qs)}
+    members: dict[str, list[str]] = defaultdict(list)
+    for q in per_tensor:
+        members[qgroups.find(q.name)].append(q.name)
+    groups = [sorted(set(names), key=order.__getitem__) for names in members.values()]
+    return sorted((g for g in groups if len(g) > 1), key=lambda g: order[g[0]])
 
 
 def _check_scale_groups(ix: _Index) -> Iterator[Finding]:

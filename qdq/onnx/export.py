@@ -53,7 +53,20 @@ from qdq.nn.modules.tensor_quantizer import TensorQuantizer
 from qdq.quant_modules import name_quantizers
 from qdq.switches import quantizers
 
-__all__ = ["export_onnx", "ExportInfo", "export_mode", "check_exportable", "ExportError", "to_deploy_form"]
+__all__ = [
+    "export_onnx",
+    "ExportInfo",
+    "export_mode",
+    "check_exportable",
+    "ExportError",
+    "to_deploy_form",
+    "export_with_quantizer_tags",
+    "TAG_STEP",
+]
+
+#: The scale step of the identifying export: quantizer ``i`` (from 1) exports with scale ``i * TAG_STEP``, exact in
+#: float32, so each QuantizeLinear's scale says which quantizer made it whatever the exporter names things.
+TAG_STEP = 2.0**-8
 
 logger = logging.getLogger(__name__)
 
@@ -299,3 +312,58 @@ def export_onnx(
     logger.info("exported %s with the %s exporter: opset %d, %d Q/DQ pairs%s", path, exporter, opset_used, pairs,
                 " (deploy form)" if deploy else "")
     return info
+
+
+def export_with_quantizer_tags(
+    model: nn.Module,
+    args: Any,
+    path: str | os.PathLike,
+    dynamo: bool = False,
+    export_fn: Any = None,
+) -> dict[str, str]:
+    """Exports ``model`` with a distinct scale per enabled quantizer and maps each QuantizeLinear back to its
+    quantizer: returns ``{Q node name: quantizer name}``.
+
+    Works before calibration (no amax needed) and with either exporter, because the mapping reads the scales, not
+    node or initializer names (which exporters rename). ``export_fn(model, path)``, when given, replaces the
+    built-in export: it must run ``torch.onnx.export`` on the model as it finds it (quantizers already in export
+    mode). Everything is restored afterwards.
+    """
+    name_quantizers(model)
+    unique: dict[int, tuple[str, TensorQuantizer]] = {}
+    for name, q in quantizers(model):
+        if q.is_enabled:
+            unique.setdefault(id(q), (name, q))
+    tags = {i + 1: entry for i, entry in enumerate(unique.values())}
+    if isinstance(args, torch.Tensor):
+        args = (args,)
+    training = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        for tag, (_, q) in tags.items():
+            q.set_export_mode(True, scale=tag * TAG_STEP)
+        with torch.no_grad():
+            if export_fn is not None:
+                export_fn(model, str(path))
+            else:
+                _torch_export(model, args, Path(path), 17, ("input",), None, False, dynamo, {})
+    finally:
+        for _, q in tags.values():
+            q.set_export_mode(False)
+        for m, mode in training.items():
+            m.training = mode
+    onnx_model = onnx.load(str(path), load_external_data=False)
+    consts = _constant_values(onnx_model)
+    mapping: dict[str, str] = {}
+    for index, node in enumerate(onnx_model.graph.node):
+        if node.op_type != "QuantizeLinear" or node.input[1] not in consts:
+            continue
+        scale = consts[node.input[1]].reshape(-1)
+        tag = int(round(float(scale[0]) / TAG_STEP))
+        if tag in tags and float(scale[0]) == np.float32(tag * TAG_STEP):
+            mapping[node.name or f"<QuantizeLinear #{index}>"] = tags[tag][0]
+    missing = sorted(name for name, _ in tags.values() if name not in set(mapping.values()))
+    if missing:
+        logger.info("%d quantizers have no QuantizeLinear in the export (not on the traced path?): %s",
+                    len(missing), ", ".join(missing[:10]))
+    return mapping

@@ -1,17 +1,11 @@
 """The YOLOv5-style example model: shapes, scaling, block semantics, reproducible weights, decoding."""
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # examples/ is not installed; tests import it from the checkout
-    sys.path.insert(0, str(ROOT))
-
-from examples.yolov5 import model as yolo  # noqa: E402
+from examples.yolov5 import model as yolo
 
 
 def _count(model, cls):

@@ -2,8 +2,6 @@
 
 import copy
 import logging
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,11 +15,7 @@ from qdq.rules import apply_yolov5_rules, remove_yolov5_rules, yolov5_patches
 from qdq.switches import disable_quantization, quantizers
 from qdq.tensor_quant import QuantDescriptor
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # examples/ is not installed; tests import it from the checkout
-    sys.path.insert(0, str(ROOT))
-
-from examples.yolov5 import model as yolo  # noqa: E402
+from examples.yolov5 import model as yolo
 
 NAMES = ["yolov5.bottleneck_add", "yolov5.c3_concat", "yolov5.sppf_concat", "yolov5.concat"]
 
