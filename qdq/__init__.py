@@ -2,16 +2,25 @@
 
 The package is built in floors; a lower floor never imports a higher one:
 
-1. :mod:`qdq.tensor_quant` - descriptors and pure quantization math;
-2. :mod:`qdq.calib` - calibrators (statistics of tensors);
-3. :mod:`qdq.nn` - TensorQuantizer and the quantized layers;
+1. math - :mod:`qdq.tensor_quant`: descriptors and pure quantization functions;
+2. statistics - :mod:`qdq.calib`: calibrators and the amax searches;
+3. modules - :mod:`qdq.nn`: TensorQuantizer and the quantized layers;
 4. model transforms - :mod:`qdq.quant_modules` (the module map, in-place conversion), :mod:`qdq.calibrate`,
-   :mod:`qdq.switches`, :mod:`qdq.sensitivity`.
+   :mod:`qdq.switches`, :mod:`qdq.sensitivity`, :mod:`qdq.patching`, :mod:`qdq.fold_bn`, :mod:`qdq.autotune`,
+   :mod:`qdq.qat`, :mod:`qdq.calib_table`, :mod:`qdq.data`;
+5. graph side - :mod:`qdq.onnx`: export, ONNX Runtime parity, the TensorRT rule checker, scale matching;
+6. faces - :mod:`qdq.rules` (recipes), the ``qdq`` command line, ``examples/``, ``benchmarks/``.
 
 Code written for NVIDIA's pytorch_quantization runs with its imports renamed::
 
-    from qdq import nn as quant_nn, calib
+    from qdq import nn as quant_nn, calib, quant_modules
     from qdq.tensor_quant import QuantDescriptor
+
+The whole flow::
+
+    quant_modules.replace_to_quantization_module(model, ignore_policy=["head"])
+    qdq.calibrate_model(model, loader, num_batches=25, method="mse")
+    qdq.export_onnx(model, example_input, "model_qdq.onnx")
 """
 
 import logging
@@ -24,6 +33,11 @@ from qdq import quant_modules
 from qdq.quant_modules import replace_to_quantization_module
 from qdq.calibrate import calibrate_model, collect_stats, compute_amax
 from qdq.switches import disable_quantization, enable_quantization, have_quantizer, quantizers
+from qdq.sensitivity import auto_skip_sensitive_layers, build_sensitivity_profile
+from qdq.patching import ForwardPatch, apply_patch, remove_patch
+from qdq.fold_bn import fold_bn
+from qdq.calib_table import load_calib_table, save_calib_table, write_tensorrt_cache
+from qdq.onnx import apply_custom_rules_to_quantizer, check_tensorrt, export_onnx, verify
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -44,4 +58,17 @@ __all__ = [
     "enable_quantization",
     "have_quantizer",
     "quantizers",
+    "build_sensitivity_profile",
+    "auto_skip_sensitive_layers",
+    "ForwardPatch",
+    "apply_patch",
+    "remove_patch",
+    "fold_bn",
+    "save_calib_table",
+    "load_calib_table",
+    "write_tensorrt_cache",
+    "export_onnx",
+    "verify",
+    "check_tensorrt",
+    "apply_custom_rules_to_quantizer",
 ]

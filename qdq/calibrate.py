@@ -54,6 +54,8 @@ class CalibrationReport:
     no_data: list[str] = field(default_factory=list)
     collect_seconds: float = 0.0
     compute_seconds: float = 0.0
+    autotune: dict = field(default_factory=dict)  # layer -> qdq.autotune.TuneResult, with autotune=True
+    autotune_seconds: float = 0.0
 
 
 def _to_device(obj: Any, device: torch.device | None) -> Any:
@@ -254,6 +256,9 @@ def calibrate_model(
     preprocess: Callable[[Any], Any] | None = None,
     strict: bool = True,
     progress: bool = True,
+    autotune: bool = False,
+    tune_batches: int = 10,
+    tune_data: Iterable | Callable[[nn.Module], Any] | None = None,
     **search_kwargs: Any,
 ) -> CalibrationReport:
     """Calibrates every enabled quantizer of ``model`` on ``data`` (post-training quantization).
@@ -268,11 +273,17 @@ def calibrate_model(
         preprocess: ``batch -> model input``.
         strict: quantizers that see no data are an error (``False``: disable them, with a warning).
         progress: show a tqdm progress bar.
+        autotune: after calibration, refine the input amax of every conv/linear layer by its output distance
+            (tpu-mlir's auto-tune, :func:`qdq.autotune.autotune`); needs a histogram method (``"kld"`` as tpu-mlir).
+        tune_batches: batches the auto-tune feeds.
+        tune_data: data for the auto-tune (default: ``data`` again; pass it when ``data`` is a one-shot iterator).
         search_kwargs: ``start_bin``, ``stride``, ... for the histogram searches.
 
     Returns:
         A :class:`CalibrationReport`.
     """
+    if autotune and method == "max":
+        raise ValueError("autotune=True refines histogram thresholds; use a histogram method such as method='kld'")
     t0 = time.perf_counter()
     fed = collect_stats(model, data, device, num_batches, method=method, preprocess=preprocess, progress=progress)
     t1 = time.perf_counter()
@@ -281,6 +292,15 @@ def calibrate_model(
     report = compute_amax(model, method=method, strict=strict, **search_kwargs)
     report.batches = fed
     report.collect_seconds = t1 - t0
+    if autotune:
+        from qdq.autotune import autotune as run_autotune  # floor-4 sibling, imported where used
+
+        t2 = time.perf_counter()
+        report.autotune = run_autotune(
+            model, tune_data if tune_data is not None else data, tune_batches, method_init=method,
+            progress=progress, preprocess=preprocess, device=device, **search_kwargs,
+        )
+        report.autotune_seconds = time.perf_counter() - t2
     logger.info(
         "calibrated %d quantizers with %r on %d batches (collect %.2f s, amax %.2f s)",
         report.calibrated, method, fed, report.collect_seconds, report.compute_seconds,

@@ -260,3 +260,20 @@ def test_layer_not_reached_keeps_its_amax(caplog):
     assert set(results) == {"conv1", "conv2"}
     assert model.fc2._input_quantizer.amax.item() == before
     assert "fc1, fc2" in caplog.text
+
+
+def test_calibrate_model_with_autotune():
+    """calibrate_model(method="kld", autotune=True) runs the search and the auto-tune in one call."""
+    import qdq
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    qdq.replace_to_quantization_module(model)
+    data = [torch.randn(8, 3, 8, 8) for _ in range(3)]
+    data[0][0, 0, 0, 0] = 25.0  # an outlier for the thresholds to decide about
+    report = qdq.calibrate_model(model, data, method="kld", autotune=True, tune_batches=2, progress=False)
+    assert set(report.autotune) == {"0", "3"} and report.autotune_seconds > 0
+    for result in report.autotune.values():
+        assert result.initial - 1e-6 <= result.amax <= result.absmax + 1e-6
+    with pytest.raises(ValueError, match="histogram method"):
+        qdq.calibrate_model(model, data, method="max", autotune=True, progress=False)

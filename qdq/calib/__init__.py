@@ -19,6 +19,7 @@ from qdq.calib.amax_search import (
 )
 from qdq.calib.calibrator import NoDataCollectedError, NonFiniteWarning, _Calibrator
 from qdq.calib.histogram import HistogramCalibrator
+from qdq.calib.kld import kld_amax, kld_cuts, kld_divergence
 from qdq.calib.max import MaxCalibrator
 
 __all__ = [
@@ -30,6 +31,9 @@ __all__ = [
     "mse_amax",
     "percentile_amax",
     "max_amax",
+    "kld_amax",
+    "kld_divergence",
+    "kld_cuts",
     "register_search",
     "get_search",
     "search_names",
