@@ -9,7 +9,7 @@ Example:
     >>> ref = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 3.0]])
     >>> test = ref + 0.01
     >>> round(sqnr_db(ref, test), 1), top1_agreement(ref, test), top1_accuracy(ref, torch.tensor([0, 1]))
-    (44.5, 1.0, 0.5)
+    (44.0, 1.0, 0.5)
 """
 
 from __future__ import annotations
