@@ -6,7 +6,7 @@ The package is built in floors; a lower floor never imports a higher one:
 2. statistics - :mod:`qdq.calib`: calibrators and the amax searches;
 3. modules - :mod:`qdq.nn`: TensorQuantizer and the quantized layers;
 4. model transforms - :mod:`qdq.quant_modules` (the module map, in-place conversion), :mod:`qdq.calibrate`,
-   :mod:`qdq.switches`, :mod:`qdq.sensitivity`, :mod:`qdq.patching`, :mod:`qdq.fold_bn`, :mod:`qdq.autotune`,
+   :mod:`qdq.switches`, :mod:`qdq.sensitivity`, :mod:`qdq.patching`, :mod:`qdq.fold_batchnorm`, :mod:`qdq.autotune`,
    :mod:`qdq.qat`, :mod:`qdq.calib_table`, :mod:`qdq.data`;
 5. graph side - :mod:`qdq.onnx`: export, ONNX Runtime parity, the TensorRT rule checker, scale matching;
 6. faces - :mod:`qdq.rules` (recipes), the ``qdq`` command line, ``examples/``, ``benchmarks/``.
@@ -35,7 +35,7 @@ from qdq.calibrate import calibrate_model, collect_stats, compute_amax
 from qdq.switches import disable_quantization, enable_quantization, have_quantizer, quantizers
 from qdq.sensitivity import auto_skip_sensitive_layers, build_sensitivity_profile
 from qdq.patching import ForwardPatch, apply_patch, remove_patch
-from qdq.fold_bn import fold_bn
+from qdq.fold_batchnorm import fold_bn
 from qdq.calib_table import load_calib_table, save_calib_table, write_tensorrt_cache
 from qdq.onnx import apply_custom_rules_to_quantizer, check_tensorrt, export_onnx, verify
 

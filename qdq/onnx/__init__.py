@@ -12,7 +12,7 @@ from qdq.onnx.export import (
     export_with_quantizer_tags,
     to_deploy_form,
 )
-from qdq.onnx.verify import OutputParity, RoundingParity, VerifyReport, run_onnxruntime, verify
+from qdq.onnx.parity import OutputParity, RoundingParity, VerifyReport, run_onnxruntime, verify
 
 __all__ = [
     "export_onnx",

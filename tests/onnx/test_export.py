@@ -13,7 +13,7 @@ from torch import nn
 import qdq
 from qdq import nn as quant_nn
 from qdq.onnx import ExportError, export_onnx, verify
-from qdq.onnx.verify import run_onnxruntime
+from qdq.onnx.parity import run_onnxruntime
 from qdq.switches import quantizers
 from qdq.tensor_quant import QuantDescriptor
 

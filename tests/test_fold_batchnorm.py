@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 from qdq import nn as quant_nn
-from qdq.fold_bn import ChannelAffine, fold_bn
+from qdq.fold_batchnorm import ChannelAffine, fold_bn
 from qdq.quant_modules import replace_to_quantization_module
 from qdq.switches import disable_quantization, quantizers
 from qdq.tensor_quant import QuantDescriptor, reduce_amax
@@ -145,7 +145,7 @@ def test_training_mode_folds_with_a_warning(caplog):
     with torch.no_grad():
         want = model(x)
     model.train()
-    with caplog.at_level(logging.WARNING, logger="qdq.fold_bn"):
+    with caplog.at_level(logging.WARNING, logger="qdq.fold_batchnorm"):
         report = fold_bn(model)
     assert report.folded == [("0", "1")]
     assert "1 is in training mode" in caplog.text
@@ -218,7 +218,7 @@ def test_not_folded(model, shape, reasons, caplog):
     before = copy.deepcopy(model.state_dict())
     with torch.no_grad():
         want = model(x)
-    with caplog.at_level(logging.WARNING, logger="qdq.fold_bn"):
+    with caplog.at_level(logging.WARNING, logger="qdq.fold_batchnorm"):
         report = fold_bn(model)
     assert report.folded == [] and report.discovery == "fx"
     assert [path for path, _ in report.not_folded] == list(reasons)
@@ -248,7 +248,7 @@ def test_untraceable_model_falls_back_to_sequential(caplog):
     x = torch.randn(2, 3, 6, 6)
     with torch.no_grad():
         want = model(x)
-    with caplog.at_level(logging.WARNING, logger="qdq.fold_bn"):
+    with caplog.at_level(logging.WARNING, logger="qdq.fold_batchnorm"):
         report = fold_bn(model)
     assert "torch.fx could not trace DataDependent" in caplog.text and "falling back" in caplog.text
     assert report.discovery == "sequential"
@@ -274,7 +274,7 @@ def test_sequential_fallback_distrusts_containers_with_their_own_forward(monkeyp
 
     model = nn.Sequential(nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)), Reversed(nn.Conv2d(4, 4, 1),
                                                                                        nn.BatchNorm2d(4)))
-    monkeypatch.setattr("qdq.fold_bn._LeafTracer.trace", lambda self, root: (_ for _ in ()).throw(TypeError("no")))
+    monkeypatch.setattr("qdq.fold_batchnorm._LeafTracer.trace", lambda self, root: (_ for _ in ()).throw(TypeError("no")))
     report = fold_bn(model)
     assert report.discovery == "sequential" and report.folded == [("0.0", "0.1")]
     assert report.not_folded[0][0] == "1.1" and "has its own forward" in report.not_folded[0][1]
@@ -316,7 +316,7 @@ def test_explicit_pair_listed_twice():
 
 def test_explicit_pairs_leave_the_rest(caplog):
     model = _randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)))
-    with caplog.at_level(logging.INFO, logger="qdq.fold_bn"):
+    with caplog.at_level(logging.INFO, logger="qdq.fold_batchnorm"):
         report = fold_bn(model, pairs=[("2", "3")])
     assert report.folded == [("2", "3")] and report.not_folded == [("1", "not listed in pairs")]
     assert isinstance(model[1], nn.BatchNorm2d) and isinstance(model[3], nn.Identity)
@@ -399,7 +399,7 @@ def test_quantized_per_tensor_and_calibrator_reset(caplog):
     conv.weight_quantizer.load_calib_amax()
     conv.weight_quantizer.disable_calib()
     assert conv.weight_quantizer.calibrator.num_batches == 1
-    with caplog.at_level(logging.INFO, logger="qdq.fold_bn"):
+    with caplog.at_level(logging.INFO, logger="qdq.fold_batchnorm"):
         report = fold_bn(model)
     assert report.amax_recomputed == ["0._weight_quantizer"]
     assert conv.weight_quantizer.amax.shape == () and conv.weight_quantizer.amax == conv.weight.abs().max()

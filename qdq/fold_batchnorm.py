@@ -66,7 +66,7 @@ refused when the channel counts differ. Forward hooks of the folded modules are 
 Example:
     >>> import torch
     >>> from torch import nn
-    >>> from qdq.fold_bn import fold_bn
+    >>> from qdq.fold_batchnorm import fold_bn
     >>> model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU()).eval()
     >>> x = torch.randn(2, 3, 8, 8)
     >>> expected = model(x)
