@@ -7,7 +7,7 @@ The package is built in floors; a lower floor never imports a higher one:
 3. modules - :mod:`qdq.nn`: TensorQuantizer and the quantized layers;
 4. model transforms - :mod:`qdq.quant_modules` (the module map, in-place conversion), :mod:`qdq.calibrate`,
    :mod:`qdq.switches`, :mod:`qdq.sensitivity`, :mod:`qdq.patching`, :mod:`qdq.fold_batchnorm`, :mod:`qdq.autotune`,
-   :mod:`qdq.qat`, :mod:`qdq.calib_table`, :mod:`qdq.data`;
+   :mod:`qdq.qat`, :mod:`qdq.calib_table`, :mod:`qdq.data`, :mod:`qdq.config` (per-layer config files);
 5. graph side - :mod:`qdq.onnx`: export, ONNX Runtime parity, the TensorRT rule checker, scale matching;
 6. faces - :mod:`qdq.rules` (recipes), the ``qdq`` command line, ``examples/``, ``benchmarks/``.
 
@@ -37,6 +37,7 @@ from qdq.sensitivity import auto_skip_sensitive_layers, build_sensitivity_profil
 from qdq.patching import ForwardPatch, apply_patch, remove_patch
 from qdq.fold_batchnorm import fold_bn
 from qdq.calib_table import load_calib_table, save_calib_table, write_tensorrt_cache
+from qdq.config import calibrate_from_config, create_quant_config, quantize_model
 from qdq.onnx import apply_custom_rules_to_quantizer, check_tensorrt, export_onnx, verify
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -67,6 +68,9 @@ __all__ = [
     "save_calib_table",
     "load_calib_table",
     "write_tensorrt_cache",
+    "create_quant_config",
+    "quantize_model",
+    "calibrate_from_config",
     "export_onnx",
     "verify",
     "check_tensorrt",

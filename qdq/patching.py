@@ -41,7 +41,7 @@ from typing import Callable, Union
 
 from torch import nn
 
-from qdq.quant_modules import name_quantizers
+from qdq.quant_modules import module_device, name_quantizers
 
 __all__ = ["ForwardPatch", "apply_patch", "remove_patch", "patched_modules"]
 
@@ -108,7 +108,8 @@ def apply_patch(model: nn.Module, patch: ForwardPatch) -> list[str]:
                                  f"patch {patch.name!r} would overwrite it")
             op = factory(module)
             if op is not None:
-                module.add_module(attr, op)
+                device = module_device(module)
+                module.add_module(attr, op if device is None else op.to(device))
                 added.append(attr)
         module.forward = types.MethodType(patch.forward, module)
         object.__setattr__(module, _MARK, {patch.name: added})

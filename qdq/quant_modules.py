@@ -53,6 +53,7 @@ __all__ = [
     "enable_onnx_export",
     "name_quantizers",
     "is_quantized",
+    "module_device",
 ]
 
 logger = logging.getLogger(__name__)
@@ -216,6 +217,17 @@ def _quant_class_for(cls: type, mapping: dict[type, type]) -> type | None:
     return None
 
 
+def module_device(module: nn.Module) -> torch.device | None:
+    """The device of a module's own parameters or buffers (``None`` for a module without tensors)."""
+    for tensor in module.parameters(recurse=False):
+        return tensor.device
+    for tensor in module.buffers(recurse=False):
+        return tensor.device
+    for tensor in module.parameters():
+        return tensor.device
+    return None
+
+
 def _convert(module: nn.Module, quant_cls: type) -> None:
     module.__class__ = quant_cls
     if issubclass(quant_cls, QuantInputMixin):
@@ -224,6 +236,11 @@ def _convert(module: nn.Module, quant_cls: type) -> None:
         module.init_quantizer(*pop_quant_desc_in_kwargs(quant_cls))
     elif hasattr(module, "init_quantizer"):
         module.init_quantizer()
+    device = module_device(module)
+    if device is not None:  # the new quantizers live where the layer lives
+        for child in module.modules():
+            if isinstance(child, quant_nn.TensorQuantizer):
+                child.to(device)
 
 
 @dataclass

@@ -223,3 +223,12 @@ def test_default_map_entries():
     assert "Conv2d" in names and "LSTMCell" in names and "AdaptiveAvgPool3d" in names
     entry = quant_modules._DEFAULT_QUANT_MAP[1]
     assert getattr(entry.orig_mod, entry.mod_name) is nn.Conv2d and entry.replace_mod is quant_nn.QuantConv2d
+
+
+def test_new_quantizers_live_on_the_layer_device():
+    """Regression: converted layers on another device got CPU quantizers (amax moved on every forward)."""
+    model = nn.Sequential(nn.Linear(2, 2)).to("meta")
+    replace_to_quantization_module(model)
+    assert model[0].input_quantizer._device.type == "meta"
+    model[0].input_quantizer.amax = 1.0
+    assert model[0].input_quantizer.amax.device.type == "meta"
