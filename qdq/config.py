@@ -163,7 +163,13 @@ from qdq.calib import HistogramCalibrator, MaxCalibrator, search_names
 from qdq.calibrate import CalibrationReport, collect_stats
 from qdq.nn.modules._utils import QuantInputMixin, QuantMixin
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
-from qdq.quant_modules import ReplacementReport, compile_ignore_policy, name_quantizers, replace_to_quantization_module
+from qdq.quant_modules import (
+    ReplacementReport,
+    compile_ignore_policy,
+    name_quantizers,
+    quantizable_layers,
+    replace_to_quantization_module,
+)
 from qdq.switches import quantizers
 from qdq.tensor_quant import MAX_BITS, MIN_BITS, QuantDescriptor
 
@@ -698,58 +704,22 @@ class _Layer:
     aliases: list[str]
 
 
-class _DropRecords(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return False
-
-
-def _skeleton(model: nn.Module) -> nn.Module:
-    """A copy of the module tree that shares every tensor with ``model`` (so it costs no tensor memory)."""
-    memo: dict[int, Any] = {}
-    for module in model.modules():
-        for tensor in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
-            memo[id(tensor)] = tensor
-        for value in vars(module).values():
-            if isinstance(value, torch.Tensor):
-                memo[id(value)] = value
-    try:
-        return copy.deepcopy(model, memo)
-    except Exception as err:
-        raise TypeError(
-            f"cannot list the quantizable layers of {type(model).__name__}: copying its module tree failed ({err})"
-        ) from err
-
-
 def _quantizable_layers(model: nn.Module, quant_map: Any) -> tuple[dict[str, _Layer], dict[str, str]]:
-    """``({path: layer}, {path: why not quantizable})`` exactly as :func:`replace_to_quantization_module` sees them.
-
-    The conversion runs on a skeleton copy of the model (module objects copied, tensors shared), so the model itself
-    is not touched and the answer follows the module map, its subclass rules and ``quant_map``.
-    """
-    skeleton = _skeleton(model)
-    quiet = _DropRecords()
-    conversion_logger = logging.getLogger("qdq.quant_modules")
-    conversion_logger.addFilter(quiet)
-    try:
-        report = replace_to_quantization_module(skeleton, quant_map=quant_map)
-    finally:
-        conversion_logger.removeFilter(quiet)
-    aliases: dict[int, list[str]] = {}
-    for path, module in model.named_modules(remove_duplicate=False):
-        aliases.setdefault(id(module), []).append(path)
+    """``({path: layer}, {path: why not quantizable})`` as :func:`replace_to_quantization_module` sees them."""
     layers: dict[str, _Layer] = {}
-    for path in report.replaced + report.already_quantized:
-        converted = skeleton.get_submodule(path)
-        original = model.get_submodule(path)
-        if not isinstance(converted, (QuantMixin, QuantInputMixin)):
+    unsupported: dict[str, str] = {}
+    for entry in quantizable_layers(model, quant_map):
+        if entry.status == "unsupported":
+            unsupported[entry.path] = entry.reason
+            continue
+        cls = entry.quant_cls
+        if not issubclass(cls, (QuantMixin, QuantInputMixin)):
             continue  # quantized by other means (no descriptors to set)
-        has_weight = isinstance(converted, QuantMixin)
-        axis = type(converted).default_quant_desc_weight.axis if has_weight else None
-        layers[path] = _Layer(path, type(original).__name__, type(converted).__name__, has_weight,
-                              path in report.already_quantized, axis, aliases[id(original)])
-    order = {path: i for i, (path, _) in enumerate(model.named_modules())}
-    layers = dict(sorted(layers.items(), key=lambda item: order.get(item[0], len(order))))
-    return layers, dict(report.unsupported)
+        has_weight = issubclass(cls, QuantMixin)
+        axis = cls.default_quant_desc_weight.axis if has_weight else None
+        layers[entry.path] = _Layer(entry.path, type(entry.module).__name__, cls.__name__, has_weight,
+                                    entry.status == "quantized", axis, entry.paths)
+    return layers, unsupported
 
 
 def _not_a_layer(name: str, model: nn.Module, layers: Mapping[str, _Layer], unsupported: Mapping[str, str]) -> str:

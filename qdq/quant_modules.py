@@ -45,6 +45,8 @@ __all__ = [
     "_quant_entry",
     "register_quant_module",
     "replace_to_quantization_module",
+    "quantizable_layers",
+    "QuantizableLayer",
     "ReplacementReport",
     "IgnorePolicy",
     "compile_ignore_policy",
@@ -263,6 +265,46 @@ class ReplacementReport:
         return "\n".join(lines)
 
 
+@dataclass
+class QuantizableLayer:
+    """A module the module map has an answer for (see :func:`quantizable_layers`)."""
+
+    path: str  # the first dotted path of the module
+    paths: list[str]  # every path it is reachable under
+    module: nn.Module
+    status: str  # "quantizable", "quantized" (already) or "unsupported"
+    quant_cls: type | None = None  # the class it becomes (its own class when already quantized)
+    reason: str = ""  # why it is unsupported
+
+
+def quantizable_layers(model: nn.Module, quant_map: Mapping[type, type] | Iterable | None = None) -> list[QuantizableLayer]:
+    """Every module of ``model`` the module map concerns, in module order, without changing anything.
+
+    A module reachable under several paths is listed once (with all its paths). This is the list
+    :func:`replace_to_quantization_module` works from.
+    """
+    mapping = _build_map(quant_map)
+    paths: dict[int, list[str]] = {}
+    modules: dict[int, nn.Module] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(path)
+        modules[id(module)] = module
+    layers = []
+    for key, module in modules.items():
+        where = paths[key]
+        if is_quantized(module):
+            layers.append(QuantizableLayer(where[0], where, module, "quantized", type(module)))
+            continue
+        try:
+            quant_cls = _quant_class_for(type(module), mapping)
+        except NotImplementedError as err:
+            layers.append(QuantizableLayer(where[0], where, module, "unsupported", reason=str(err)))
+            continue
+        if quant_cls is not None:
+            layers.append(QuantizableLayer(where[0], where, module, "quantizable", quant_cls))
+    return layers
+
+
 def replace_to_quantization_module(
     model: nn.Module,
     ignore_policy: IgnorePolicy = None,
@@ -281,43 +323,30 @@ def replace_to_quantization_module(
     Returns:
         A :class:`ReplacementReport`; its summary is also logged.
     """
-    mapping = _build_map(quant_map)
     ignore = compile_ignore_policy(ignore_policy)
-    paths: dict[int, list[str]] = {}
-    modules: dict[int, nn.Module] = {}
-    for path, module in model.named_modules(remove_duplicate=False):
-        paths.setdefault(id(module), []).append(path)
-        modules[id(module)] = module
-
     report = ReplacementReport()
-    for key, module in modules.items():
-        where = paths[key]
-        path = where[0]
-        if is_quantized(module):
+    for layer in quantizable_layers(model, quant_map):
+        path, module = layer.path, layer.module
+        if layer.status == "quantized":
             report.already_quantized.append(path)
             cls = type(module)
             if not cls.__module__.startswith("qdq.") and not vars(cls).get("_qdq_generated") and "forward" in vars(cls):
                 logger.warning("%s (%s) subclasses a quantized layer with its own forward, which may bypass the "
                                "quantizers", path, cls.__qualname__)
             continue
-        quant_cls = None
-        try:
-            quant_cls = _quant_class_for(type(module), mapping)
-        except NotImplementedError as err:
-            report.unsupported.append((path, str(err)))
-            logger.warning("not quantized: %s: %s", path, err)
+        if layer.status == "unsupported":
+            report.unsupported.append((path, layer.reason))
+            logger.warning("not quantized: %s: %s", path, layer.reason)
             continue
-        if quant_cls is None:
-            continue
-        flags = [ignore(p) for p in where]
+        flags = [ignore(p) for p in layer.paths]
         if all(flags):
             report.ignored.append(path)
             logger.info("Quantization: %s is ignored", path)
             continue
         if any(flags):
             logger.warning("%s is reachable as %s; some of these paths are ignored, others not: it is quantized",
-                           type(module).__name__, where)
-        _convert(module, quant_cls)
+                           type(module).__name__, layer.paths)
+        _convert(module, layer.quant_cls)
         report.replaced.append(path)
     name_quantizers(model)
     logger.info("%s", report)
