@@ -7,7 +7,8 @@ The package is built in floors; a lower floor never imports a higher one:
 3. modules - :mod:`qdq.nn`: TensorQuantizer and the quantized layers;
 4. model transforms - :mod:`qdq.quant_modules` (the module map, in-place conversion), :mod:`qdq.calibrate`,
    :mod:`qdq.switches`, :mod:`qdq.sensitivity`, :mod:`qdq.patching`, :mod:`qdq.fold_batchnorm`, :mod:`qdq.autotune`,
-   :mod:`qdq.qat`, :mod:`qdq.calib_table`, :mod:`qdq.data`, :mod:`qdq.config` (per-layer config files);
+   :mod:`qdq.qat`, :mod:`qdq.calib_table`, :mod:`qdq.data`, :mod:`qdq.config` (per-layer config files),
+   :mod:`qdq.distributed` (calibration and QAT across torch.distributed ranks);
 5. graph side - :mod:`qdq.onnx`: export, ONNX Runtime parity, the TensorRT rule checker, scale matching;
 6. faces - :mod:`qdq.rules` (recipes), the ``qdq`` command line, ``examples/``, ``benchmarks/``.
 

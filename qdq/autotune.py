@@ -50,6 +50,14 @@ one forward pass plus ``candidates`` layer calls per tuned layer and batch.
 
 Every quantizer switch and the train/eval mode of every module are restored afterwards, also on an error.
 
+Under torch.distributed (a collective: every rank calls it with its own shard of the tuning data) the histograms
+are combined first (:func:`qdq.distributed.sync_calibrators`; a no-op after :func:`~qdq.calibrate.calibrate_model`),
+so every rank has the same candidates; each candidate's squared distance is then summed over the ranks (one SUM
+all-reduce of ``[layers, candidates + 1]`` float64 values, the call counts included) and the shared-input groups
+observed on any rank are merged, so every rank picks the same amax: the one a single process would pick on all the
+tuning data, up to the order of float64 additions. A rank without tuning batches contributes zeros; an exception on
+one rank is raised on every rank.
+
 Example:
     >>> import torch
     >>> from qdq import calibrate_model, quant_modules
@@ -75,18 +83,24 @@ import itertools
 import logging
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
 from qdq.calib import HistogramCalibrator
 from qdq.calib import kld as _kld  # noqa: F401  (registers the "kld" search)
+from qdq.calib.calibrator import collective_device, rank_label
+from qdq.distributed import gather_objects, is_distributed, sync_calibrators
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
 from qdq.quant_modules import name_quantizers
 from qdq.switches import quantizers, restore_quantizer_states, save_quantizer_states
 from qdq.tensor_quant import fake_tensor_quant
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["autotune", "TuneResult", "tunable_layers"]
 
@@ -421,6 +435,7 @@ def autotune(
     progress: bool = True,
     preprocess: Callable[[Any], Any] | None = None,
     device: torch.device | str | None = None,
+    group: ProcessGroup | None = None,
     **search_kwargs: Any,
 ) -> dict[str, TuneResult]:
     """Tunes the input amax of every weighted quantized layer on ``data`` and sets it (see the module docstring).
@@ -439,10 +454,13 @@ def autotune(
         progress: show a tqdm progress bar over the batches.
         preprocess: ``batch -> model input`` when the defaults do not fit.
         device: where batches go (default: the model's device).
+        group: under torch.distributed, the process group whose ranks tune together (default: the whole world;
+            see the module docstring). Ignored in a single process.
         search_kwargs: passed to ``compute_amax(method_init, ...)`` (``percentile=``, ...).
 
     Returns:
-        ``{layer path: TuneResult}`` for every tuned layer, in model order.
+        ``{layer path: TuneResult}`` for every tuned layer, in model order (the same on every rank; ``distances``
+        and ``calls`` then count over all ranks).
 
     Raises:
         RuntimeError: no layer has a calibrated histogram input quantizer, or the data reached none of them.
@@ -453,7 +471,10 @@ def autotune(
     bad_batches = isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
     if num_batches is not None and bad_batches:
         raise ValueError(f"autotune: num_batches must be a positive int or None, got {num_batches!r}")
+    distributed = is_distributed(group)
     name_quantizers(model)
+    if distributed:
+        sync_calibrators(model, group)  # the same histograms, hence the same candidates, on every rank
     entries = _select(model, candidates, method_init, search_kwargs)
     device = torch.device(device) if device is not None else _model_device(model)
     tuner = _Tuner(entries)
@@ -462,6 +483,7 @@ def autotune(
     states = save_quantizer_states(model)
     training = {m: m.training for m in model.modules()}
     handles = []
+    fed, error = 0, None
     try:
         for _, q in quantizers(model):
             q.disable_calib()
@@ -472,16 +494,55 @@ def autotune(
             handles.append(entry.module.register_forward_hook(tuner.hook(entry), with_kwargs=True))
         with torch.no_grad():
             fed = _feed(model, data, tuner, num_batches, preprocess, device, progress)
-        if fed == 0:
+        if fed == 0 and not distributed:
             raise ValueError("autotune: the tuning data yielded no batches")
+    except Exception as err:
+        if not distributed:
+            raise
+        error = err  # every rank learns of it in _combine_ranks, and raises
     finally:
         for handle in handles:
             handle.remove()
         restore_quantizer_states(states)
         for m, mode in training.items():
             m.training = mode
-
+    if distributed:
+        _combine_ranks(entries, tuner.groups, fed, error, group)
     return _apply(model, entries, tuner.groups)
+
+
+def _combine_ranks(
+    entries: list[_Entry], groups: _Groups, fed: int, error: Exception | None, group: ProcessGroup | None
+) -> None:
+    """Sums distances and calls over the ranks and merges the shared-input groups seen on any rank."""
+    pairs = [(a, groups.find(a)) for a in list(groups.parent)]
+    outcomes = gather_objects((None if error is None else f"{type(error).__name__}: {error}", fed, pairs), group)
+    failed = [(r, message) for r, (message, _, _) in enumerate(outcomes) if message is not None]
+    if failed:
+        listed = "; ".join(f"{rank_label(group, r)}: {message}" for r, message in failed)
+        raise RuntimeError(f"autotune failed on {len(failed)} of {len(outcomes)} ranks - {listed}") from error
+    fed_per_rank = [n for _, n, _ in outcomes]
+    if sum(fed_per_rank) == 0:
+        raise ValueError(f"autotune: the tuning data yielded no batches on any of the {len(outcomes)} ranks")
+    if fed == 0:
+        logger.warning("autotune: %s: its tuning data yielded no batches; it contributes zero distances",
+                       rank_label(group, dist.get_rank(group)))
+    for _, _, rank_pairs in outcomes:
+        for a, b in rank_pairs:
+            groups.union(a, b)
+    device = collective_device(group)
+    width = max(e.grid.numel() for e in entries)
+    table = torch.zeros(len(entries), width + 1, dtype=torch.float64, device=device)
+    for row, e in enumerate(entries):
+        if e.sq is not None:
+            table[row, : e.grid.numel()] = e.sq.to(device, torch.float64)
+        table[row, width] = e.calls
+    dist.all_reduce(table, op=dist.ReduceOp.SUM, group=group)
+    table = table.cpu()
+    for row, e in enumerate(entries):
+        e.calls = int(table[row, width])
+        e.sq = table[row, : e.grid.numel()].clone() if e.calls > 0 else None
+    logger.info("autotune: tuning batches per rank %s; distances summed over %d ranks", fed_per_rank, len(outcomes))
 
 
 def _apply(model: nn.Module, entries: list[_Entry], groups: _Groups) -> dict[str, TuneResult]:

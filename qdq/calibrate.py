@@ -3,6 +3,12 @@
 :func:`calibrate_model` does both halves; :func:`collect_stats` and :func:`compute_amax` are the halves alone (for
 example to compare methods on one collection).
 
+Under torch.distributed (an initialised default process group) every rank calls these functions with its own shard
+of the data: :func:`collect_stats` checks on every rank that no rank failed (an error on one rank is raised on all,
+naming it) and lets a rank without batches contribute empty statistics, and :func:`compute_amax` combines the
+statistics of all ranks before computing amax, so every rank ends with the same amax, that of the union of the data
+(:mod:`qdq.distributed`). ``group=`` picks the process group. In a single process nothing changes.
+
 ``data`` may be a DataLoader or any iterable of batches - a tensor, a ``(inputs, labels)`` tuple or list (the first
 item is the input), or a dict (passed as keyword arguments) - or a callable ``forward_loop(model)`` that runs the model
 itself. ``preprocess(batch)`` turns a batch into the model's input when the defaults do not fit: a tensor is passed
@@ -28,16 +34,22 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
 from qdq.calib import HistogramCalibrator, MaxCalibrator, search_names
+from qdq.calib.calibrator import rank_label
+from qdq.distributed import SyncReport, gather_objects, is_distributed, sync_calibrators
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
 from qdq.quant_modules import name_quantizers
 from qdq.switches import quantizers, restore_quantizer_states, save_quantizer_states
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["calibrate_model", "collect_stats", "compute_amax", "CalibrationReport", "model_inputs"]
 
@@ -56,6 +68,7 @@ class CalibrationReport:
     compute_seconds: float = 0.0
     autotune: dict = field(default_factory=dict)  # layer -> qdq.autotune.TuneResult, with autotune=True
     autotune_seconds: float = 0.0
+    sync: SyncReport | None = None  # under torch.distributed: how the ranks' statistics were combined
 
 
 def _to_device(obj: Any, device: torch.device | None) -> Any:
@@ -135,6 +148,7 @@ def collect_stats(
     method: str = "max",
     preprocess: Callable[[Any], Any] | None = None,
     progress: bool = True,
+    group: ProcessGroup | None = None,
 ) -> int:
     """Feeds ``data`` through ``model`` with every enabled quantizer collecting statistics; returns the batch count.
 
@@ -142,10 +156,16 @@ def collect_stats(
     quantization off. Quantizer switches and the train/eval state of every module are restored afterwards, also on
     an exception. With a histogram ``method`` (entropy, mse, percentile, ...), per-tensor quantizers that have a max
     calibrator get a histogram calibrator (logged).
+
+    Under torch.distributed this is a collective: ``num_batches`` counts this rank's batches, the return value too.
+    Afterwards the ranks agree on the outcome: an exception on any rank is raised on every rank (naming the rank),
+    a rank without batches contributes empty statistics (a warning), and no batch on any rank is the error. The
+    statistics stay per rank until :func:`compute_amax` combines them.
     """
     _check_method(method)
     if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1):
         raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
+    distributed = is_distributed(group)
     name_quantizers(model)
     active = _active(model)
     if not active:
@@ -166,6 +186,7 @@ def collect_stats(
     states = save_quantizer_states(model)
     training = {m: m.training for m in model.modules()}
     fed = 0
+    error: Exception | None = None
     try:
         for _, q in active:
             q.reset_calib()
@@ -201,28 +222,74 @@ def collect_stats(
                         bar.update(1)
                 finally:
                     bar.close()
-                if fed == 0:
+                if fed == 0 and not distributed:
                     raise ValueError("the calibration data yielded no batches")
-                if num_batches is not None and fed < num_batches:
+                if num_batches is not None and 0 < fed < num_batches:
                     logger.info("the calibration data had only %d of the %d batches asked for", fed, num_batches)
+    except Exception as err:
+        if not distributed:
+            raise
+        error = err  # every rank learns of it below, and raises
     finally:
         restore_quantizer_states(states)
         for m, mode in training.items():
             m.training = mode
+    if distributed:
+        _agree_on_collection(fed, error, group)
     return fed
 
 
-def compute_amax(model: nn.Module, method: str = "max", strict: bool = True, **kwargs: Any) -> CalibrationReport:
+def _agree_on_collection(fed: int, error: Exception | None, group: ProcessGroup | None) -> None:
+    """Every rank learns whether every rank fed its data; raises on all ranks alike otherwise."""
+    try:
+        outcomes = gather_objects((None if error is None else f"{type(error).__name__}: {error}", fed), group)
+    except RuntimeError as err:  # a rank died or the network failed: the collective itself broke
+        raise RuntimeError(
+            f"calibration: lost the other ranks while checking that every rank fed its data (did a rank die? see "
+            f"its log): {err}"
+        ) from (error or err)
+    failed = [(r, message) for r, (message, _) in enumerate(outcomes) if message is not None]
+    if failed:
+        listed = "; ".join(f"{rank_label(group, r)}: {message}" for r, message in failed)
+        raise RuntimeError(
+            f"calibration failed on {len(failed)} of {len(outcomes)} ranks - {listed}"
+        ) from error
+    fed_per_rank = [n for _, n in outcomes]
+    if sum(fed_per_rank) == 0:
+        raise ValueError(f"the calibration data yielded no batches on any of the {len(outcomes)} ranks")
+    empty = [rank_label(group, r) for r, n in enumerate(fed_per_rank) if n == 0]
+    if fed == 0:
+        logger.warning("%s: its calibration data yielded no batches; it contributes empty statistics",
+                       rank_label(group, dist.get_rank(group)))
+    logger.info("calibration batches per rank: %s (total %d)%s", fed_per_rank, sum(fed_per_rank),
+                f"; without data: {', '.join(empty)}" if empty else "")
+
+
+def compute_amax(
+    model: nn.Module,
+    method: str = "max",
+    strict: bool = True,
+    *,
+    group: ProcessGroup | None = None,
+    **kwargs: Any,
+) -> CalibrationReport:
     """Sets every enabled quantizer's amax from what its calibrator collected.
 
     Max calibrators give their max; histogram calibrators run ``method`` (``"max"`` gives their exact max) with
     ``kwargs`` (``percentile=``, ``start_bin=``, ``stride=``). Quantizers that collected nothing are an error naming
     them all; with ``strict=False`` they are disabled instead, with a warning.
+
+    Under torch.distributed (a collective) the calibrators of all ranks of ``group`` are combined first
+    (:func:`qdq.distributed.sync_calibrators`, reported in ``report.sync``), so every rank sets the same amax, that
+    of the union of the data; "collected nothing" then means "on no rank". Calling it again (another method on the
+    same collection) does not combine twice.
     """
     _check_method(method)
     name_quantizers(model)
     report = CalibrationReport(method=method)
     t0 = time.perf_counter()
+    if is_distributed(group):
+        report.sync = sync_calibrators(model, group)
     for name, q in _active(model):
         if q.calibrator.num_batches == 0:
             report.no_data.append(name)
@@ -259,6 +326,7 @@ def calibrate_model(
     autotune: bool = False,
     tune_batches: int = 10,
     tune_data: Iterable | Callable[[nn.Module], Any] | None = None,
+    group: ProcessGroup | None = None,
     **search_kwargs: Any,
 ) -> CalibrationReport:
     """Calibrates every enabled quantizer of ``model`` on ``data`` (post-training quantization).
@@ -277,6 +345,8 @@ def calibrate_model(
             (tpu-mlir's auto-tune, :func:`qdq.autotune.autotune`); needs a histogram method (``"kld"`` as tpu-mlir).
         tune_batches: batches the auto-tune feeds.
         tune_data: data for the auto-tune (default: ``data`` again; pass it when ``data`` is a one-shot iterator).
+        group: under torch.distributed, the process group whose ranks calibrate together (default: the whole
+            world); every rank feeds its own ``data`` and all end with the same amax. Ignored in a single process.
         search_kwargs: ``start_bin``, ``stride``, ... for the histogram searches.
 
     Returns:
@@ -285,11 +355,12 @@ def calibrate_model(
     if autotune and method == "max":
         raise ValueError("autotune=True refines histogram thresholds; use a histogram method such as method='kld'")
     t0 = time.perf_counter()
-    fed = collect_stats(model, data, device, num_batches, method=method, preprocess=preprocess, progress=progress)
+    fed = collect_stats(model, data, device, num_batches, method=method, preprocess=preprocess, progress=progress,
+                        group=group)
     t1 = time.perf_counter()
     if method == "percentile":
         search_kwargs["percentile"] = percentile
-    report = compute_amax(model, method=method, strict=strict, **search_kwargs)
+    report = compute_amax(model, method=method, strict=strict, group=group, **search_kwargs)
     report.batches = fed
     report.collect_seconds = t1 - t0
     if autotune:
@@ -298,7 +369,7 @@ def calibrate_model(
         t2 = time.perf_counter()
         report.autotune = run_autotune(
             model, tune_data if tune_data is not None else data, tune_batches, method_init=method,
-            progress=progress, preprocess=preprocess, device=device, **search_kwargs,
+            progress=progress, preprocess=preprocess, device=device, group=group, **search_kwargs,
         )
         report.autotune_seconds = time.perf_counter() - t2
     logger.info(

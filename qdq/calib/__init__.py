@@ -17,8 +17,8 @@ from qdq.calib.amax_search import (
     register_search,
     search_names,
 )
-from qdq.calib.calibrator import NoDataCollectedError, NonFiniteWarning, _Calibrator
-from qdq.calib.histogram import HistogramCalibrator
+from qdq.calib.calibrator import NoDataCollectedError, NonFiniteWarning, StatsMismatchError, _Calibrator, all_reduce_calibrators
+from qdq.calib.histogram import HistogramCalibrator, rebin
 from qdq.calib.kld import kld_amax, kld_cuts, kld_divergence
 from qdq.calib.max import MaxCalibrator
 
@@ -27,6 +27,9 @@ __all__ = [
     "HistogramCalibrator",
     "NoDataCollectedError",
     "NonFiniteWarning",
+    "StatsMismatchError",
+    "all_reduce_calibrators",
+    "rebin",
     "entropy_amax",
     "mse_amax",
     "percentile_amax",

@@ -6,6 +6,25 @@ and every ``k`` neighbouring bins are merged into one: counts move exactly (no i
 number of bins never changes, and the data always spans more than half of the bins. Counts are int64 and stay on
 the device of the data.
 
+Across torch.distributed ranks (:meth:`HistogramCalibrator.all_reduce`, a collective), each rank has grown its own
+range ``R_r`` from its own data. The ranks first agree on a common range, ``R = max_r R_r`` per channel (one MAX
+all-reduce, together with the exact maxima), then every rank moves its counts onto the ``num_bins`` bins of
+``[0, R]`` (:func:`rebin`) and the counts are summed (a SUM all-reduce, int64, so the sum is exact):
+
+* where ``R / R_r`` is an integer ``k`` (the rank with the largest range: ``k = 1``; ranges that differ by a
+  power of two, ...) the ``k`` neighbouring bins merge, exactly as the range growth of one process does (the one
+  value sitting on the rank's top edge ``R_r``, counted in its last bin, then lands in the bin just below its own,
+  as it does when one process grows its range);
+* otherwise each old bin's count moves to the new bin that holds the old bin's centre. An old bin is never wider
+  than a new one, so every value lands in its own new bin or in a neighbour: **an error of at most one bin** per
+  count, and nowhere else.
+
+So the combined histogram is the histogram one process would collect over ``[0, R]`` on the union of the data, up
+to moving counts by at most one bin, and ``max`` (the exact maximum) is the union's maximum exactly. The percentile
+amax is then within one bin width (``R / num_bins``) of the single-process one; entropy, mse and kld search the
+same histogram and move by a bin or so on smooth data (they are argmins, so no bound holds for every histogram).
+``num_batches`` and ``num_nonfinite`` become sums over the ranks.
+
 Example:
     >>> import torch
     >>> torch.manual_seed(0) is not None
@@ -30,11 +49,55 @@ import torch
 from qdq.calib.amax_search import get_search, search_names
 from qdq.calib.calibrator import NoDataCollectedError, _Calibrator
 
-__all__ = ["HistogramCalibrator"]
+__all__ = ["HistogramCalibrator", "rebin"]
 
 logger = logging.getLogger(__name__)
 
 _HISTC_CHUNK = 1 << 24  # float32 histc counts are exact up to 2**24 per call
+_RANGE_TOL = 4 * 2.0**-23  # relative slack for "R / R_r is an integer": float32 ranges carry one rounding each
+
+
+def rebin(counts: torch.Tensor, old_range: torch.Tensor, new_range: torch.Tensor) -> torch.Tensor:
+    """Moves histograms over ``[0, old_range]`` onto the same number of bins over ``[0, new_range]``.
+
+    Where ``new_range / old_range`` is an integer ``k`` (to a float32 rounding), every ``k`` neighbouring bins merge
+    (exact). Otherwise each old bin's count goes to the new bin holding the old bin's centre: as an old bin is never
+    wider than a new one, each count lands in the bin of its value or in a neighbour (an error of at most one bin).
+    An ``old_range <= 0`` (only zeros seen) keeps its counts in bin 0. Totals are preserved exactly.
+
+    Args:
+        counts: ``[..., n]`` integer counts.
+        old_range: the top edge of each histogram, shape ``counts.shape[:-1]`` (or broadcastable to it).
+        new_range: the new top edges, ``>= old_range``.
+
+    Returns:
+        The counts on the new bins, same shape and dtype as ``counts``.
+
+    >>> c = torch.tensor([[1, 2, 3, 4]])
+    >>> rebin(c, torch.tensor([2.0]), torch.tensor([4.0])).tolist()     # k = 2: exact merging
+    [[3, 7, 0, 0]]
+    >>> rebin(c, torch.tensor([3.0]), torch.tensor([4.0])).tolist()     # centres 0.375 1.125 1.875 2.625
+    [[1, 5, 4, 0]]
+    >>> rebin(c, torch.tensor([1.0]), torch.tensor([3.0])).tolist()     # k = 3: bins 0-2 merge, 3 opens bin 1
+    [[6, 4, 0, 0]]
+    """
+    n = counts.shape[-1]
+    flat = counts.reshape(-1, n)
+    rows = flat.shape[0]
+    old = torch.as_tensor(old_range, device=counts.device).double().expand(counts.shape[:-1]).reshape(rows)
+    new = torch.as_tensor(new_range, device=counts.device).double().expand(counts.shape[:-1]).reshape(rows)
+    if bool((new < old).any()):
+        raise ValueError("rebin: the new range must cover the old one")
+    seen = old > 0
+    safe_old = torch.where(seen, old, torch.ones_like(old))
+    k = torch.round(new / safe_old).clamp(min=1)
+    integer = seen & ((k * safe_old - new).abs() <= _RANGE_TOL * new)
+    j = torch.arange(n, device=counts.device, dtype=torch.float64)[None, :]
+    merged = torch.div(j, k[:, None], rounding_mode="floor")
+    centred = torch.floor((j + 0.5) * (safe_old / torch.where(new > 0, new, torch.ones_like(new)))[:, None])
+    target = torch.where(integer[:, None], merged, centred)
+    target = torch.where(seen[:, None], target, torch.zeros_like(target)).clamp(0, n - 1).to(torch.int64)
+    return torch.zeros_like(flat).scatter_add_(1, target, flat).reshape(counts.shape)
 
 
 class HistogramCalibrator(_Calibrator):
@@ -191,6 +254,43 @@ class HistogramCalibrator(_Calibrator):
         super().reset()
         self._counts = self._range = self._max = None
         self._shape = None
+
+    # combining ranks -----------------------------------------------------------------------------------------
+    def _stats_shape(self) -> tuple[int, ...] | None:
+        return None if self._counts is None else tuple(self._shape)
+
+    def _meta_extra(self) -> int:
+        return 2 * self._num_bins + int(bool(self._skip_zeros))
+
+    def _explain_extra(self, value: int) -> str:
+        return f"num_bins={value // 2}, skip_zeros={bool(value % 2)}"
+
+    def _max_payload(self, shape: tuple[int, ...], has_data: bool, device: torch.device) -> torch.Tensor:
+        """``[range, max]`` per channel; zeros (nothing seen) without data."""
+        if not has_data:
+            return torch.zeros(2 * math.prod(shape), dtype=torch.float32, device=device)
+        return torch.stack([self._range, self._max]).reshape(-1)
+
+    def _sum_payload(
+        self, maxed: torch.Tensor, shape: tuple[int, ...], has_data: bool, device: torch.device
+    ) -> torch.Tensor:
+        """This rank's counts moved onto the common range (the reduced ranges); zeros without data."""
+        channels = math.prod(shape)
+        if not has_data:
+            return torch.zeros(channels * self._num_bins, dtype=torch.int64, device=device)
+        top = maxed[:channels].to(device)
+        return rebin(self._counts.to(device), self._range.to(device), top).reshape(-1)
+
+    def _adopt(
+        self, maxed: torch.Tensor, summed: torch.Tensor | None, shape: tuple[int, ...], has_data: bool,
+        device: torch.device,
+    ) -> None:
+        channels = math.prod(shape)
+        home = self._counts.device if has_data else device
+        self._counts = summed.reshape(channels, self._num_bins).to(home).clone()
+        self._range = maxed[:channels].to(home).clone()
+        self._max = maxed[channels:].to(home).clone()
+        self._shape = tuple(shape)
 
     # results --------------------------------------------------------------------------------------------------
     @property

@@ -1,6 +1,13 @@
-"""Running abs-max calibration, per tensor or per channel."""
+"""Running abs-max calibration, per tensor or per channel.
+
+Across torch.distributed ranks (:meth:`MaxCalibrator.all_reduce`) the running maxima combine exactly: a MAX
+all-reduce of ``[amax, -min, max]``, so every rank ends with the abs max, the signed min and the signed max of the
+union of the data, bit for bit what one process would compute on all of it.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -17,7 +24,8 @@ class MaxCalibrator(_Calibrator):
 
     Args:
         num_bits, axis, unsigned: as in :class:`~qdq.tensor_quant.QuantDescriptor`.
-        track_amax: also keep each batch's amax in ``amaxs`` (on the CPU).
+        track_amax: also keep each batch's amax in ``amaxs`` (on the CPU; this rank's batches only, also after
+            :meth:`all_reduce`).
 
     Example:
         >>> import torch
@@ -88,6 +96,23 @@ class MaxCalibrator(_Calibrator):
         if self._calib_amax is None:
             raise NoDataCollectedError("MaxCalibrator collected no data")
         return self._calib_amax.clone()
+
+    def _stats_shape(self) -> tuple[int, ...] | None:
+        return None if self._calib_amax is None else tuple(self._calib_amax.shape)
+
+    def _max_payload(self, shape: tuple[int, ...], has_data: bool, device: torch.device) -> torch.Tensor:
+        """``[amax, -min, max]``: one MAX gives the abs max, the signed min and the signed max; ``-inf`` is neutral."""
+        if not has_data:
+            return torch.full((3 * math.prod(shape),), -torch.inf, dtype=torch.float32, device=device)
+        return torch.stack([self._calib_amax, -self._calib_min, self._calib_max]).reshape(-1)
+
+    def _adopt(
+        self, maxed: torch.Tensor, summed: torch.Tensor | None, shape: tuple[int, ...], has_data: bool,
+        device: torch.device,
+    ) -> None:
+        home = self._calib_amax.device if has_data else device
+        stats = maxed.reshape(3, *shape).to(home)
+        self._calib_amax, self._calib_min, self._calib_max = stats[0].clone(), -stats[1], stats[2].clone()
 
     def compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The running ``(min, max)`` of the signed values (asymmetric quantization); copies."""

@@ -9,6 +9,7 @@ from qdq.onnx.export import (
     check_exportable,
     export_mode,
     export_onnx,
+    export_onnx_distributed,
     export_with_quantizer_tags,
     to_deploy_form,
 )
@@ -16,6 +17,7 @@ from qdq.onnx.parity import OutputParity, RoundingParity, VerifyReport, run_onnx
 
 __all__ = [
     "export_onnx",
+    "export_onnx_distributed",
     "ExportInfo",
     "ExportError",
     "export_mode",

@@ -17,6 +17,10 @@ Two forms of the same model:
 * the *deploy* form (``deploy=True``) stores weights as int8 initializers feeding DequantizeLinear directly, a
   quarter of the size; both run in ONNX Runtime with the same outputs.
 
+Under torch.distributed, call :func:`export_onnx_distributed` on every rank: the group's rank 0 writes the file while
+the others wait, and an export error is raised on every rank. (:func:`export_onnx` itself never talks to other
+ranks: calling it on every rank with one path would have them all write the same file.)
+
 Build the engine with ``trtexec --onnx=model.onnx --int8 --fp16`` (TensorRT 8-10); TensorRT 11 builds Q/DQ networks
 strongly typed and needs no precision flags.
 
@@ -35,13 +39,14 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -49,12 +54,17 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from qdq.distributed import run_on_rank0
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
 from qdq.quant_modules import name_quantizers
 from qdq.switches import quantizers
 
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
 __all__ = [
     "export_onnx",
+    "export_onnx_distributed",
     "ExportInfo",
     "export_mode",
     "check_exportable",
@@ -312,6 +322,42 @@ def export_onnx(
     logger.info("exported %s with the %s exporter: opset %d, %d Q/DQ pairs%s", path, exporter, opset_used, pairs,
                 " (deploy form)" if deploy else "")
     return info
+
+
+def export_onnx_distributed(
+    model: nn.Module,
+    args: Any,
+    path: str | os.PathLike,
+    *,
+    group: ProcessGroup | None = None,
+    **kwargs: Any,
+) -> ExportInfo | None:
+    """:func:`export_onnx` on the group's rank 0 only, the other ranks waiting; call it on every rank.
+
+    The model must be identical on every rank (it is, after a distributed calibration and under DDP); pass the
+    unwrapped model (``ddp.module``). Rank 0 writes ``path``; the other ranks write nothing and wait until it is
+    written (or failed), so when the call returns the file is complete (on rank 0's file system). An export error
+    is raised on every rank, naming rank 0. Set the process group timeout above the export time.
+
+    Args:
+        model, args, path, kwargs: as for :func:`export_onnx`.
+        group: the process group (default: the whole world).
+
+    Returns:
+        The :class:`ExportInfo` on rank 0, ``None`` on the other ranks. In a single process it is :func:`export_onnx`.
+
+    Example (one process):
+        >>> import tempfile, os, torch
+        >>> import qdq
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 2))
+        >>> _ = qdq.replace_to_quantization_module(model)
+        >>> _ = qdq.calibrate_model(model, [torch.randn(8, 4)], progress=False)
+        >>> info = export_onnx_distributed(model, torch.randn(1, 4), os.path.join(tempfile.mkdtemp(), "m.onnx"))
+        >>> info.num_qdq_pairs
+        2
+    """
+    work = functools.partial(export_onnx, model, args, path, **kwargs)
+    return run_on_rank0(work, group=group, what=f"export_onnx to {path}")
 
 
 def export_with_quantizer_tags(

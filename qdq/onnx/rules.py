@@ -18,6 +18,11 @@ Sharing is done before calibration, and that is the intended order: the shared q
 tensor of its group, so its amax covers them all. Applied after calibration, the shared quantizer takes the largest
 amax of its group (nothing is clipped that was not clipped before), and a log line says so.
 
+Under torch.distributed the step is a collective (every rank of ``group`` calls it): only the group's rank 0
+exports the model and reads the graph, the pairs are broadcast and every rank applies them to its own model, so
+every rank ends with the same sharing. The other ranks wait for the broadcast; an error on rank 0 is raised on every
+rank. Only rank 0 writes a file, into its own :func:`tempfile.TemporaryDirectory`.
+
 Manual pairs (``extra_pairs``) name modules: ``(major, sub)`` makes ``sub``'s input quantizer(s) (``_input_quantizer``
 or, for a QuantAdd, every ``_input{i}_quantizer``) the major's input quantizer; a path may also name a
 TensorQuantizer directly.
@@ -46,16 +51,20 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import onnx
 import torch
 from torch import nn
 
+from qdq.distributed import run_on_rank0
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
 from qdq.onnx.check import quantize_groups
 from qdq.onnx.export import export_with_quantizer_tags
 from qdq.quant_modules import name_quantizers
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["find_quantizer_pairs", "apply_custom_rules_to_quantizer", "share_quantizer"]
 
@@ -133,12 +142,28 @@ def share_quantizer(model: nn.Module, major: TensorQuantizer, sub: TensorQuantiz
     return replaced
 
 
+def _graph_pairs(
+    model: nn.Module,
+    example_inputs: Any,
+    export_fn: Callable[[nn.Module, str], Any] | None,
+    dynamo: bool,
+) -> list[tuple[str, str]]:
+    """Exports ``model`` with quantizer tags into a temporary file and reads the pairs that must share a scale."""
+    with tempfile.TemporaryDirectory(prefix="qdq-rules-") as tmp:
+        path = Path(tmp) / "rules.onnx"
+        q_names = export_with_quantizer_tags(model, example_inputs, path, dynamo=dynamo, export_fn=export_fn)
+        onnx_model = onnx.load(str(path), load_external_data=False)
+    return find_quantizer_pairs(onnx_model, q_names)
+
+
 def apply_custom_rules_to_quantizer(
     model: nn.Module,
     example_inputs: Any = None,
     export_fn: Callable[[nn.Module, str], Any] | None = None,
     extra_pairs: Iterable[Sequence[str]] = (),
     dynamo: bool = False,
+    *,
+    group: ProcessGroup | None = None,
 ) -> list[tuple[str, str]]:
     """Finds the quantizers that must share a scale (from an export of ``model``) and makes them share.
 
@@ -149,18 +174,25 @@ def apply_custom_rules_to_quantizer(
             export arguments (the quantizers are already in export mode when it is called).
         extra_pairs: manual ``(major, sub)`` module paths, applied after the graph's pairs.
         dynamo: export with the dynamo exporter.
+        group: under torch.distributed, the process group (default: the whole world): its rank 0 exports, every rank
+            applies the pairs. Ignored in a single process.
 
     Returns:
-        The ``(major, sub)`` quantizer names that were made to share.
+        The ``(major, sub)`` quantizer names that were made to share (the same on every rank).
     """
     if example_inputs is None and export_fn is None:
         raise ValueError("apply_custom_rules_to_quantizer needs example_inputs (or an export_fn) to export the model")
-    with tempfile.TemporaryDirectory(prefix="qdq-rules-") as tmp:
-        path = Path(tmp) / "rules.onnx"
-        q_names = export_with_quantizer_tags(model, example_inputs, path, dynamo=dynamo, export_fn=export_fn)
-        onnx_model = onnx.load(str(path), load_external_data=False)
-    pairs = find_quantizer_pairs(onnx_model, q_names)
+    pairs = run_on_rank0(
+        _graph_pairs, model, example_inputs, export_fn, dynamo,
+        group=group, broadcast_result=True, what="apply_custom_rules_to_quantizer (export and graph analysis)",
+    )
     named = {name: q for name, q in model.named_modules() if isinstance(q, TensorQuantizer)}
+    unknown = sorted({name for pair in pairs for name in pair if name not in named})
+    if unknown:
+        raise ValueError(
+            f"the exported graph names quantizers this model does not have: {', '.join(unknown[:10])} "
+            "(under torch.distributed: is the model built the same way on every rank?)"
+        )
     applied = []
     for major_name, sub_name in pairs:
         major, sub = named[major_name], named[sub_name]

@@ -1,0 +1,1 @@
+"""Distributed PTQ and QAT with DistributedDataParallel: see README.md and train.py."""
