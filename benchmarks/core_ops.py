@@ -4,7 +4,8 @@
 * histogram collect over the conv that produced the tensor;
 * compute_amax time of entropy, mse and percentile on one 2048-bin histogram.
 
-Run: python benchmarks/core_ops.py [--json out/core_ops.json]
+Run: python benchmarks/core_ops.py [--json out/core_ops.json]; the cost section of ``benchmarks/run.py`` calls
+:func:`measure`.
 """
 
 from __future__ import annotations
@@ -19,16 +20,11 @@ from qdq import calib
 from qdq.tensor_quant import fake_tensor_quant
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", default=None, help="also write the results here")
-    parser.add_argument("--batch", type=int, default=32)
-    args = parser.parse_args()
+def measure(batch: int = 32, repeat: int = 7) -> dict:
+    """The three measurements on an activation of a ResNet stage, ``batch x 64 x 56 x 56``."""
     torch.manual_seed(0)
-    results: dict = {"machine": machine()}
-
-    # an activation of a ResNet stage: 32 x 64 x 56 x 56 (6.4 M values)
-    x = torch.randn(args.batch, 64, 56, 56)
+    results: dict = {}
+    x = torch.randn(batch, 64, 56, 56)
     grad = torch.randn_like(x)
     amax_t = torch.tensor(3.0)
     amax_c = torch.rand(1, 64, 1, 1) + 2.0
@@ -44,9 +40,9 @@ def main() -> None:
 
         return run
 
-    t_copy = timeit(copy_fb)
-    t_fq_t = timeit(fq_fb(amax_t))
-    t_fq_c = timeit(fq_fb(amax_c))
+    t_copy = timeit(copy_fb, repeat=repeat)
+    t_fq_t = timeit(fq_fb(amax_t), repeat=repeat)
+    t_fq_c = timeit(fq_fb(amax_c), repeat=repeat)
     results["fake_quant"] = {
         "tensor_shape": list(x.shape),
         "copy_fwd_bwd_ms": t_copy * 1e3,
@@ -57,7 +53,7 @@ def main() -> None:
     }
 
     # histogram collect against the conv that produced the tensor
-    inp = torch.randn(args.batch, 64, 56, 56)
+    inp = torch.randn(batch, 64, 56, 56)
     weight = torch.randn(64, 64, 3, 3) * 0.05
     with torch.no_grad():
         out = F.conv2d(inp, weight, padding=1)
@@ -79,10 +75,19 @@ def main() -> None:
     for method in ("entropy", "mse", "percentile"):
         times[method] = timeit(lambda m=method: cal.compute_amax(m), repeat=5) * 1e3
     results["compute_amax_ms"] = {**times, "all_three": sum(times.values())}
+    return results
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--batch", type=int, default=32)
+    args = parser.parse_args()
+    results: dict = {"machine": machine(), **measure(args.batch)}
+    x_shape = results["fake_quant"]["tensor_shape"]
     print(f"machine: {results['machine']['cpu']}, {results['machine']['torch_threads']} torch threads")
     fq = results["fake_quant"]
-    print(f"fake-quant fwd+bwd over copy fwd+bwd, {tuple(x.shape)}: per-tensor {fq['per_tensor_over_copy']:.2f}x, "
+    print(f"fake-quant fwd+bwd over copy fwd+bwd, {tuple(x_shape)}: per-tensor {fq['per_tensor_over_copy']:.2f}x, "
           f"per-channel {fq['per_channel_over_copy']:.2f}x  (copy {fq['copy_fwd_bwd_ms']:.1f} ms)")
     c = results["collect"]
     print(f"collect over the conv that produced the tensor: histogram {c['histogram_over_conv']:.3f}x, "
