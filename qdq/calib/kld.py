@@ -158,7 +158,11 @@ def kld_divergence(
     c, _, lead = _as_2d(counts, edges)
     cuts = kld_cuts(c.shape[1], c.device)
     levels = _levels(num_bits, unsigned)
-    c = c.double()
+    c = c.double().clone()
+    # The zero bin holds the exact zeros of ReLU outputs (often most of the tensor), which tpu-mlir's calibration
+    # leaves out; with them, P's spike at zero dominates every cut and the search clips at the first one. As in
+    # TensorRT's entropy calibration, the zero bin takes the count of bin 1.
+    c[:, 0] = c[:, 1]
     rows = max(1, _CHUNK // (cuts.numel() * c.shape[1]))
     kl = torch.cat([_divergence_rows(part, cuts, levels) for part in c.split(rows)]) if c.shape[0] else c[:, :0]
     return cuts, kl.reshape(*lead, cuts.numel())

@@ -14,9 +14,11 @@ def kld_loop(hist, edges, num_bits=8, unsigned=False):
 
     Returns ``(threshold, chosen i, {i: kl})``. Generalised from 2048 bins as the module documents: cuts
     ``range(step, n, step)`` with ``step = n // 16``, bin ``j`` to level ``j * levels // i``, a level's mass shared by
-    its non-empty bins, ``q = 1e-30`` where ``q`` is empty under float mass, the first minimum wins.
+    its non-empty bins, ``q = 1e-30`` where ``q`` is empty under float mass, the first minimum wins; the zero bin
+    first takes bin 1's count.
     """
-    bins = np.asarray(hist, dtype=np.float64)
+    bins = np.asarray(hist, dtype=np.float64).copy()
+    bins[0] = bins[1]  # the zero bin (ReLU zeros) takes bin 1's count, as the module documents
     n = len(bins)
     step = n // 16
     levels = 2 ** (num_bits - 1 + int(unsigned))
@@ -157,3 +159,13 @@ def test_errors():
         K.kld_amax(torch.ones(1, 32), torch.arange(32.0)[None])
     with pytest.raises(ValueError, match="num_bits"):
         K.kld_amax(torch.ones(32), torch.arange(33.0), num_bits=1)
+
+
+def test_relu_zeros_do_not_collapse_the_threshold():
+    """Regression: a ReLU6-like activation with 70% exact zeros got a threshold at the first cut (1/16 of max)."""
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(200_000) * 2.5).clamp(max=6.0)
+    x[torch.rand_like(x) < 0.4] = 0
+    cal = HistogramCalibrator(8, None, True)
+    cal.collect(x)
+    assert cal.compute_amax("kld").item() > 2.0

@@ -208,3 +208,22 @@ def test_unsigned_negative_input_named():
     q.name = "relu_out"
     with pytest.raises(ValueError, match="'relu_out'.*negative"):
         q(torch.tensor([-1.0]))
+
+
+def test_weights_are_collected_once_per_version():
+    """Calibration feeds many batches; an unchanged weight is collected once (its statistics would not change)."""
+    q = TensorQuantizer(QuantDescriptor(axis=0, calib_method="histogram"), if_calib=True, if_quant=False)
+    w = nn.Parameter(torch.randn(3, 4))
+    for _ in range(5):
+        q(w)
+    assert q.calibrator.num_batches == 1
+    with torch.no_grad():
+        w.mul_(2)  # an optimizer step changes the version
+    q(w)
+    assert q.calibrator.num_batches == 2
+    q.reset_calib()
+    q(w)
+    assert q.calibrator.num_batches == 1
+    for _ in range(3):
+        q(torch.randn(3, 4))  # activations: every batch counts
+    assert q.calibrator.num_batches == 4

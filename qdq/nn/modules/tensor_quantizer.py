@@ -98,6 +98,7 @@ class TensorQuantizer(nn.Module):
         self._if_clip = bool(if_clip)
         self._if_calib = bool(if_calib)
         self._export_mode = False
+        self._collected = None  # (id, version) of the last Parameter collected
         self._scale: torch.Tensor | None = None
         self._device = torch.device("cpu")
 
@@ -246,8 +247,9 @@ class TensorQuantizer(nn.Module):
             raise ValueError(f"{self._label()}: {err}") from None
         check_amax(amax, f"{self._label()}: calibrated amax")
         zero = int((amax == 0).sum())
-        if zero:
-            logger.warning("%s: calibrated amax is 0 for %d of %d values", self._label(), zero, amax.numel())
+        if zero:  # a zero channel (pruned or dead) quantizes to exact zeros: worth a note, worrying only per tensor
+            level = logging.INFO if amax.numel() > 1 and zero < amax.numel() else logging.WARNING
+            logger.log(level, "%s: calibrated amax is 0 for %d of %d values", self._label(), zero, amax.numel())
         if isinstance(self._amax, nn.Parameter) and self._amax.shape != amax.shape:
             self._set_amax_buffer(None)
         if not self._symmetric:
@@ -309,6 +311,7 @@ class TensorQuantizer(nn.Module):
 
     def reset_calib(self) -> None:
         """Forgets what the calibrator collected."""
+        self._collected = None
         if self._calibrator is not None:
             self._calibrator.reset()
 
@@ -337,7 +340,11 @@ class TensorQuantizer(nn.Module):
         if self._export_mode:
             return self._export_forward(x)
         if self._if_calib:
-            self._calibrator.collect(x)
+            # a weight (a Parameter) seen again unchanged adds nothing: collect it once per version
+            key = (id(x), x._version) if isinstance(x, nn.Parameter) else None
+            if key is None or key != self._collected:
+                self._calibrator.collect(x)
+                self._collected = key
         if self._if_clip:
             x = self._clip(x)
         if self._if_quant:
