@@ -79,7 +79,6 @@ Example:
 
 from __future__ import annotations
 
-import itertools
 import logging
 import weakref
 from dataclasses import dataclass, field
@@ -88,12 +87,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm.auto import tqdm
 
 from qdq.calib import HistogramCalibrator
-from qdq.calib import kld as _kld  # noqa: F401  (registers the "kld" search)
 from qdq.calib.calibrator import collective_device, rank_label
 from qdq.distributed import gather_objects, is_distributed, sync_calibrators
+from qdq.feeding import feed, model_device
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
 from qdq.quant_modules import name_quantizers
 from qdq.switches import quantizers, restore_quantizer_states, save_quantizer_states
@@ -350,31 +348,6 @@ class _Tuner:
         return measure
 
 
-def _to_device(obj: Any, device: torch.device | None) -> Any:
-    if device is None:
-        return obj
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, (list, tuple)):
-        moved = [_to_device(o, device) for o in obj]
-        return type(obj)(*moved) if hasattr(obj, "_fields") else type(obj)(moved)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    return obj
-
-
-def _run(model: nn.Module, inputs: Any, index: int) -> None:
-    try:
-        if isinstance(inputs, dict):
-            model(**inputs)
-        elif isinstance(inputs, (list, tuple)):
-            model(*inputs)
-        else:
-            model(inputs)
-    except Exception as err:
-        raise RuntimeError(f"autotune: batch {index} failed in the model: {err}") from err
-
-
 def _feed(
     model: nn.Module,
     data: Iterable | Callable[[nn.Module], Any],
@@ -385,44 +358,8 @@ def _feed(
     progress: bool,
 ) -> int:
     """Runs the tuning data through ``model``; returns the number of batches fed."""
-    if callable(data) and not hasattr(data, "__iter__"):
-        if num_batches is not None:
-            logger.info("autotune: num_batches=%d is ignored: the forward loop decides how much data it feeds",
-                        num_batches)
-        tuner.new_batch()
-        data(model)
-        return 1
-    # imported here: qdq.calibrate imports this module to offer calibrate_model(..., autotune=True)
-    from qdq.calibrate import model_inputs
-
-    total = num_batches
-    if hasattr(data, "__len__"):
-        total = len(data) if num_batches is None else min(num_batches, len(data))
-    fed = 0
-    batches = iter(data)
-    with tqdm(total=total, desc="Auto-tuning", unit="batch", disable=not progress, leave=False) as bar:
-        for index in itertools.count():
-            if num_batches is not None and index >= num_batches:
-                break
-            try:
-                batch = next(batches)
-            except StopIteration:
-                break
-            batch = _to_device(batch, device)
-            inputs = preprocess(batch) if preprocess is not None else model_inputs(batch, index)
-            tuner.new_batch()
-            _run(model, inputs, index)
-            fed += 1
-            bar.update(1)
-    if num_batches is not None and 0 < fed < num_batches:
-        logger.info("autotune: the data had only %d of the %d batches asked for", fed, num_batches)
-    return fed
-
-
-def _model_device(model: nn.Module) -> torch.device | None:
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        return tensor.device
-    return None
+    return feed(model, data, num_batches, device=device, preprocess=preprocess, desc="Auto-tuning",
+                what="autotune batch", progress=progress, before_batch=tuner.new_batch)
 
 
 def autotune(
@@ -476,7 +413,7 @@ def autotune(
     if distributed:
         sync_calibrators(model, group)  # the same histograms, hence the same candidates, on every rank
     entries = _select(model, candidates, method_init, search_kwargs)
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     tuner = _Tuner(entries)
     weights = _weight_quantizer_ids(model)
 

@@ -67,7 +67,6 @@ import math
 import os
 import re
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -76,6 +75,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qdq._files import write_atomically
 from qdq._version import __version__
 from qdq.switches import quantizers
 from qdq.tensor_quant import amax_to_scale
@@ -132,20 +132,6 @@ class CalibTableReport:
 
 def _listing(names: list[str]) -> str:
     return ", ".join(names[:_LISTED]) + (", ..." if len(names) > _LISTED else "")
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Writes ``text`` to a temporary file next to ``path``, then renames it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -223,7 +209,7 @@ def save_calib_table(model: nn.Module, path: str | os.PathLike, method: str | No
     lines += [f"    {json.dumps(name)}: {json.dumps(entry, allow_nan=False)}," for name, entry in entries.items()]
     lines[-1] = lines[-1][:-1]
     lines += ["  }", "}", ""]
-    _write_atomically(path, "\n".join(lines))
+    write_atomically(path, "\n".join(lines))
     without = sum(e["amax"] is None for e in entries.values())
     logger.info("saved %d quantizers (%d without amax) to %s", len(entries), without, path)
     return table
@@ -446,7 +432,7 @@ def write_tensorrt_cache(
     if zero:
         logger.warning("amax is 0 for %d tensors, written with the smallest scale: %s", len(zero), _listing(zero))
     path = Path(path)
-    _write_atomically(path, "\n".join(lines) + "\n")
+    write_atomically(path, "\n".join(lines) + "\n")
     logger.info("wrote a TensorRT calibration cache of %d tensors to %s", len(lines) - 1, path)
 
 

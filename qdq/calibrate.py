@@ -30,7 +30,6 @@ Example:
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -39,11 +38,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm.auto import tqdm
 
 from qdq.calib import HistogramCalibrator, MaxCalibrator, search_names
 from qdq.calib.calibrator import rank_label
 from qdq.distributed import SyncReport, gather_objects, is_distributed, sync_calibrators
+from qdq.feeding import feed, model_device, model_inputs
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
 from qdq.quant_modules import name_quantizers
 from qdq.switches import quantizers, restore_quantizer_states, save_quantizer_states
@@ -69,65 +68,6 @@ class CalibrationReport:
     autotune: dict = field(default_factory=dict)  # layer -> qdq.autotune.TuneResult, with autotune=True
     autotune_seconds: float = 0.0
     sync: SyncReport | None = None  # under torch.distributed: how the ranks' statistics were combined
-
-
-def _to_device(obj: Any, device: torch.device | None) -> Any:
-    if device is None:
-        return obj
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, (list, tuple)):
-        moved = [_to_device(o, device) for o in obj]
-        return type(obj)(*moved) if hasattr(obj, "_fields") else type(obj)(moved)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    return obj
-
-
-def model_inputs(batch: Any, index: int = 0) -> Any:
-    """The model input of a batch: a tensor as is, the first item of a tuple or list, a dict as is.
-
-    >>> model_inputs((torch.zeros(2), torch.ones(2))).tolist()
-    [0.0, 0.0]
-    """
-    if isinstance(batch, (torch.Tensor, dict)):
-        return batch
-    if isinstance(batch, (list, tuple)) and batch:
-        return batch[0]
-    raise TypeError(
-        f"calibration batch {index} is a {type(batch).__name__}; expected a tensor, a (inputs, labels) tuple or list, "
-        "or a dict - pass preprocess= to turn it into the model's input"
-    )
-
-
-def _run(model: nn.Module, inputs: Any, index: int) -> None:
-    try:
-        if isinstance(inputs, dict):
-            model(**inputs)
-        elif isinstance(inputs, (list, tuple)):
-            model(*inputs)
-        else:
-            model(inputs)
-    except Exception as err:
-        raise RuntimeError(f"calibration batch {index} ({_describe(inputs)}) failed in the model: {err}") from err
-
-
-def _describe(obj: Any) -> str:
-    if isinstance(obj, torch.Tensor):
-        return f"Tensor{tuple(obj.shape)} {str(obj.dtype).replace('torch.', '')}"
-    if isinstance(obj, (list, tuple)):
-        return f"{type(obj).__name__}[" + ", ".join(_describe(o) for o in obj[:4]) + (", ..." if len(obj) > 4 else "") + "]"
-    if isinstance(obj, dict):
-        return "dict{" + ", ".join(f"{k}: {_describe(v)}" for k, v in list(obj.items())[:4]) + "}"
-    return type(obj).__name__
-
-
-def _model_device(model: nn.Module) -> torch.device | None:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return None
 
 
 def _check_method(method: str) -> None:
@@ -172,7 +112,7 @@ def collect_stats(
         raise RuntimeError(
             "the model has no enabled quantizer to calibrate (did you call replace_to_quantization_module?)"
         )
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
 
     if method not in ("max",):
         swapped = 0
@@ -194,38 +134,10 @@ def collect_stats(
             q.enable_calib()
         model.eval()
         with torch.no_grad():
-            if callable(data) and not hasattr(data, "__iter__"):
-                if num_batches is not None:
-                    logger.info("num_batches=%d is ignored: the forward loop decides how much data it feeds", num_batches)
-                data(model)
-                fed = 1
-            else:
-                total = num_batches
-                if total is None and hasattr(data, "__len__"):
-                    total = len(data)
-                elif total is not None and hasattr(data, "__len__"):
-                    total = min(total, len(data))
-                bar = tqdm(total=total, desc="Calibrating", unit="batch", disable=not progress, leave=False)
-                batches = iter(data)
-                try:
-                    for index in itertools.count():
-                        if num_batches is not None and index >= num_batches:
-                            break  # before taking one more batch from the data
-                        try:
-                            batch = next(batches)
-                        except StopIteration:
-                            break
-                        batch = _to_device(batch, device)
-                        inputs = preprocess(batch) if preprocess is not None else model_inputs(batch, index)
-                        _run(model, inputs, index)
-                        fed += 1
-                        bar.update(1)
-                finally:
-                    bar.close()
-                if fed == 0 and not distributed:
-                    raise ValueError("the calibration data yielded no batches")
-                if num_batches is not None and 0 < fed < num_batches:
-                    logger.info("the calibration data had only %d of the %d batches asked for", fed, num_batches)
+            fed = feed(model, data, num_batches, device=device, preprocess=preprocess, desc="Calibrating",
+                       what="calibration batch", progress=progress)
+        if fed == 0 and not distributed:
+            raise ValueError("the calibration data yielded no batches")
     except Exception as err:
         if not distributed:
             raise
@@ -265,6 +177,20 @@ def _agree_on_collection(fed: int, error: Exception | None, group: ProcessGroup 
                 f"; without data: {', '.join(empty)}" if empty else "")
 
 
+def handle_no_data(model: nn.Module, names: list[str], strict: bool) -> None:
+    """Quantizers that saw no calibration data: an error naming them (``strict``), else disabled with a warning."""
+    if not names:
+        return
+    listed = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
+    msg = f"{len(names)} quantizers saw no calibration data: {listed}"
+    if strict:
+        raise RuntimeError(msg + " (unused layers? pass strict=False to disable them)")
+    logger.warning("%s; they are disabled", msg)
+    named = dict(quantizers(model))
+    for name in names:
+        named[name].disable()
+
+
 def compute_amax(
     model: nn.Module,
     method: str = "max",
@@ -299,15 +225,7 @@ def compute_amax(
         else:
             q.load_calib_amax(method=method, **kwargs)
         report.calibrated += 1
-    if report.no_data:
-        listed = ", ".join(report.no_data[:20]) + (" ..." if len(report.no_data) > 20 else "")
-        msg = f"{len(report.no_data)} quantizers saw no calibration data: {listed}"
-        if strict:
-            raise RuntimeError(msg + " (unused layers? pass strict=False to disable them)")
-        logger.warning("%s; they are disabled", msg)
-        named = dict(quantizers(model))
-        for name in report.no_data:
-            named[name].disable()
+    handle_no_data(model, report.no_data, strict)
     report.compute_seconds = time.perf_counter() - t0
     return report
 

@@ -149,7 +149,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,9 +157,10 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from qdq._files import write_atomically
 from qdq._version import __version__
 from qdq.calib import HistogramCalibrator, MaxCalibrator, search_names
-from qdq.calibrate import CalibrationReport, collect_stats
+from qdq.calibrate import CalibrationReport, collect_stats, handle_no_data
 from qdq.nn.modules._utils import QuantInputMixin, QuantMixin
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
 from qdq.quant_modules import (
@@ -637,20 +637,6 @@ def _format(config: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Writes ``text`` to a temporary file next to ``path``, then renames it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_quant_config(config: Mapping[str, Any] | QuantizeReport, path: str | os.PathLike) -> dict[str, Any]:
     """Checks ``config`` (as :func:`load_quant_config` does) and writes it as JSON, atomically.
 
@@ -681,7 +667,7 @@ def save_quant_config(config: Mapping[str, Any] | QuantizeReport, path: str | os
     out = dict(checked.config)
     out.setdefault("format", CONFIG_FORMAT)
     ordered = {k: out[k] for k in _TOP_KEYS if k in out}
-    _write_atomically(Path(path), _format(ordered))
+    write_atomically(Path(path), _format(ordered))
     logger.info("wrote the quantization config of %d layers to %s", len(ordered.get("layers", {})), path)
     return ordered
 
@@ -1160,14 +1146,7 @@ def calibrate_from_config(
         report.calibrated += 1
     if outside:
         logger.info("%d quantizers outside the configured layers were calibrated with the global input method", outside)
-    if report.no_data:
-        msg = f"{len(report.no_data)} quantizers saw no calibration data: {_listing(report.no_data)}"
-        if strict:
-            raise RuntimeError(msg + " (unused layers? pass strict=False to disable them)")
-        logger.warning("%s; they are disabled", msg)
-        named = dict(quantizers(model))
-        for name in report.no_data:
-            named[name].disable()
+    handle_no_data(model, report.no_data, strict)
     report.compute_seconds = time.perf_counter() - start
     logger.info("calibrated %d quantizers per layer on %d batches", report.calibrated, fed)
     return report

@@ -21,8 +21,6 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from qdq.calib import HistogramCalibrator
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
 

@@ -204,7 +204,7 @@ def test_modes_restored_on_error():
         yield torch.randn(4, 3, 8, 8)
         yield torch.randn(4, 5, 8, 8)  # wrong channel count
 
-    with pytest.raises(RuntimeError, match="batch 1 failed"):
+    with pytest.raises(RuntimeError, match=r"autotune batch 1 \(Tensor\(4, 5, 8, 8\) float32\) failed"):
         autotune(model, broken(), progress=False)
     assert {id(q): q.state() for _, q in quantizers(model)} == states
     assert all(m.training for m in model.modules())

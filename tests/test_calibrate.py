@@ -9,7 +9,6 @@ from qdq import calib, calibrate_model, collect_stats, compute_amax
 from qdq import nn as quant_nn
 from qdq.quant_modules import replace_to_quantization_module
 from qdq.switches import quantizers
-from qdq.tensor_quant import QuantDescriptor
 
 
 def _model():

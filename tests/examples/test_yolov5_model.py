@@ -56,6 +56,7 @@ def test_sppf_chain_is_spp_5_9_13():
     sppf = yolo.SPPF(16, 16).eval()
     x = torch.randn(1, 8, 7, 7)
     once, twice, thrice = sppf.m(x), sppf.m(sppf.m(x)), sppf.m(sppf.m(sppf.m(x)))
+    assert torch.equal(once, nn.functional.max_pool2d(x, 5, 1, 2))
     assert torch.equal(twice, nn.functional.max_pool2d(x, 9, 1, 4))
     assert torch.equal(thrice, nn.functional.max_pool2d(x, 13, 1, 6))
     y = sppf.cv1(torch.randn(1, 16, 7, 7))

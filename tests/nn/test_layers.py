@@ -1,9 +1,7 @@
 """Every quantized layer against its float twin."""
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import reference as ref
