@@ -224,12 +224,12 @@ def _plots(qmodel, model, calib, test, ref, out: Path) -> list[str]:
     plot_histogram(hist_q, path, methods=("max", "entropy", "mse", "percentile", "kld"))
     paths.append(str(path))
 
-    def agreement(m):
-        return top1_agreement(ref, _logits(m, test[0]))
+    def logit_sqnr(m):  # continuous, so it ranks layers even where top-1 does not move
+        return sqnr_db(ref, _logits(m, test[0]))
 
-    profile = build_sensitivity_profile(qmodel, agreement, print_table=False, progress=False)
+    profile = build_sensitivity_profile(qmodel, logit_sqnr, print_table=False, progress=False)
     path = out / "sensitivity.png"
-    plot_sensitivity(profile, path)
+    plot_sensitivity(profile, path, title="Logit SQNR (dB) gained when only this layer stays float")
     paths.append(str(path))
     return paths
 
@@ -237,11 +237,14 @@ def _plots(qmodel, model, calib, test, ref, out: Path) -> list[str]:
 def _summary(result: DemoResult, best: str) -> None:
     b = result.ptq[best]
     print("\nSummary")
-    print(f"  fp32 top-1                 {100 * result.fp32_top1:.2f}%")
-    print(f"  PTQ int8, best: {best:<12} {100 * b['top1']:.2f}%  (agreement {100 * b['agreement']:.2f}%, "
-          f"SQNR {b['sqnr_db']:.1f} dB)")
-    w = result.w4
-    print(f"  W2A8: PTQ -> QAT           {100 * w['ptq_w2_top1']:.2f}% -> {100 * w['qat_w2_top1']:.2f}%")
-    print(f"  QDQ ONNX                   {result.onnx_path}")
-    print(f"  TensorRT rule check        {result.check['error']} errors, {result.check['warning']} warnings")
-    print(f"  took                       {result.seconds:.0f} s")
+    rows = [
+        ("fp32 top-1", f"{100 * result.fp32_top1:.2f}%"),
+        (f"PTQ int8 (best: {best})", f"{100 * b['top1']:.2f}%  (agreement {100 * b['agreement']:.2f}%, "
+                                     f"SQNR {b['sqnr_db']:.1f} dB)"),
+        ("W2A8: PTQ -> QAT", f"{100 * result.w4['ptq_w2_top1']:.2f}% -> {100 * result.w4['qat_w2_top1']:.2f}%"),
+        ("QDQ ONNX", result.onnx_path),
+        ("TensorRT rule check", f"{result.check['error']} errors, {result.check['warning']} warnings"),
+    ]
+    for label, value in rows:
+        print(f"  {label:<26} {value}")
+    print(f"  {'took':<26} {result.seconds:.0f} s")

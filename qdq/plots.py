@@ -21,6 +21,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from qdq.calib import HistogramCalibrator
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
 
@@ -69,7 +71,9 @@ def plot_histogram(
         for method, amax in amaxes.items():
             ax.axvline(amax, color=_COLORS.get(method, None), linestyle="--", linewidth=1.5,
                        label=f"{method}: {amax:.4g}")
-        ax.set_xlim(0, max(float(edges[-1]), max(amaxes.values(), default=0)) * 1.02)
+        nonzero = torch.nonzero(counts).flatten()
+        top = float(edges[int(nonzero[-1]) + 1]) if len(nonzero) else float(edges[-1])
+        ax.set_xlim(0, max(top, max(amaxes.values(), default=0)) * 1.05)
         ax.set_xlabel("|x|" if not calibrator.unsigned else "x")
         ax.set_ylabel("count")
         ax.set_title(title or f"{name}: histogram and amax per method")
