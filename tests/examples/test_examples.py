@@ -20,8 +20,8 @@ from conftest import require_shared_data
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
-BLOCK = re.compile(r"```(?:bash|sh|shell)?\n(.*?)```", re.S)
-SMOKE = re.compile(r"<!-- smoke test -->\s*\n```(?:bash|sh|shell)?\n(.*?)```", re.S)
+BLOCK = re.compile(r"^```(?:bash|sh|shell)\n(.*?)^```", re.S | re.M)  # shell blocks only (opening fences)
+SMOKE = re.compile(r"^<!-- smoke test -->\s*\n```(?:bash|sh|shell)\n(.*?)^```", re.S | re.M)
 
 #: example folder -> (shared data files it needs, lines its smoke run must print, files it must write)
 CASES = {
