@@ -2,8 +2,8 @@
 
 Everything but the bookkeeping comes from ``examples/cifar10/cifar.py`` (``resnet20``, ``loaders``, ``train``,
 ``ptq``, ``qat``): the float network is trained on the 50,000 training images of ``../shared/data`` (or loaded),
-quantized with per-channel weights and per-tensor 8-bit activations (the stem and the classifier keep 8-bit weights
-in the 4-bit rows), and evaluated on the 10,000 test images.
+quantized with per-channel weights and per-tensor 8-bit activations (every convolution and the classifier with
+4-bit weights in the 4-bit rows), and evaluated on the 10,000 test images.
 
 Training is the slow part on a 2-core CPU: the trained fp32 weights are cached in ``--out`` (``resnet20_fp32.pt``,
 reused when trained with the same settings) or taken from ``--cifar-checkpoint``. ``--cifar-epochs`` sets the float
@@ -34,7 +34,7 @@ PTQ_METHODS = ("max", "mse")
 def settings(ctx: Context) -> dict:
     quick = ctx.quick
     return {
-        "epochs": ctx.option("cifar_epochs", 1 if quick else 5),
+        "epochs": ctx.option("cifar_epochs", 1 if quick else 15),
         "qat_epochs": ctx.option("cifar_qat_epochs", 1),
         "qat_steps": ctx.option("cifar_qat_steps", 3 if quick else None),
         "lr": 0.2,
@@ -141,7 +141,7 @@ def tables(data: dict) -> list[Table]:
     t.rows.append(row(f"PTQ 4-bit weights, 8-bit activations ({data['best_method']})", data["ptq_w4"]))
     t.rows.append(row("QAT 4-bit weights, 8-bit activations (from the PTQ model)", data["qat_w4"]))
     t.note = (f"fp32 weights: {data['fp32_source']['source']}. QAT took {data['qat_seconds']:.0f} s. "
-              "Stem and classifier keep 8-bit weights in the 4-bit rows.")
+              "Every layer, stem and classifier included, has 4-bit weights in the 4-bit rows.")
     return [t]
 
 
@@ -159,7 +159,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="output folder (checkpoint cache and cifar.json)")
     parser.add_argument("--quick", action="store_true", help="a small configuration, for smoke testing")
     parser.add_argument("--cifar-checkpoint", default=None, help="trained fp32 ResNet-20 weights to use")
-    parser.add_argument("--cifar-epochs", type=int, default=None, help="fp32 training epochs (5; 1 with --quick)")
+    parser.add_argument("--cifar-epochs", type=int, default=None, help="fp32 training epochs (15; 1 with --quick)")
     parser.add_argument("--cifar-qat-epochs", type=int, default=None, help="QAT epochs (1)")
     parser.add_argument("--cifar-qat-steps", type=int, default=None, help="stop QAT after this many steps")
     parser.add_argument("--cifar-limit-per-class", type=int, default=None,

@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="timing rounds of the cost section (3; 1 with --quick)")
     parser.add_argument("--cifar-checkpoint", type=Path, default=None,
                         help="trained fp32 ResNet-20 weights (default: train, cached as OUT/resnet20_fp32.pt)")
-    parser.add_argument("--cifar-epochs", type=int, default=None, help="fp32 ResNet-20 training epochs (5; 1 quick)")
+    parser.add_argument("--cifar-epochs", type=int, default=None, help="fp32 ResNet-20 training epochs (15; 1 quick)")
     parser.add_argument("--cifar-qat-epochs", type=int, default=None, help="4-bit QAT epochs (1)")
     parser.add_argument("--cifar-qat-steps", type=int, default=None,
                         help="stop the 4-bit QAT after this many steps (default: whole epochs; 3 with --quick)")

@@ -1,4 +1,5 @@
-"""Helpers the examples and benchmarks share: where the shared data is, extracting it, ImageNet sample labels.
+"""Helpers the examples and benchmarks share: where the shared data is, extracting it, ImageNet sample labels, and
+the pieces every example's command line and report repeat (usage errors, presets, tables, export and checks).
 
 The real data lives outside the repository (``../shared/data`` beside the checkout, or a folder you give with
 ``--data``); archives are extracted once into a cache folder (``$QDQ_DATA_CACHE``, default
@@ -7,20 +8,26 @@ The real data lives outside the repository (``../shared/data`` beside the checko
 
 from __future__ import annotations
 
+import argparse
+import logging
+import math
 import os
 import random
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from PIL import Image
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
-__all__ = ["shared_data_dir", "extract", "cifar10_root", "imagenet_sample", "ImagenetSample", "cache_dir"]
+__all__ = ["shared_data_dir", "extract", "cifar10_root", "imagenet_sample", "ImagenetSample", "cache_dir",
+           "UsageError", "positive", "resolve_defaults", "run_main", "fmt", "print_table", "histograms_without_zeros",
+           "export_and_check"]
 
 
 def shared_data_dir() -> Path:
@@ -104,5 +111,158 @@ def imagenet_sample(transform: Callable, calib: int = 100, batch_size: int = 25,
     return (DataLoader(calib_set, batch_size=batch_size), DataLoader(eval_set, batch_size=batch_size))
 
 
-def seed_everything(seed: int = 0) -> None:
-    torch.manual_seed(seed)
+
+# ----------------------------------------------------------------------------------------------------------------
+# command lines
+# ----------------------------------------------------------------------------------------------------------------
+class UsageError(Exception):
+    """A mistake in the command line or the data paths; the example scripts print it as one line (exit code 2)."""
+
+
+def positive(kind: type = int) -> Callable[[str], Any]:
+    """An argparse ``type=`` that accepts numbers of ``kind`` above zero.
+
+    Example:
+        >>> positive(int)("3")
+        3
+        >>> positive(float)("0")
+        Traceback (most recent call last):
+        ...
+        argparse.ArgumentTypeError: '0' must be > 0
+    """
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+        return value
+
+    return parse
+
+
+def resolve_defaults(args: argparse.Namespace, name: str, defaults: dict, tiny: dict) -> argparse.Namespace:
+    """Fills the options left at ``None``: from the ``tiny`` preset with ``--tiny``, else from ``defaults`` (flags given
+    on the command line win); ``--out`` defaults to ``<system temp>/qdq-examples/<name>`` (``<name>-tiny`` with
+    ``--tiny``) and must be a folder if it exists.
+
+    Example:
+        >>> args = resolve_defaults(argparse.Namespace(tiny=True, out=None, epochs=None, lr=0.5), "demo",
+        ...                         {"epochs": 15, "lr": 0.2}, {"epochs": 1})
+        >>> args.epochs, args.lr, args.out.name
+        (1, 0.5, 'demo-tiny')
+    """
+    preset = tiny if args.tiny else {}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, preset.get(key, value))
+    if args.out is None:
+        args.out = Path(tempfile.gettempdir()) / "qdq-examples" / (f"{name}-tiny" if args.tiny else name)
+    args.out = Path(args.out)
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} exists and is not a folder")
+    return args
+
+
+def run_main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], Any],
+             resolve: Callable[[argparse.Namespace], argparse.Namespace], argv: Sequence[str] | None,
+             errors: tuple[type[BaseException], ...] = ()) -> int:
+    """The body of every example's ``main``: parse, set up logging (``-v`` for debug), ``run(resolve(args))``.
+
+    A :class:`UsageError`, a missing file or one of ``errors`` ends the program with its message on one line and
+    exit code 2, the way argparse reports a bad flag; anything else is a bug and keeps its traceback.
+    """
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger(run.__module__).setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        run(resolve(args))
+    except (UsageError, FileNotFoundError, NotADirectoryError, *errors) as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reports
+# ----------------------------------------------------------------------------------------------------------------
+def fmt(value: Any, spec: str = ".2f") -> str:
+    """A table cell: ``-`` for a missing value, ``inf`` for an infinite one, ``str`` when ``spec`` is empty."""
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return format(value, spec) if spec else str(value)
+
+
+def print_table(title: str, rows: list[dict], columns: Sequence[tuple[str, str, str]]) -> None:
+    """Prints ``rows`` under a blank line and ``title``; ``columns`` are ``(key, header, format spec)``, the first
+    left-aligned, the others right-aligned.
+
+    Example:
+        >>> print_table("PTQ", [{"m": "max", "t": 75.8}, {"m": "mse", "t": None}],
+        ...             [("m", "method", ""), ("t", "top-1 %", ".2f")])
+        <BLANKLINE>
+        PTQ
+        method  top-1 %
+        max       75.80
+        mse           -
+    """
+    cells = [[fmt(r.get(key), spec) for key, _, spec in columns] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (_, h, _) in enumerate(columns)]
+    print(f"\n{title}")
+    for line in [[h for _, h, _ in columns]] + cells:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# quantization steps the examples share
+# ----------------------------------------------------------------------------------------------------------------
+def histograms_without_zeros(qmodel: nn.Module) -> int:
+    """Gives every enabled per-tensor symmetric quantizer a histogram calibrator that leaves exact zeros out; returns
+    how many.
+
+    tpu-mlir's KLD search (``method="kld"``) is defined on a histogram collected without exact zeros. With the spike
+    of zeros that ReLU outputs hold, its coarse grid of cuts tends to clip more.
+    """
+    import qdq
+    from qdq.calib import HistogramCalibrator
+
+    count = 0
+    for _, q in qdq.quantizers(qmodel):
+        if q.is_enabled and q.axis is None and q.symmetric:
+            q.set_calibrator(HistogramCalibrator(q.num_bits, None, q.unsigned, skip_zeros=True))
+            count += 1
+    return count
+
+
+def export_and_check(qmodel: nn.Module, images: torch.Tensor, path: Path, tolerance_steps: float = 4.0) -> dict:
+    """Exports ``qmodel`` to QDQ ONNX at ``path`` (dynamic batch), compares ONNX Runtime with PyTorch on ``images``
+    and runs the TensorRT rule checker; prints what it found and returns it.
+
+    The outputs of a deep network differ between the runtimes by a few output steps (the two runtimes' float
+    convolutions differ in their last bits, a value on a rounding boundary then rounds one step apart, and such flips
+    compound with depth): they are accepted within ``tolerance_steps`` steps, while every QuantizeLinear of the file
+    must agree with qdq's arithmetic within one step.
+    """
+    from qdq.onnx import check_tensorrt, export_onnx, verify
+    from qdq.onnx.check import format_findings
+
+    info = export_onnx(qmodel, images[:1], path, dynamic_batch=True)
+    print(f"exported {info.path} ({info.num_qdq_pairs} Q/DQ pairs, opset {info.opset})")
+    report = verify(qmodel, path, images, output_tolerance_steps=tolerance_steps)
+    out = report.outputs[0]
+    print(f"ONNX Runtime vs PyTorch on {len(images)} images: max |diff| {out.max_abs_error:.3g} = "
+          f"{out.max_error_steps:.2f} output steps (tolerance {tolerance_steps:g}), {out.num_beyond_one_step} of "
+          f"{out.num_elements} beyond one step; QuantizeLinear rounding: {report.rounding.num_differing} of "
+          f"{report.rounding.num_elements} values one step apart -> {'OK' if report.ok else 'MISMATCH'}")
+    findings = check_tensorrt(path)
+    print("TensorRT rule check:")
+    print(format_findings(findings, show_info=False))
+    counts = {s: sum(f.severity == s for f in findings) for s in ("error", "warning", "info")}
+    return {"onnx": str(info.path), "qdq_pairs": info.num_qdq_pairs, "verify_ok": report.ok,
+            "max_error_steps": out.max_error_steps, "rounding_differing": report.rounding.num_differing,
+            "trt_errors": counts["error"], "trt_warnings": counts["warning"], "trt_info": counts["info"],
+            "trt_findings": [str(f) for f in findings if f.severity != "info"]}

@@ -41,11 +41,11 @@ from torchvision.models.resnet import BasicBlock
 from tqdm.auto import tqdm
 
 import qdq
+from examples.common import (UsageError, cifar10_root, export_and_check, histograms_without_zeros, positive,
+                             print_table, resolve_defaults, run_main)
 from qdq import nn as quant_nn
-from qdq.calib import HistogramCalibrator
 from qdq.evaluate import collect_logits, sqnr_db, top1_accuracy, top1_agreement
-from qdq.onnx import apply_custom_rules_to_quantizer, check_tensorrt, export_onnx, verify
-from qdq.onnx.check import format_findings
+from qdq.onnx import apply_custom_rules_to_quantizer
 from qdq.qat import freeze_bn_stats, qat_learning_rate
 from qdq.rules import apply_resnet_rules
 from qdq.tensor_quant import QuantDescriptor
@@ -59,9 +59,7 @@ __all__ = [
     "train",
     "evaluate",
     "ptq",
-    "histograms_without_zeros",
     "qat",
-    "export_and_check",
     "build_parser",
     "run",
     "main",
@@ -75,10 +73,6 @@ METHODS = ("max", "entropy", "mse", "percentile", "kld")
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 CHECKPOINT_NAME = "resnet20_fp32.pt"
-
-
-class UsageError(Exception):
-    """A mistake in the command line or the data paths; the scripts print it as one line."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -171,8 +165,6 @@ def data_root(root: str | Path | None = None, limit_per_class: int | None = None
         FileNotFoundError: the shared data is not there.
     """
     if root is None:
-        from examples.common import cifar10_root  # the shared-data helpers, imported where used
-
         return cifar10_root(limit_per_class)
     root = Path(root)
     missing = [split for split in ("train", "test") if not (root / split).is_dir()]
@@ -368,21 +360,6 @@ def quantize(model: nn.Module, weight_bits: int = 8, keep_8bit: Sequence[str] = 
     return qmodel
 
 
-def histograms_without_zeros(qmodel: nn.Module) -> int:
-    """Gives every enabled per-tensor quantizer a histogram calibrator that leaves exact zeros out; returns how many.
-
-    The KLD search (tpu-mlir's) expects its histogram without the zeros, as tpu-mlir collects it: with the spike of
-    exact zeros that ReLU outputs hold, its coarse grid of cuts clips far too much (ResNet-20: 34% top-1 instead of
-    75%).
-    """
-    count = 0
-    for _, q in qdq.quantizers(qmodel):
-        if q.is_enabled and q.axis is None and q.symmetric:
-            q.set_calibrator(HistogramCalibrator(q.num_bits, None, q.unsigned, skip_zeros=True))
-            count += 1
-    return count
-
-
 def ptq(
     model: nn.Module,
     calib_loader: DataLoader,
@@ -396,7 +373,7 @@ def ptq(
     """Post-training quantization: a quantized deep copy of ``model`` (see :func:`quantize`), calibrated with
     ``method`` on ``num_batches`` batches of ``calib_loader``.
 
-    With ``method="kld"`` the histograms leave exact zeros out (see :func:`histograms_without_zeros`).
+    With ``method="kld"`` the histograms leave exact zeros out (see :func:`examples.common.histograms_without_zeros`).
     ``template``, an uncalibrated result of :func:`quantize`, is copied instead of quantizing ``model`` again (it
     saves the export the scale-sharing rules run, when several methods are compared; ``weight_bits`` is then
     ignored, as is ``keep_8bit``). ``keep_8bit``: layers whose weights stay 8-bit (see :func:`quantize`).
@@ -443,56 +420,9 @@ def _compare(model: nn.Module, loader: DataLoader, ref_logits: torch.Tensor, lab
     }
 
 
-def export_and_check(qmodel: nn.Module, images: torch.Tensor, path: Path, tolerance_steps: float = 8.0) -> dict:
-    """Exports ``qmodel`` to QDQ ONNX at ``path`` (dynamic batch), compares ONNX Runtime with PyTorch on
-    ``images`` and runs the TensorRT rule checker; returns what it found.
-
-    Deep networks differ between runtimes by a few output steps (one-step rounding flips compound with depth), so
-    the outputs are accepted within ``tolerance_steps`` steps; every QuantizeLinear must agree within one step.
-    """
-    info = export_onnx(qmodel, images[:1], path, dynamic_batch=True)
-    print(f"exported {info.path} ({info.num_qdq_pairs} Q/DQ pairs, opset {info.opset})")
-    report = verify(qmodel, path, images, output_tolerance_steps=tolerance_steps)
-    out = report.outputs[0]
-    print(f"ONNX Runtime vs PyTorch on {len(images)} images: max |diff| {out.max_abs_error:.3g} = "
-          f"{out.max_error_steps:.2f} output steps, {out.num_beyond_one_step} of {out.num_elements} beyond one step; "
-          f"QuantizeLinear rounding: {report.rounding.num_differing} of {report.rounding.num_elements} one step apart "
-          f"-> {'OK' if report.ok else 'MISMATCH'}")
-    findings = check_tensorrt(path)
-    print("TensorRT rule check:")
-    print(format_findings(findings, show_info=False))
-    counts = {s: sum(f.severity == s for f in findings) for s in ("error", "warning", "info")}
-    return {
-        "onnx": str(info.path),
-        "qdq_pairs": info.num_qdq_pairs,
-        "verify_ok": report.ok,
-        "max_error_steps": out.max_error_steps,
-        "rounding_differing": report.rounding.num_differing,
-        "trt_errors": counts["error"],
-        "trt_warnings": counts["warning"],
-        "trt_info": counts["info"],
-        "trt_findings": [str(f) for f in findings if f.severity != "info"],
-    }
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # the pipeline
 # ----------------------------------------------------------------------------------------------------------------
-def _fmt(value: float, spec: str = ".2f") -> str:
-    return "-" if value is None else ("inf" if value == math.inf else format(value, spec))
-
-
-def _print_table(title: str, rows: list[dict], columns: Sequence[tuple[str, str, str]]) -> None:
-    """``columns``: ``(key, header, format spec)``; the first column is left-aligned text."""
-    widths = [max(len(header), *(len(_fmt(r.get(key), spec) if spec else str(r.get(key))) for r in rows))
-              for key, header, spec in columns]
-    print(f"\n{title}")
-    print("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, ((_, h, _), w) in enumerate(zip(columns, widths))))
-    for r in rows:
-        cells = [str(r.get(key)) if not spec else _fmt(r.get(key), spec) for key, _, spec in columns]
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))))
-
-
 def _train_config(args: argparse.Namespace, root: Path) -> dict:
     return {"model": "resnet20", "data": str(root), "epochs": args.epochs, "batch_size": args.batch_size,
             "lr": args.lr, "limit_per_class": args.limit_per_class, "seed": args.seed}
@@ -563,7 +493,7 @@ def run(args: argparse.Namespace) -> dict:
         rows.append(row)
         results["ptq8"][method] = {k: v for k, v in row.items() if k != "method"}
         logger.info("PTQ int8 %s: top-1 %.2f%%", method, row["top1"])
-    _print_table(f"PTQ int8 (per-channel weights, per-tensor activations), {len(labels)} test images, "
+    print_table(f"PTQ int8 (per-channel weights, per-tensor activations), {len(labels)} test images, "
                  f"{args.calib_batches} x {args.calib_batch_size} calibration images",
                  rows, [("method", "method", ""), ("top1", "top-1 %", ".2f"), ("agreement", "agree %", ".2f"),
                         ("sqnr_db", "SQNR dB", ".1f"), ("calib_s", "calib s", ".1f")])
@@ -579,7 +509,7 @@ def run(args: argparse.Namespace) -> dict:
     schedule = f"{args.qat_steps} steps" if args.qat_steps else f"{args.qat_epochs} ep"
     qat_row = {"model": f"QAT w4a8 ({schedule})",
                **_compare(w4, test_loader, ref_logits, labels, "Evaluate w4 QAT")}
-    _print_table("4-bit weights (per channel, every layer), 8-bit activations",
+    print_table("4-bit weights (per channel, every layer), 8-bit activations",
                  [{"model": "fp32", "top1": fp32_top1}, w4_row, qat_row],
                  [("model", "model", ""), ("top1", "top-1 %", ".2f"), ("agreement", "agree %", ".2f"),
                   ("sqnr_db", "SQNR dB", ".1f")])
@@ -588,7 +518,7 @@ def run(args: argparse.Namespace) -> dict:
     # export the best 8-bit model
     print(f"\nexport of the best 8-bit model (PTQ {best})")
     images = next(iter(test_loader))[0][: args.verify_images]
-    results["export"] = export_and_check(models8[best], images, out / "resnet20_int8_qdq.onnx")
+    results["export"] = export_and_check(models8[best], images, out / "resnet20_int8_qdq.onnx", tolerance_steps=8.0)
     results["seconds"] = time.perf_counter() - t_start
 
     print("\nsummary")
@@ -614,19 +544,6 @@ TINY = {"limit_per_class": 20, "epochs": 1, "qat_epochs": 1, "qat_steps": 3, "ba
         "calib_batches": 1, "calib_batch_size": 32, "workers": 0, "verify_images": 8, "methods": ["max", "mse"]}
 
 
-def _positive(kind: type):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
-        return value
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``examples/cifar10/train.py``."""
     default_out = Path(tempfile.gettempdir()) / "qdq-examples" / "cifar10"
@@ -635,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a ResNet-20 on CIFAR-10 (or any ImageFolder with train/ and test/), compare 8-bit PTQ "
                     "calibration methods, 4-bit weights PTQ against QAT, export the best 8-bit model to QDQ ONNX, "
                     "verify it with ONNX Runtime and check it against TensorRT's rules.",
-        epilog="Examples: `python -m examples.cifar10.train` (full run, ~15-20 min on 2 CPU cores), "
+        epilog="Examples: `python -m examples.cifar10.train` (full run, ~40 min on 2 CPU cores), "
                "`python -m examples.cifar10.train --tiny` (smoke run, ~30 s).",
     )
     parser.add_argument("--data", type=Path, default=None,
@@ -647,22 +564,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="float ResNet-20 weights to start from instead of training")
     parser.add_argument("--retrain", action="store_true", help="train again even if --out holds a checkpoint")
-    parser.add_argument("--epochs", type=_positive(int), default=None, help="float training epochs (default 5)")
-    parser.add_argument("--qat-epochs", type=_positive(int), default=None, help="QAT epochs (default 1)")
-    parser.add_argument("--qat-steps", type=_positive(int), default=None,
+    parser.add_argument("--epochs", type=positive(int), default=None, help="float training epochs (default 15)")
+    parser.add_argument("--qat-epochs", type=positive(int), default=None, help="QAT epochs (default 1)")
+    parser.add_argument("--qat-steps", type=positive(int), default=None,
                         help="stop QAT after this many steps (default: the whole epochs)")
-    parser.add_argument("--qat-lr", type=_positive(float), default=None,
+    parser.add_argument("--qat-lr", type=positive(float), default=None,
                         help="QAT learning rate (default: 1%% of --lr)")
-    parser.add_argument("--lr", type=_positive(float), default=0.2, help="float training peak learning rate (0.2)")
-    parser.add_argument("--batch-size", type=_positive(int), default=None, help="training batch size (default 256)")
-    parser.add_argument("--limit-per-class", type=_positive(int), default=None,
+    parser.add_argument("--lr", type=positive(float), default=0.2, help="float training peak learning rate (0.2)")
+    parser.add_argument("--batch-size", type=positive(int), default=None, help="training batch size (default 256)")
+    parser.add_argument("--limit-per-class", type=positive(int), default=None,
                         help="use only the first N images of each class in each split (quick runs)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=None,
                         help="calibration methods to compare (default: all; max and mse with --tiny)")
-    parser.add_argument("--calib-batches", type=_positive(int), default=None, help="calibration batches (default 8)")
-    parser.add_argument("--calib-batch-size", type=_positive(int), default=None,
+    parser.add_argument("--calib-batches", type=positive(int), default=None, help="calibration batches (default 8)")
+    parser.add_argument("--calib-batch-size", type=positive(int), default=None,
                         help="calibration batch size (default 128)")
-    parser.add_argument("--verify-images", type=_positive(int), default=None,
+    parser.add_argument("--verify-images", type=positive(int), default=None,
                         help="test images ONNX Runtime runs for the parity check (default 64)")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers for training (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
@@ -674,35 +591,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
-    defaults = {"epochs": 5, "qat_epochs": 1, "qat_steps": None, "batch_size": 256, "calib_batches": 8,
+    defaults = {"epochs": 15, "qat_epochs": 1, "qat_steps": None, "batch_size": 256, "calib_batches": 8,
                 "calib_batch_size": 128, "workers": 1, "verify_images": 64, "limit_per_class": None,
                 "methods": list(METHODS)}
-    preset = TINY if args.tiny else {}
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, preset.get(key, value))
-    if args.out is None:
-        args.out = Path(tempfile.gettempdir()) / "qdq-examples" / ("cifar10-tiny" if args.tiny else "cifar10")
+    args = resolve_defaults(args, "cifar10", defaults, TINY)
     if args.workers < 0:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
     if args.checkpoint is not None and not args.checkpoint.is_file():
         raise UsageError(f"--checkpoint {args.checkpoint} does not exist")
     if args.data is not None and not args.data.is_dir():
         raise UsageError(f"--data {args.data} is not a folder")
-    if args.out.exists() and not args.out.is_dir():
-        raise UsageError(f"--out {args.out} exists and is not a folder")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (2 for a usage or data error, with a one-line message)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger(__name__).setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    try:
-        run(_resolve(args))
-    except (UsageError, FileNotFoundError) as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
-    return 0
+    return run_main(build_parser(), run, _resolve, argv)

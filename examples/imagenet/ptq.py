@@ -15,7 +15,7 @@ The steps of :func:`run` (``python -m examples.imagenet.ptq``):
 5. export to QDQ ONNX, parity with ONNX Runtime, TensorRT rule check; PNG plots when :mod:`qdq.plots` is there.
 
 The helpers are importable for benchmarks and notebooks: :func:`image_loaders`, :func:`calibrate_copy`,
-:func:`compare`, :func:`agreement_metric`, :func:`export_and_check`.
+:func:`compare`, :func:`agreement_metric`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import argparse
 import copy
 import json
 import logging
-import math
 import random
 import tempfile
 import time
@@ -36,10 +35,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import qdq
+from examples.common import (UsageError, export_and_check, histograms_without_zeros, positive, print_table,
+                             resolve_defaults, run_main)
 from qdq.calib import HistogramCalibrator
 from qdq.evaluate import collect_logits, sqnr_db, top1_accuracy, top1_agreement
-from qdq.onnx import check_tensorrt, export_onnx, verify
-from qdq.onnx.check import format_findings
 from qdq.sensitivity import SensitivityProfile, auto_skip_sensitive_layers, build_sensitivity_profile, quantized_layers
 
 __all__ = [
@@ -47,10 +46,8 @@ __all__ = [
     "UsageError",
     "image_loaders",
     "calibrate_copy",
-    "histograms_without_zeros",
     "compare",
     "agreement_metric",
-    "export_and_check",
     "build_parser",
     "run",
     "main",
@@ -68,10 +65,6 @@ CONFIGS: tuple[tuple[str, str, bool], ...] = (
     ("kld+autotune", "kld", True),
 )
 _LABELS = [label for label, _, _ in CONFIGS]
-
-
-class UsageError(Exception):
-    """A mistake in the command line or the data paths; the script prints it as one line."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -133,27 +126,13 @@ def image_loaders(
 # ----------------------------------------------------------------------------------------------------------------
 # quantization and measures
 # ----------------------------------------------------------------------------------------------------------------
-def histograms_without_zeros(qmodel: nn.Module) -> int:
-    """Gives every enabled per-tensor quantizer a histogram calibrator that leaves exact zeros out; returns how many.
-
-    The KLD search (tpu-mlir's) expects its histogram without the zeros, as tpu-mlir collects it: with the spike of
-    exact zeros that ReLU/ReLU6 outputs hold, its coarse grid of cuts clips far too much.
-    """
-    count = 0
-    for _, q in qdq.quantizers(qmodel):
-        if q.is_enabled and q.axis is None and q.symmetric:
-            q.set_calibrator(HistogramCalibrator(q.num_bits, None, q.unsigned, skip_zeros=True))
-            count += 1
-    return count
-
-
 def calibrate_copy(model: nn.Module, calib_loader: DataLoader, method: str, autotune: bool = False,
                    ignore_policy: Any = None) -> tuple[nn.Module, float]:
     """A quantized deep copy of ``model`` (8-bit per-channel weights, per-tensor inputs of every conv and linear
     layer, subclasses such as EfficientNet's same-padding convolutions included) calibrated with ``method`` on the
     whole ``calib_loader``; returns it and the calibration time in seconds (statistics, amax search, auto-tune).
 
-    With ``method="kld"`` the histograms leave exact zeros out (see :func:`histograms_without_zeros`)."""
+    With ``method="kld"`` the histograms leave exact zeros out (see :func:`examples.common.histograms_without_zeros`)."""
     qmodel = copy.deepcopy(model).eval()
     qdq.replace_to_quantization_module(qmodel, ignore_policy=ignore_policy)
     if method == "kld":
@@ -186,35 +165,6 @@ def agreement_metric(float_model: nn.Module, loader: DataLoader) -> Callable[[nn
     return eval_fn
 
 
-def export_and_check(qmodel: nn.Module, images: torch.Tensor, path: Path, tolerance_steps: float = 4.0) -> dict:
-    """Exports ``qmodel`` to QDQ ONNX at ``path`` (dynamic batch), compares ONNX Runtime with PyTorch on ``images``
-    and runs the TensorRT rule checker.
-
-    The outputs of a deep network differ between the runtimes by a few output steps (one-step rounding flips of the
-    activations compound with depth); they are accepted within ``tolerance_steps`` steps, while every
-    QuantizeLinear must agree within one step.
-    """
-    info = export_onnx(qmodel, images[:1], path, dynamic_batch=True)
-    print(f"exported {info.path} ({info.num_qdq_pairs} Q/DQ pairs, opset {info.opset})")
-    report = verify(qmodel, path, images, output_tolerance_steps=tolerance_steps)
-    out = report.outputs[0]
-    print(f"ONNX Runtime vs PyTorch on {len(images)} images: max |diff| {out.max_abs_error:.3g} = "
-          f"{out.max_error_steps:.2f} output steps (tolerance {tolerance_steps:g}); QuantizeLinear rounding: "
-          f"{report.rounding.num_differing} of {report.rounding.num_elements} values one step apart "
-          f"-> {'OK' if report.ok else 'MISMATCH'}")
-    findings = check_tensorrt(path)
-    print("TensorRT rule check:")
-    print(format_findings(findings, show_info=False))
-    counts = {s: sum(f.severity == s for f in findings) for s in ("error", "warning", "info")}
-    return {"onnx": str(info.path), "qdq_pairs": info.num_qdq_pairs, "verify_ok": report.ok,
-            "max_error_steps": out.max_error_steps, "trt_errors": counts["error"],
-            "trt_warnings": counts["warning"], "trt_info": counts["info"],
-            "trt_findings": [str(f) for f in findings if f.severity != "info"]}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# plots (qdq.plots is optional)
-# ----------------------------------------------------------------------------------------------------------------
 def _plots(out: Path, models: dict[str, nn.Module], labels: Sequence[str], profile: SensitivityProfile) -> list[str]:
     """``histogram.png`` (the longest-tailed activation of a histogram-calibrated model, with each method's amax) and
     ``sensitivity.png``, when :mod:`qdq.plots` and matplotlib are installed; returns the files written."""
@@ -253,23 +203,6 @@ def _plots(out: Path, models: dict[str, nn.Module], labels: Sequence[str], profi
 # ----------------------------------------------------------------------------------------------------------------
 # the pipeline
 # ----------------------------------------------------------------------------------------------------------------
-def _fmt(value: Any, spec: str) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float) and math.isinf(value):
-        return "inf"
-    return format(value, spec) if spec else str(value)
-
-
-def _print_table(title: str, rows: list[dict], columns: Sequence[tuple[str, str, str]]) -> None:
-    """``columns``: ``(key, header, format spec)``; the first column is left-aligned text."""
-    cells = [[_fmt(r.get(key), spec) for key, _, spec in columns] for r in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (_, h, _) in enumerate(columns)]
-    print(f"\n{title}")
-    for line in [[h for _, h, _ in columns]] + cells:
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
-
-
 _COLUMNS = [("config", "config", ""), ("top1", "top-1 %", ".2f"), ("agreement", "agree %", ".2f"),
             ("sqnr_db", "SQNR dB", ".1f"), ("calib_s", "calib s", ".1f")]
 
@@ -309,7 +242,7 @@ def run(args: argparse.Namespace) -> dict:
         results["ptq"][label] = {k: v for k, v in row.items() if k != "config"}
         logger.info("PTQ %s: top-1 %.2f%%, agreement %.2f%%, SQNR %.1f dB, %.1f s", label, row["top1"],
                     row["agreement"], row["sqnr_db"], seconds)
-    _print_table(f"PTQ int8 of {args.model}: {len(calib_loader.dataset)} calibration images, "
+    print_table(f"PTQ int8 of {args.model}: {len(calib_loader.dataset)} calibration images, "
                  f"{len(labels)} evaluation images", rows, _COLUMNS)
     best = max(results["ptq"], key=lambda k: (results["ptq"][k]["top1"], results["ptq"][k]["agreement"],
                                               results["ptq"][k]["sqnr_db"]))
@@ -341,7 +274,7 @@ def run(args: argparse.Namespace) -> dict:
     else:  # nothing changed
         skip_row = {"config": f"{best} + skip 0", **results["ptq"][best]}
     if skipped:
-        _print_table("after the automatic skip", [rows[0], next(r for r in rows if r["config"] == best), skip_row],
+        print_table("after the automatic skip", [rows[0], next(r for r in rows if r["config"] == best), skip_row],
                      _COLUMNS[:4])
     results["sensitivity"] = {"metric": "top-1 agreement with fp32 (%)", "images": len(sens_set),
                               "float": profile.float_metric, "quantized": profile.quantized_metric,
@@ -380,16 +313,6 @@ TINY = {"calib": 10, "eval": 10, "methods": ["max", "mse"], "sens_images": 5, "s
         "verify_images": 1}
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``examples/imagenet/ptq.py``."""
     default_out = Path(tempfile.gettempdir()) / "qdq-examples" / "imagenet"
@@ -411,23 +334,23 @@ def build_parser() -> argparse.ArgumentParser:
                         help="image folder: the ImageNet sample layout (<wnid>_*.JPEG + wnids_1000_sorted.txt) or "
                              "class folders named by wnid (default: the 500 ImageNet sample images of "
                              "../shared/data, extracted once to a cache folder)")
-    parser.add_argument("--calib", type=_positive_int, default=None, help="calibration images (default 100)")
-    parser.add_argument("--eval", type=_positive_int, default=None,
+    parser.add_argument("--calib", type=positive(int), default=None, help="calibration images (default 100)")
+    parser.add_argument("--eval", type=positive(int), default=None,
                         help="evaluation images (default: all the others, 400 of the sample)")
     parser.add_argument("--methods", nargs="+", choices=_LABELS, default=None,
                         help="PTQ configurations to compare (default: all; max and mse with --tiny)")
-    parser.add_argument("--sens-images", type=_positive_int, default=None,
+    parser.add_argument("--sens-images", type=positive(int), default=None,
                         help="calibration images the sensitivity profile runs (default 100)")
-    parser.add_argument("--sens-layers", type=_positive_int, default=None,
+    parser.add_argument("--sens-layers", type=positive(int), default=None,
                         help="profile only the first N quantized layers (default: all)")
     parser.add_argument("--tolerance", type=float, default=2.0,
                         help="automatic skip: stop when the top-1 agreement with fp32 is within this many points "
                              "of 100%% on the sensitivity images (default 2.0)")
-    parser.add_argument("--max-skip", type=_positive_int, default=10, help="skip at most this many layers (10)")
-    parser.add_argument("--show-layers", type=_positive_int, default=15,
+    parser.add_argument("--max-skip", type=positive(int), default=10, help="skip at most this many layers (10)")
+    parser.add_argument("--show-layers", type=positive(int), default=15,
                         help="rows of the sensitivity table to print (15)")
-    parser.add_argument("--batch-size", type=_positive_int, default=None, help="batch size (default 25)")
-    parser.add_argument("--verify-images", type=_positive_int, default=None,
+    parser.add_argument("--batch-size", type=positive(int), default=None, help="batch size (default 25)")
+    parser.add_argument("--verify-images", type=positive(int), default=None,
                         help="images ONNX Runtime runs for the parity check (default 4)")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"output folder: ONNX file, results.json, plots (default: {default_out}, "
@@ -443,35 +366,19 @@ def build_parser() -> argparse.ArgumentParser:
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     defaults = {"calib": 100, "eval": None, "methods": list(_LABELS), "sens_images": 100, "sens_layers": None,
                 "batch_size": 25, "verify_images": 4}
-    preset = TINY if args.tiny else {}
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, preset.get(key, value))
-    if args.out is None:
-        args.out = Path(tempfile.gettempdir()) / "qdq-examples" / ("imagenet-tiny" if args.tiny else "imagenet")
+    args = resolve_defaults(args, "imagenet", defaults, TINY)
     if args.tolerance < 0:
         raise UsageError(f"--tolerance must be >= 0, got {args.tolerance}")
     if args.weights is not None and not args.weights.is_file():
         raise UsageError(f"--weights {args.weights} does not exist")
     if args.data is not None and not args.data.is_dir():
         raise UsageError(f"--data {args.data} is not a folder")
-    if args.out.exists() and not args.out.is_dir():
-        raise UsageError(f"--out {args.out} exists and is not a folder")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (2 for a usage or data error, with a one-line message)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger(__name__).setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    try:
-        run(_resolve(args))
-    except (UsageError, FileNotFoundError) as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
-    return 0
+    return run_main(build_parser(), run, _resolve, argv)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 import qdq
+from examples.common import UsageError, positive, resolve_defaults, run_main
 from qdq.onnx import apply_custom_rules_to_quantizer, check_tensorrt, export_onnx, verify
 from qdq.onnx.check import format_findings
 from qdq.qat import Distiller, freeze_bn_stats, make_teacher
@@ -57,10 +58,6 @@ logger = logging.getLogger(__name__)
 #: The modules whose outputs the student matches: the three neck outputs and the head.
 DISTILL_LAYERS = ("neck.c3_out3", "neck.c3_out4", "neck.c3_out5", "detect")
 SIZES = ("tiny", "n", "s", "m", "l", "x")
-
-
-class UsageError(Exception):
-    """A mistake in the command line or the data paths; the script prints it as one line."""
 
 
 def build_detector(size: str = "n", nc: int = 80, weights: str | Path | None = None, seed: int = 0) -> nn.Module:
@@ -260,16 +257,6 @@ TINY = {"size": "tiny", "nc": 3, "imgsz": 64, "calib_images": 8, "batch_size": 4
         "verify_images": 2}
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``examples/yolov5/qat.py``."""
     default_out = Path(tempfile.gettempdir()) / "qdq-examples" / "yolov5"
@@ -282,21 +269,21 @@ def build_parser() -> argparse.ArgumentParser:
                "`python -m examples.yolov5.qat --size s --imgsz 640`, `python -m examples.yolov5.qat --tiny`.",
     )
     parser.add_argument("--size", choices=SIZES, default=None, help="model size (default n; tiny: a test model)")
-    parser.add_argument("--nc", type=_positive_int, default=None, help="number of classes (default 80)")
+    parser.add_argument("--nc", type=positive(int), default=None, help="number of classes (default 80)")
     parser.add_argument("--weights", type=Path, default=None,
                         help="state_dict of your own trained model (default: reproducible random weights)")
-    parser.add_argument("--imgsz", type=_positive_int, default=None,
+    parser.add_argument("--imgsz", type=positive(int), default=None,
                         help="square input size, a multiple of 32 (default 320)")
     parser.add_argument("--images", default="imagenet",
                         help="calibration/QAT images: imagenet (the ImageNet sample of ../shared/data), cifar10, "
                              "or a folder of images (labels are not used)")
-    parser.add_argument("--calib-images", type=_positive_int, default=None, help="images used (default 64)")
-    parser.add_argument("--batch-size", type=_positive_int, default=None, help="batch size (default 8)")
+    parser.add_argument("--calib-images", type=positive(int), default=None, help="images used (default 64)")
+    parser.add_argument("--batch-size", type=positive(int), default=None, help="batch size (default 8)")
     parser.add_argument("--method", default="mse", choices=["max", "entropy", "mse", "percentile", "kld"],
                         help="calibration method (mse)")
-    parser.add_argument("--qat-steps", type=_positive_int, default=None, help="distillation steps (default 40)")
+    parser.add_argument("--qat-steps", type=positive(int), default=None, help="distillation steps (default 40)")
     parser.add_argument("--lr", type=float, default=1e-5, help="Adam learning rate of the distillation (1e-5)")
-    parser.add_argument("--verify-images", type=_positive_int, default=None,
+    parser.add_argument("--verify-images", type=positive(int), default=None,
                         help="images ONNX Runtime runs for the parity check (default 4)")
     parser.add_argument("--tolerance-steps", type=float, default=16.0,
                         help="ONNX Runtime parity: accepted output difference in output quantization steps "
@@ -316,12 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     defaults = {"size": "n", "nc": 80, "imgsz": 320, "calib_images": 64, "batch_size": 8, "qat_steps": 40,
                 "verify_images": 4}
-    preset = TINY if args.tiny else {}
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, preset.get(key, value))
-    if args.out is None:
-        args.out = Path(tempfile.gettempdir()) / "qdq-examples" / ("yolov5-tiny" if args.tiny else "yolov5")
+    args = resolve_defaults(args, "yolov5", defaults, TINY)
     if args.imgsz % 32:
         raise UsageError(f"--imgsz must be a multiple of 32 (the largest stride), got {args.imgsz}")
     if args.lr <= 0:
@@ -330,25 +312,14 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise UsageError(f"--weights {args.weights} does not exist")
     if args.images not in ("imagenet", "cifar10") and not Path(args.images).is_dir():
         raise UsageError(f"--images {args.images}: not 'imagenet', 'cifar10' or a folder")
-    if args.out.exists() and not args.out.is_dir():
-        raise UsageError(f"--out {args.out} exists and is not a folder")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (2 for a usage or data error, with a one-line message)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger(__name__).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     from qdq.data import DataSourceError
 
-    try:
-        run(_resolve(args))
-    except (UsageError, FileNotFoundError, NotADirectoryError, DataSourceError) as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
-    return 0
+    return run_main(build_parser(), run, _resolve, argv, errors=(DataSourceError,))
 
 
 if __name__ == "__main__":
