@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="8-bit PTQ of an ImageNet classifier with every calibration method, a sensitivity profile, "
                     "automatic skip of the most sensitive layers and QDQ ONNX export (verified with ONNX Runtime, "
                     "checked against TensorRT's rules).",
-        epilog="Examples: `python -m examples.imagenet.ptq` (EfficientNet-Lite0, ~10 min on 2 CPU cores), "
+        epilog="Examples: `python -m examples.imagenet.ptq` (EfficientNet-Lite0, ~12 min on 2 CPU cores), "
                "`python -m examples.imagenet.ptq --model resnet50 --weights resnet50.pth`, "
                "`python -m examples.imagenet.ptq --tiny` (smoke run).",
     )

@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quantize the YOLOv5-style detector for TensorRT: QuantAdd/QuantConcat recipes, ONNX-driven "
                     "scale sharing, calibration, distillation QAT against the float model, QDQ ONNX export, "
                     "TensorRT rule check and ONNX Runtime parity.",
-        epilog="Examples: `python -m examples.yolov5.qat` (yolov5n at 320x320, ~5 min on 2 CPU cores), "
+        epilog="Examples: `python -m examples.yolov5.qat` (yolov5n at 320x320, ~1 min on 2 CPU cores), "
                "`python -m examples.yolov5.qat --size s --imgsz 640`, `python -m examples.yolov5.qat --tiny`.",
     )
     parser.add_argument("--size", choices=SIZES, default=None, help="model size (default n; tiny: a test model)")
