@@ -224,8 +224,10 @@ def histograms_without_zeros(qmodel: nn.Module) -> int:
     """Gives every enabled per-tensor symmetric quantizer a histogram calibrator that leaves exact zeros out; returns
     how many.
 
-    tpu-mlir's KLD search (``method="kld"``) is defined on a histogram collected without exact zeros. With the spike
-    of zeros that ReLU outputs hold, its coarse grid of cuts tends to clip more.
+    tpu-mlir's KLD search (``method="kld"``) is defined on a histogram collected without exact zeros; the examples
+    collect it that way to follow tpu-mlir. Since the search lets the zero bin take bin 1's count
+    (:mod:`qdq.calib.kld`), the spike of zeros of ReLU outputs hardly matters: on the CIFAR-10 ResNet-20 of
+    ``examples/cifar10`` kld gave 82.55% top-1 without the zeros and 82.69% with them (fp32 84.58%).
     """
     import qdq
     from qdq.calib import HistogramCalibrator
