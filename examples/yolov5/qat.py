@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> dict:
           f"input {args.imgsz}x{args.imgsz}, {'weights ' + str(args.weights) if args.weights else 'random weights'}")
 
     done = quantize_detector(model, args.imgsz)
-    print(f"{done['replaced'].replaced.__len__()} convolutions quantized; recipes: "
+    print(f"{len(done['replaced'].replaced)} convolutions quantized; recipes: "
           + ", ".join(f"{name.split('.')[-1]} {len(paths)}" for name, paths in done["recipes"].items())
           + f"; {len(done['shared'])} quantizer pairs made to share a scale")
 
