@@ -227,3 +227,34 @@ def test_no_files_in_working_directory(tmp_path, monkeypatch):
 def test_opset_too_low(tmp_path):
     with pytest.raises(ValueError, match="opset 11"):
         export_onnx(nn.Linear(2, 2), torch.randn(1, 2), tmp_path / "x.onnx", opset=11)
+
+
+class _LSTMHead(nn.Module):
+    def __init__(self, bidirectional):
+        super().__init__()
+        self.lstm = nn.LSTM(6, 8, num_layers=2, batch_first=True, bidirectional=bidirectional)
+
+    def forward(self, x):
+        return self.lstm(x)[0]
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["unidirectional", "bidirectional"])
+def test_lstm_matches_onnxruntime(bidirectional, dynamo, tmp_path):
+    """QuantLSTM exports with its input and weights behind Q/DQ pairs (TorchScript: as ONNX LSTM nodes; dynamo
+    writes the recurrence out), and ONNX Runtime agrees."""
+    torch.manual_seed(0)
+    model = _LSTMHead(bidirectional).eval()
+    qdq.replace_to_quantization_module(model)
+    assert isinstance(model.lstm, quant_nn.QuantLSTM)
+    _calibrate(model, (3, 5, 6))
+    info = export_onnx(model, torch.randn(3, 5, 6), tmp_path / "lstm.onnx", dynamic_batch=not dynamo, dynamo=dynamo)
+    ops = _ops(info.model)
+    assert ops.count("QuantizeLinear") == ops.count("DequantizeLinear") > 0
+    if not dynamo:
+        assert ops.count("LSTM") == 2
+        directions = 2 if bidirectional else 1
+        # per layer: its input, then W_ih and W_hh of every direction
+        assert ops.count("QuantizeLinear") == 2 * (1 + 2 * directions)
+    report = verify(model, info.path, torch.randn(4 if not dynamo else 3, 5, 6) * 1.5)
+    assert report.ok, str(report)
