@@ -193,6 +193,19 @@ def _subclass_forward(float_sub: type):
     return forward
 
 
+def _new_generated(float_sub: type, quant_cls: type, float_base: type) -> nn.Module:
+    """An empty instance of the generated class for these three classes (made again if needed): what unpickling a
+    quantized subclass calls before it restores the instance's state."""
+    cls = _quant_subclass(float_sub, quant_cls, float_base)
+    return cls.__new__(cls)
+
+
+def _reduce_generated(self, protocol):
+    """Pickles an instance of a generated class by the classes it is made from: the generated class itself lives in
+    no module, so pickle could not find it by name (``torch.save(model)``, multiprocessing)."""
+    return _new_generated, type(self)._qdq_origin, self.__getstate__()
+
+
 @functools.lru_cache(maxsize=None)
 def _quant_subclass(float_sub: type, quant_cls: type, float_base: type) -> type:
     """``Quant<Sub>``: a class deriving from the quantized twin of ``float_base`` and from ``float_sub``."""
@@ -201,6 +214,8 @@ def _quant_subclass(float_sub: type, quant_cls: type, float_base: type) -> type:
         "__module__": float_sub.__module__,
         "__doc__": f"Quantized {float_sub.__qualname__} (made by qdq).",
         "_qdq_generated": True,
+        "_qdq_origin": (float_sub, quant_cls, float_base),
+        "__reduce_ex__": _reduce_generated,
     }
     if own_forward:
         if issubclass(quant_cls, nn.RNNBase) or issubclass(quant_cls, nn.RNNCellBase):

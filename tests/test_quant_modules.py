@@ -110,6 +110,27 @@ def test_subclassed_convs_are_quantized_with_their_forward():
     assert model[2].input_quantizer.calibrator.num_batches == 1
 
 
+def test_quantized_subclasses_pickle_and_deepcopy(tmp_path):
+    """torch.save(model) and pickle find a generated class through the classes it is made from."""
+    import copy
+    import pickle
+
+    model = _net().eval()
+    replace_to_quantization_module(model)
+    model[0].input_quantizer.amax = 0.5
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+    torch.save(model, tmp_path / "model.pt")
+    for other in (torch.load(tmp_path / "model.pt", weights_only=False), pickle.loads(pickle.dumps(model)),
+                  copy.deepcopy(model)):
+        assert type(other[0]) is type(model[0]) and type(other[0]).__name__ == "QuantStaticSamePadConv"
+        assert other[0].weight is not model[0].weight
+        assert float(other[0].input_quantizer.amax) == 0.5
+        with torch.no_grad():
+            assert torch.equal(other(x), expected)
+
+
 def test_subclass_forward_gradients():
     model = _net()
     replace_to_quantization_module(model)
