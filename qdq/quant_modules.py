@@ -202,7 +202,10 @@ def _new_generated(float_sub: type, quant_cls: type, float_base: type) -> nn.Mod
 
 def _reduce_generated(self, protocol):
     """Pickles an instance of a generated class by the classes it is made from: the generated class itself lives in
-    no module, so pickle could not find it by name (``torch.save(model)``, multiprocessing)."""
+    no module, so pickle could not find it by name (``torch.save(model)``, multiprocessing). A class derived from a
+    generated one is pickled the usual way, by its own name."""
+    if not vars(type(self)).get("_qdq_generated"):
+        return object.__reduce_ex__(self, protocol)
     return _new_generated, type(self)._qdq_origin, self.__getstate__()
 
 
