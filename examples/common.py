@@ -9,6 +9,7 @@ The real data lives outside the repository (``../shared/data`` beside the checko
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -26,8 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 ROOT = Path(__file__).resolve().parents[1]
 
 __all__ = ["shared_data_dir", "extract", "cifar10_root", "imagenet_sample", "ImagenetSample", "cache_dir",
-           "UsageError", "positive", "resolve_defaults", "run_main", "fmt", "print_table", "histograms_without_zeros",
-           "export_and_check"]
+           "first_per_class", "UsageError", "positive", "add_run_arguments", "resolve_defaults", "run_main", "fmt",
+           "print_table", "finish", "export_summary", "histograms_without_zeros", "export_and_check"]
 
 
 def shared_data_dir() -> Path:
@@ -50,7 +51,8 @@ def extract(archive: str | os.PathLike, keep: Callable[[str], bool] | None = Non
     if not path.is_absolute() and not path.exists():
         path = shared_data_dir() / path
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist (the shared data lives in ../shared/data beside the repository)")
+        raise FileNotFoundError(f"{path} does not exist (the shared data lives in ../shared/data beside the "
+                                "repository)")
     dest = cache_dir() / f"{path.name.split('.')[0]}-{tag}"
     done = dest / ".complete"
     if done.exists():
@@ -99,6 +101,20 @@ class ImagenetSample(Dataset):
             return self.transform(img.convert("RGB")), label
 
 
+def first_per_class(dataset, limit: int | None):
+    """The first ``limit`` images of each class of an ImageFolder-like ``dataset`` (its ``samples`` order), as a
+    ``Subset``; the dataset itself when ``limit`` is ``None``."""
+    if limit is None:
+        return dataset
+    taken: dict[int, int] = {}
+    keep = []
+    for index, (_, label) in enumerate(dataset.samples):
+        if taken.get(label, 0) < limit:
+            taken[label] = taken.get(label, 0) + 1
+            keep.append(index)
+    return torch.utils.data.Subset(dataset, keep)
+
+
 def imagenet_sample(transform: Callable, calib: int = 100, batch_size: int = 25,
                     root: str | os.PathLike | None = None) -> tuple[DataLoader, DataLoader]:
     """``(calibration loader, evaluation loader)`` over the ImageNet sample: after a fixed shuffle (the files are
@@ -143,10 +159,28 @@ def positive(kind: type = int) -> Callable[[str], Any]:
     return parse
 
 
-def resolve_defaults(args: argparse.Namespace, name: str, defaults: dict, tiny: dict) -> argparse.Namespace:
+def _default_out(name: str) -> Path:
+    return Path(tempfile.gettempdir()) / "qdq-examples" / name
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, name: str, outputs: str, tiny: str,
+                      seed: str = "random seed (0)") -> None:
+    """Adds the options every example has: ``--out`` (``outputs`` says what goes there), ``--seed``, ``--tiny``
+    (``tiny`` says what the preset sets) and ``-v``. See :func:`resolve_defaults` for their defaults."""
+    out = _default_out(name)
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"output folder: {outputs} (default: {out}, or {out}-tiny with --tiny)")
+    parser.add_argument("--seed", type=int, default=0, help=seed)
+    parser.add_argument("--tiny", action="store_true", help=f"smoke-test preset: {tiny} (explicit flags still win)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def resolve_defaults(args: argparse.Namespace, name: str, defaults: dict, tiny: dict, files: Sequence[str] = (),
+                     folders: Sequence[str] = ()) -> argparse.Namespace:
     """Fills the options left at ``None``: from the ``tiny`` preset with ``--tiny``, else from ``defaults`` (flags given
     on the command line win); ``--out`` defaults to ``<system temp>/qdq-examples/<name>`` (``<name>-tiny`` with
-    ``--tiny``) and must be a folder if it exists.
+    ``--tiny``) and must be a folder if it exists. The options named in ``files`` and ``folders``, when given, must
+    be an existing file or folder.
 
     Example:
         >>> args = resolve_defaults(argparse.Namespace(tiny=True, out=None, epochs=None, lr=0.5), "demo",
@@ -159,10 +193,16 @@ def resolve_defaults(args: argparse.Namespace, name: str, defaults: dict, tiny: 
         if getattr(args, key) is None:
             setattr(args, key, preset.get(key, value))
     if args.out is None:
-        args.out = Path(tempfile.gettempdir()) / "qdq-examples" / (f"{name}-tiny" if args.tiny else name)
+        args.out = _default_out(f"{name}-tiny" if args.tiny else name)
     args.out = Path(args.out)
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} exists and is not a folder")
+    for key in files:
+        if getattr(args, key) is not None and not Path(getattr(args, key)).is_file():
+            raise UsageError(f"--{key.replace('_', '-')} {getattr(args, key)} does not exist")
+    for key in folders:
+        if getattr(args, key) is not None and not Path(getattr(args, key)).is_dir():
+            raise UsageError(f"--{key.replace('_', '-')} {getattr(args, key)} is not a folder")
     return args
 
 
@@ -215,6 +255,38 @@ def print_table(title: str, rows: list[dict], columns: Sequence[tuple[str, str, 
     print(f"\n{title}")
     for line in [[h for _, h, _ in columns]] + cells:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+
+
+def finish(out: Path, results: dict, summary: Sequence[tuple[str, str]]) -> dict:
+    """Prints the closing ``summary`` (label, value) lines aligned, with the total time from ``results["seconds"]``,
+    writes ``results`` to ``out/results.json`` and returns them.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     _ = finish(Path(d), {"seconds": 3.2}, [("fp32 top-1", "84.58%"), ("ONNX Runtime parity", "OK")])
+        <BLANKLINE>
+        summary
+          fp32 top-1           84.58%
+          ONNX Runtime parity  OK
+          total time           3 s
+        wrote .../results.json
+    """
+    rows = list(summary) + [("total time", f"{results['seconds']:.0f} s")]
+    width = max(len(label) for label, _ in rows)
+    print("\nsummary")
+    for label, value in rows:
+        print(f"  {label:<{width}}  {value}")
+    path = Path(out) / "results.json"
+    path.write_text(json.dumps(results, indent=2, default=str))
+    print(f"wrote {path}")
+    return results
+
+
+def export_summary(export: dict) -> list[tuple[str, str]]:
+    """The summary lines of an :func:`export_and_check` result: the file, the parity and the TensorRT check."""
+    return [("ONNX", export["onnx"]), ("ONNX Runtime parity", "OK" if export["verify_ok"] else "MISMATCH"),
+            ("TensorRT check", f"{export['trt_errors']} errors, {export['trt_warnings']} warnings")]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -24,10 +24,8 @@ from __future__ import annotations
 import argparse
 import copy
 import contextlib
-import json
 import logging
 import math
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -41,8 +39,9 @@ from torchvision.models.resnet import BasicBlock
 from tqdm.auto import tqdm
 
 import qdq
-from examples.common import (UsageError, cifar10_root, export_and_check, histograms_without_zeros, positive,
-                             print_table, resolve_defaults, run_main)
+from examples.common import (UsageError, add_run_arguments, cifar10_root, export_and_check, export_summary, finish,
+                             first_per_class, histograms_without_zeros, positive, print_table, resolve_defaults,
+                             run_main)
 from qdq import nn as quant_nn
 from qdq.evaluate import collect_logits, sqnr_db, top1_accuracy, top1_agreement
 from qdq.onnx import apply_custom_rules_to_quantizer
@@ -145,17 +144,6 @@ def _transform(augment: bool) -> transforms.Compose:
     return transforms.Compose(steps)
 
 
-def _first_per_class(dataset: datasets.ImageFolder, limit: int) -> Subset:
-    """The first ``limit`` images of each class (in ImageFolder's sorted order)."""
-    taken: dict[int, int] = {}
-    keep = []
-    for i, (_, label) in enumerate(dataset.samples):
-        if taken.get(label, 0) < limit:
-            taken[label] = taken.get(label, 0) + 1
-            keep.append(i)
-    return Subset(dataset, keep)
-
-
 def data_root(root: str | Path | None = None, limit_per_class: int | None = None) -> Path:
     """The ImageFolder root with ``train/`` and ``test/``: ``root``, or the shared CIFAR-10 images extracted to the
     cache (only the first ``limit_per_class`` images per class and split when given).
@@ -202,7 +190,7 @@ def loaders(
     if train_set.classes != test_set.classes:
         raise UsageError(f"{root}: train/ and test/ have different classes")
     if limit_per_class is not None and not shared:
-        train_set, test_set = _first_per_class(train_set, limit_per_class), _first_per_class(test_set, limit_per_class)
+        train_set, test_set = first_per_class(train_set, limit_per_class), first_per_class(test_set, limit_per_class)
     common = {"num_workers": num_workers, "persistent_workers": num_workers > 0}
     train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=augment and
                               len(train_set) > batch_size, **common)
@@ -521,19 +509,12 @@ def run(args: argparse.Namespace) -> dict:
     results["export"] = export_and_check(models8[best], images, out / "resnet20_int8_qdq.onnx", tolerance_steps=8.0)
     results["seconds"] = time.perf_counter() - t_start
 
-    print("\nsummary")
-    print(f"  fp32 top-1                  {fp32_top1:.2f}%")
-    print(f"  {'best int8 PTQ (' + best + ')':<27} {results['ptq8'][best]['top1']:.2f}%")
-    print(f"  w4a8 PTQ / QAT              {w4_row['top1']:.2f}% / {qat_row['top1']:.2f}%")
-    print(f"  ONNX                        {results['export']['onnx']}")
-    print(f"  ONNX Runtime parity         {'OK' if results['export']['verify_ok'] else 'MISMATCH'}")
-    print(f"  TensorRT check              {results['export']['trt_errors']} errors, "
-          f"{results['export']['trt_warnings']} warnings")
-    print(f"  total time                  {results['seconds']:.0f} s")
-    json_path = out / "results.json"
-    json_path.write_text(json.dumps(results, indent=2, default=str))
-    print(f"wrote {json_path}")
-    return results
+    return finish(out, results, [
+        ("fp32 top-1", f"{fp32_top1:.2f}%"),
+        (f"best int8 PTQ ({best})", f"{results['ptq8'][best]['top1']:.2f}%"),
+        ("w4a8 PTQ / QAT", f"{w4_row['top1']:.2f}% / {qat_row['top1']:.2f}%"),
+        *export_summary(results["export"]),
+    ])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -546,21 +527,17 @@ TINY = {"limit_per_class": 20, "epochs": 1, "qat_epochs": 1, "qat_steps": 3, "ba
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``examples/cifar10/train.py``."""
-    default_out = Path(tempfile.gettempdir()) / "qdq-examples" / "cifar10"
     parser = argparse.ArgumentParser(
         prog="python -m examples.cifar10.train",
         description="Train a ResNet-20 on CIFAR-10 (or any ImageFolder with train/ and test/), compare 8-bit PTQ "
                     "calibration methods, 4-bit weights PTQ against QAT, export the best 8-bit model to QDQ ONNX, "
                     "verify it with ONNX Runtime and check it against TensorRT's rules.",
         epilog="Examples: `python -m examples.cifar10.train` (full run, ~40 min on 2 CPU cores), "
-               "`python -m examples.cifar10.train --tiny` (smoke run, ~30 s).",
+               "`python -m examples.cifar10.train --tiny` (smoke run, ~10 s).",
     )
     parser.add_argument("--data", type=Path, default=None,
                         help="ImageFolder root with train/<class>/ and test/<class>/ (default: the CIFAR-10 images "
                              "of ../shared/data, extracted once to a cache folder)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"output folder: checkpoint, ONNX file, results.json (default: {default_out}, "
-                             f"or {default_out}-tiny with --tiny)")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="float ResNet-20 weights to start from instead of training")
     parser.add_argument("--retrain", action="store_true", help="train again even if --out holds a checkpoint")
@@ -582,11 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verify-images", type=positive(int), default=None,
                         help="test images ONNX Runtime runs for the parity check (default 64)")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers for training (default 1)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
-    parser.add_argument("--tiny", action="store_true",
-                        help="smoke-test preset: 20 images per class, 1 epoch, 3 QAT steps, one calibration batch, "
-                             "two methods (explicit flags still win)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_run_arguments(parser, "cifar10", "checkpoint, ONNX file, results.json",
+                      "20 images per class, 1 epoch, 3 QAT steps, one calibration batch, two methods")
     return parser
 
 
@@ -594,13 +568,9 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     defaults = {"epochs": 15, "qat_epochs": 1, "qat_steps": None, "batch_size": 256, "calib_batches": 8,
                 "calib_batch_size": 128, "workers": 1, "verify_images": 64, "limit_per_class": None,
                 "methods": list(METHODS)}
-    args = resolve_defaults(args, "cifar10", defaults, TINY)
+    args = resolve_defaults(args, "cifar10", defaults, TINY, files=["checkpoint"], folders=["data"])
     if args.workers < 0:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
-    if args.checkpoint is not None and not args.checkpoint.is_file():
-        raise UsageError(f"--checkpoint {args.checkpoint} does not exist")
-    if args.data is not None and not args.data.is_dir():
-        raise UsageError(f"--data {args.data} is not a folder")
     return args
 
 

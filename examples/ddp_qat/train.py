@@ -50,6 +50,7 @@ from torchvision.models.resnet import BasicBlock  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import qdq  # noqa: E402
+from examples.common import first_per_class  # noqa: E402
 from qdq.distributed import broadcast_buffers, prepare_for_ddp, run_on_rank0, verify_synchronized  # noqa: E402
 from qdq.onnx.check import check_tensorrt  # noqa: E402
 from qdq.onnx.export import export_onnx_distributed  # noqa: E402
@@ -116,18 +117,6 @@ def extract_cifar(archive: Path, limit_per_class: int | None) -> Path:
     root = dest / "cifar10"
     logger.info("extracted %d images into %s", len(members), root)
     return root
-
-
-def first_per_class(dataset: datasets.ImageFolder, limit: int | None) -> torch.utils.data.Dataset:
-    if limit is None:
-        return dataset
-    seen: dict[int, int] = {}
-    keep = []
-    for index, (_, label) in enumerate(dataset.samples):
-        if seen.get(label, 0) < limit:
-            seen[label] = seen.get(label, 0) + 1
-            keep.append(index)
-    return Subset(dataset, keep)
 
 
 def datasets_for(root: Path, limit: int | None) -> tuple[torch.utils.data.Dataset, ...]:

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import random
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -35,8 +33,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import qdq
-from examples.common import (UsageError, export_and_check, histograms_without_zeros, positive, print_table,
-                             resolve_defaults, run_main)
+from examples.common import (UsageError, add_run_arguments, export_and_check, export_summary, finish,
+                             histograms_without_zeros, positive, print_table, resolve_defaults, run_main)
 from qdq.calib import HistogramCalibrator
 from qdq.evaluate import collect_logits, sqnr_db, top1_accuracy, top1_agreement
 from qdq.sensitivity import SensitivityProfile, auto_skip_sensitive_layers, build_sensitivity_profile, quantized_layers
@@ -132,7 +130,8 @@ def calibrate_copy(model: nn.Module, calib_loader: DataLoader, method: str, auto
     layer, subclasses such as EfficientNet's same-padding convolutions included) calibrated with ``method`` on the
     whole ``calib_loader``; returns it and the calibration time in seconds (statistics, amax search, auto-tune).
 
-    With ``method="kld"`` the histograms leave exact zeros out (see :func:`examples.common.histograms_without_zeros`)."""
+    With ``method="kld"`` the histograms leave exact zeros out (see
+    :func:`examples.common.histograms_without_zeros`)."""
     qmodel = copy.deepcopy(model).eval()
     qdq.replace_to_quantization_module(qmodel, ignore_policy=ignore_policy)
     if method == "kld":
@@ -289,20 +288,13 @@ def run(args: argparse.Namespace) -> dict:
     results["export"] = export_and_check(final, images, out / name)
     results["seconds"] = time.perf_counter() - t_start
 
-    print("\nsummary")
-    print(f"  fp32 top-1                   {fp32_top1:.2f}%")
-    print(f"  {'best PTQ int8 (' + best + ')':<28} {results['ptq'][best]['top1']:.2f}% "
-          f"(agreement {results['ptq'][best]['agreement']:.2f}%)")
-    print(f"  {f'with {len(skipped)} layers skipped':<28} {skip_row['top1']:.2f}%")
-    print(f"  ONNX                         {results['export']['onnx']}")
-    print(f"  ONNX Runtime parity          {'OK' if results['export']['verify_ok'] else 'MISMATCH'}")
-    print(f"  TensorRT check               {results['export']['trt_errors']} errors, "
-          f"{results['export']['trt_warnings']} warnings")
-    print(f"  total time                   {results['seconds']:.0f} s")
-    json_path = out / "results.json"
-    json_path.write_text(json.dumps(results, indent=2, default=str))
-    print(f"wrote {json_path}")
-    return results
+    return finish(out, results, [
+        ("fp32 top-1", f"{fp32_top1:.2f}%"),
+        (f"best PTQ int8 ({best})", f"{results['ptq'][best]['top1']:.2f}% "
+                                    f"(agreement {results['ptq'][best]['agreement']:.2f}%)"),
+        (f"with {len(skipped)} layers skipped", f"{skip_row['top1']:.2f}%"),
+        *export_summary(results["export"]),
+    ])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -315,7 +307,6 @@ TINY = {"calib": 10, "eval": 10, "methods": ["max", "mse"], "sens_images": 5, "s
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``examples/imagenet/ptq.py``."""
-    default_out = Path(tempfile.gettempdir()) / "qdq-examples" / "imagenet"
     parser = argparse.ArgumentParser(
         prog="python -m examples.imagenet.ptq",
         description="8-bit PTQ of an ImageNet classifier with every calibration method, a sensitivity profile, "
@@ -352,27 +343,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=positive(int), default=None, help="batch size (default 25)")
     parser.add_argument("--verify-images", type=positive(int), default=None,
                         help="images ONNX Runtime runs for the parity check (default 4)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"output folder: ONNX file, results.json, plots (default: {default_out}, "
-                             f"or {default_out}-tiny with --tiny)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
-    parser.add_argument("--tiny", action="store_true",
-                        help="smoke-test preset: 10 calibration and 10 evaluation images, max and mse, sensitivity "
-                             "of 3 layers on 5 images (explicit flags still win)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_run_arguments(parser, "imagenet", "ONNX file, results.json, plots",
+                      "10 calibration and 10 evaluation images, max and mse, sensitivity of 3 layers on 5 images")
     return parser
 
 
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     defaults = {"calib": 100, "eval": None, "methods": list(_LABELS), "sens_images": 100, "sens_layers": None,
                 "batch_size": 25, "verify_images": 4}
-    args = resolve_defaults(args, "imagenet", defaults, TINY)
+    args = resolve_defaults(args, "imagenet", defaults, TINY, files=["weights"], folders=["data"])
     if args.tolerance < 0:
         raise UsageError(f"--tolerance must be >= 0, got {args.tolerance}")
-    if args.weights is not None and not args.weights.is_file():
-        raise UsageError(f"--weights {args.weights} does not exist")
-    if args.data is not None and not args.data.is_dir():
-        raise UsageError(f"--data {args.data} is not a folder")
     return args
 
 

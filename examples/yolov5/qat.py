@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -34,7 +32,7 @@ import torch
 from torch import nn
 
 import qdq
-from examples.common import UsageError, positive, resolve_defaults, run_main
+from examples.common import UsageError, add_run_arguments, finish, positive, resolve_defaults, run_main
 from qdq.onnx import apply_custom_rules_to_quantizer, check_tensorrt, export_onnx, verify
 from qdq.onnx.check import format_findings
 from qdq.qat import Distiller, freeze_bn_stats, make_teacher
@@ -236,17 +234,13 @@ def run(args: argparse.Namespace) -> dict:
         "max_error_steps": worst.max_error_steps,
         "seconds": time.perf_counter() - t_start,
     }
-    print("\nsummary")
-    print(f"  distillation loss    {before:.4g} -> {after:.4g}")
-    print(f"  ONNX                 {info.path}")
-    print(f"  TensorRT check       {counts['error']} errors, {counts['warning']} warnings, "
-          f"{len(mismatches)} scale mismatches")
-    print(f"  ONNX Runtime parity  {'OK' if parity.ok else 'MISMATCH'}")
-    print(f"  total time           {results['seconds']:.0f} s")
-    json_path = out / "results.json"
-    json_path.write_text(json.dumps(results, indent=2, default=str))
-    print(f"wrote {json_path}")
-    return results
+    return finish(out, results, [
+        ("distillation loss", f"{before:.4g} -> {after:.4g}"),
+        ("ONNX", str(info.path)),
+        ("TensorRT check", f"{counts['error']} errors, {counts['warning']} warnings, "
+                           f"{len(mismatches)} scale mismatches"),
+        ("ONNX Runtime parity", "OK" if parity.ok else "MISMATCH"),
+    ])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -259,7 +253,6 @@ TINY = {"size": "tiny", "nc": 3, "imgsz": 64, "calib_images": 8, "batch_size": 4
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``examples/yolov5/qat.py``."""
-    default_out = Path(tempfile.gettempdir()) / "qdq-examples" / "yolov5"
     parser = argparse.ArgumentParser(
         prog="python -m examples.yolov5.qat",
         description="Quantize the YOLOv5-style detector for TensorRT: QuantAdd/QuantConcat recipes, ONNX-driven "
@@ -289,27 +282,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ONNX Runtime parity: accepted output difference in output quantization steps "
                              "(16: random weights amplify the one-step rounding flips of the two runtimes, see "
                              "README.md)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"output folder: ONNX file and results.json (default: {default_out}, "
-                             f"or {default_out}-tiny with --tiny)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the weights and the image choice (0)")
-    parser.add_argument("--tiny", action="store_true",
-                        help="smoke-test preset: the tiny model at 64x64, 8 images, 6 distillation steps "
-                             "(explicit flags still win)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_run_arguments(parser, "yolov5", "ONNX file and results.json",
+                      "the tiny model at 64x64, 8 images, 6 distillation steps",
+                      seed="random seed of the weights and the image choice (0)")
     return parser
 
 
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     defaults = {"size": "n", "nc": 80, "imgsz": 320, "calib_images": 64, "batch_size": 8, "qat_steps": 40,
                 "verify_images": 4}
-    args = resolve_defaults(args, "yolov5", defaults, TINY)
+    args = resolve_defaults(args, "yolov5", defaults, TINY, files=["weights"])
     if args.imgsz % 32:
         raise UsageError(f"--imgsz must be a multiple of 32 (the largest stride), got {args.imgsz}")
     if args.lr <= 0:
         raise UsageError(f"--lr must be > 0, got {args.lr}")
-    if args.weights is not None and not args.weights.is_file():
-        raise UsageError(f"--weights {args.weights} does not exist")
     if args.images not in ("imagenet", "cifar10") and not Path(args.images).is_dir():
         raise UsageError(f"--images {args.images}: not 'imagenet', 'cifar10' or a folder")
     return args
