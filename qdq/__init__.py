@@ -22,58 +22,84 @@ The whole flow::
     quant_modules.replace_to_quantization_module(model, ignore_policy=["head"])
     qdq.calibrate_model(model, loader, num_batches=25, method="mse")
     qdq.export_onnx(model, example_input, "model_qdq.onnx")
+
+The top level is lazy: ``import qdq`` imports neither torch nor any floor; each name below is imported from the
+module that defines it on first use (``qdq.calibrate_model`` imports :mod:`qdq.calibrate`). The public API is
+exactly ``__all__``.
+
+>>> import qdq
+>>> qdq.calibrate_model.__module__
+'qdq.calibrate'
+>>> sorted(set(dir(qdq)) - set(qdq.__all__))
+[]
 """
 
+import importlib
 import logging
 
-from qdq._version import __version__
-from qdq import tensor_quant, calib, nn
-from qdq.tensor_quant import QuantDescriptor, ScaledQuantDescriptor
-from qdq.nn import TensorQuantizer
-from qdq import quant_modules
-from qdq.quant_modules import replace_to_quantization_module
-from qdq.calibrate import calibrate_model, collect_stats, compute_amax
-from qdq.switches import disable_quantization, enable_quantization, have_quantizer, quantizers
-from qdq.sensitivity import auto_skip_sensitive_layers, build_sensitivity_profile
-from qdq.patching import ForwardPatch, apply_patch, remove_patch
-from qdq.fold_batchnorm import fold_bn
-from qdq.calib_table import load_calib_table, save_calib_table, write_tensorrt_cache
-from qdq.config import calibrate_from_config, create_quant_config, quantize_model
-from qdq.onnx import apply_custom_rules_to_quantizer, check_tensorrt, export_onnx, verify
+# the public name -> the module that defines it (submodules map to themselves)
+_EXPORTS = {
+    "tensor_quant": "qdq.tensor_quant",
+    "calib": "qdq.calib",
+    "nn": "qdq.nn",
+    "quant_modules": "qdq.quant_modules",
+    "QuantDescriptor": "qdq.tensor_quant",
+    "ScaledQuantDescriptor": "qdq.tensor_quant",
+    "TensorQuantizer": "qdq.nn",
+    "replace_to_quantization_module": "qdq.quant_modules",
+    "calibrate_model": "qdq.calibrate",
+    "collect_stats": "qdq.calibrate",
+    "compute_amax": "qdq.calibrate",
+    "disable_quantization": "qdq.switches",
+    "enable_quantization": "qdq.switches",
+    "have_quantizer": "qdq.switches",
+    "quantizers": "qdq.switches",
+    "build_sensitivity_profile": "qdq.sensitivity",
+    "auto_skip_sensitive_layers": "qdq.sensitivity",
+    "ForwardPatch": "qdq.patching",
+    "apply_patch": "qdq.patching",
+    "remove_patch": "qdq.patching",
+    "fold_bn": "qdq.fold_batchnorm",
+    "save_calib_table": "qdq.calib_table",
+    "load_calib_table": "qdq.calib_table",
+    "write_tensorrt_cache": "qdq.calib_table",
+    "create_quant_config": "qdq.config",
+    "quantize_model": "qdq.config",
+    "calibrate_from_config": "qdq.config",
+    "export_onnx": "qdq.onnx",
+    "verify": "qdq.onnx",
+    "check_tensorrt": "qdq.onnx",
+    "apply_custom_rules_to_quantizer": "qdq.onnx",
+}
+
+__all__ = ["__version__", *_EXPORTS]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+del logging
 
-__all__ = [
-    "__version__",
-    "tensor_quant",
-    "calib",
-    "nn",
-    "quant_modules",
-    "QuantDescriptor",
-    "ScaledQuantDescriptor",
-    "TensorQuantizer",
-    "replace_to_quantization_module",
-    "calibrate_model",
-    "collect_stats",
-    "compute_amax",
-    "disable_quantization",
-    "enable_quantization",
-    "have_quantizer",
-    "quantizers",
-    "build_sensitivity_profile",
-    "auto_skip_sensitive_layers",
-    "ForwardPatch",
-    "apply_patch",
-    "remove_patch",
-    "fold_bn",
-    "save_calib_table",
-    "load_calib_table",
-    "write_tensorrt_cache",
-    "create_quant_config",
-    "quantize_model",
-    "calibrate_from_config",
-    "export_onnx",
-    "verify",
-    "check_tensorrt",
-    "apply_custom_rules_to_quantizer",
-]
+
+def _package_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("qdq")
+    except metadata.PackageNotFoundError:  # a checkout on sys.path, not installed
+        from qdq._version import __version__ as version
+
+        return version
+
+
+def __getattr__(name: str):
+    if name == "__version__":
+        value = _package_version()
+    elif name in _EXPORTS:
+        module = importlib.import_module(_EXPORTS[name])
+        value = module if module.__name__ == f"{__name__}.{name}" else getattr(module, name)
+    else:
+        raise AttributeError(f"module 'qdq' has no attribute {name!r}")
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__():
+    return list(__all__)

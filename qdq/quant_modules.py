@@ -40,9 +40,9 @@ from torch import nn
 from qdq import nn as quant_nn
 from qdq.nn.modules._utils import QuantInputMixin, QuantMixin, pop_quant_desc_in_kwargs
 
+# pytorch_quantization's private names (_DEFAULT_QUANT_MAP, _quant_entry) stay importable for code that uses
+# them; they are not part of the public API.
 __all__ = [
-    "_DEFAULT_QUANT_MAP",
-    "_quant_entry",
     "register_quant_module",
     "replace_to_quantization_module",
     "quantizable_layers",

@@ -4,7 +4,8 @@ from torch import nn
 
 import qdq
 from qdq import nn as quant_nn
-from qdq.plots import plot_histogram, plot_sensitivity
+from qdq.calib import HistogramCalibrator
+from qdq.plots import method_stats, plot_histogram, plot_sensitivity
 from qdq.sensitivity import build_sensitivity_profile
 from qdq.tensor_quant import QuantDescriptor
 
@@ -25,6 +26,39 @@ def test_histogram_needs_histogram_calibrator(tmp_path):
         plot_histogram(quant_nn.TensorQuantizer(), tmp_path / "x.png")
 
 
+def _image(path):
+    """The PNG as an RGBA array; fails on anything that is not a decodable PNG."""
+    from matplotlib import image
+
+    assert path.read_bytes().startswith(PNG)
+    return image.imread(path)
+
+
+def test_histogram_stats_match_the_data():
+    """Clipped fraction and error are those of the raw data, to the histogram's resolution."""
+    cal = HistogramCalibrator(num_bits=4, axis=None, unsigned=False, num_bins=4096)
+    x = torch.randn(50000)
+    cal.collect(x)
+    stats = {s.method: s for s in method_stats(cal, {"narrow": 1.0, "wide": 3.5})}
+    for key, amax in (("narrow", 1.0), ("wide", 3.5)):
+        clipped = float((x.abs() > amax).float().mean())
+        assert abs(stats[key].clipped - clipped) < 2e-3, (key, stats[key].clipped, clipped)
+        scale = torch.tensor(amax / 7)
+        mse = float(((x.abs() / scale).round().clamp(max=7) * scale - x.abs()).square().mean())
+        assert stats[key].mse == pytest.approx(mse, rel=0.05)
+    assert stats["narrow"].clipped > stats["wide"].clipped
+
+
+def test_histogram_png_shows_each_method(tmp_path):
+    """Coinciding methods both reach the legend with their clipped fraction; the picture is not blank."""
+    q = quant_nn.TensorQuantizer(QuantDescriptor(calib_method="histogram"), if_calib=True, if_quant=False)
+    q(torch.relu(torch.randn(20000)))
+    plot_histogram(q, tmp_path / "h.png", methods=("max", "percentile"), percentile=100)
+    pixels = _image(tmp_path / "h.png")
+    assert pixels.shape[:2] == (int(4.5 * 110), 8 * 110)
+    assert pixels[..., :3].std() > 0.05
+
+
 def test_sensitivity_png(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
@@ -33,7 +67,13 @@ def test_sensitivity_png(tmp_path):
     qdq.calibrate_model(model, [x], progress=False)
     with torch.no_grad(), qdq.disable_quantization(model):
         ref = model(x)
-    profile = build_sensitivity_profile(model, lambda m: -float(((m(x) - ref) ** 2).mean()), print_table=False,
-                                        progress=False)
-    plot_sensitivity(profile, tmp_path / "s.png")
-    assert (tmp_path / "s.png").read_bytes().startswith(PNG)
+
+    def metric(m):
+        with torch.no_grad():
+            return -float(((m(x) - ref) ** 2).mean())
+
+    profile = build_sensitivity_profile(model, metric, print_table=False, progress=False)
+    drawn = plot_sensitivity(profile, tmp_path / "s.png")
+    assert drawn == [r.metric for r in profile.rows]
+    assert profile.float_metric == 0.0 and all(v <= 0.0 for v in drawn)
+    assert _image(tmp_path / "s.png")[..., :3].std() > 0.05

@@ -46,7 +46,7 @@ import torch.distributed as dist
 
 from qdq.tensor_quant import _kept_dims
 
-__all__ = ["_Calibrator", "NoDataCollectedError", "NonFiniteWarning", "StatsMismatchError", "all_reduce_calibrators",
+__all__ = ["NoDataCollectedError", "NonFiniteWarning", "StatsMismatchError", "all_reduce_calibrators",
            "collective_device", "distributed_ready", "rank_label"]
 
 logger = logging.getLogger(__name__)
