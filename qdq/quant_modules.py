@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import re
 from collections import namedtuple
@@ -177,11 +178,17 @@ def _weight_quantizers(module) -> list[tuple[str, str]]:
 def _subclass_forward(float_sub: type):
     """The forward of a converted subclass with its own forward: its forward on quantized operands."""
     original = float_sub.forward
+    input_name = _input_parameter(float_sub)
 
     @functools.wraps(original)
     def forward(self, *args, **kwargs):
         if args:
             args = (self._input_quantizer(args[0]),) + args[1:]
+        elif input_name in kwargs:
+            kwargs = {**kwargs, input_name: self._input_quantizer(kwargs[input_name])}
+        else:
+            raise TypeError(f"{type(self).__name__}.forward() got no input: quantized subclasses quantize the first "
+                            f"argument of {float_sub.__qualname__}.forward ({input_name!r}), by position or name")
         views = {name: getattr(self, attr)(self._parameters[name]) for name, attr in _weight_quantizers(self)}
         self.__dict__.update(views)  # instance attributes shadow the parameters while the forward runs
         try:
@@ -191,6 +198,16 @@ def _subclass_forward(float_sub: type):
                 self.__dict__.pop(name, None)
 
     return forward
+
+
+def _input_parameter(float_sub: type) -> str:
+    """The name of the input argument of ``float_sub.forward`` (its first parameter after ``self``)."""
+    params = list(inspect.signature(float_sub.forward).parameters.values())[1:]
+    if not params or params[0].kind in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+        raise NotImplementedError(f"{float_sub.__qualname__}.forward{inspect.signature(float_sub.forward)} takes no "
+                                  "positional input; qdq cannot tell which argument to quantize: ignore the layer "
+                                  "(ignore_policy) or quantize it by hand")
+    return params[0].name
 
 
 def _new_generated(float_sub: type, quant_cls: type, float_base: type) -> nn.Module:

@@ -1,3 +1,4 @@
+import inspect
 import logging
 import re
 
@@ -129,6 +130,35 @@ def test_quantized_subclasses_pickle_and_deepcopy(tmp_path):
         assert float(other[0].input_quantizer.amax) == 0.5
         with torch.no_grad():
             assert torch.equal(other(x), expected)
+
+
+def test_subclass_forward_binds_the_input_by_name():
+    """Regression: a quantized subclass called as ``m(input=x)`` ran without input quantization."""
+    model = _net()
+    replace_to_quantization_module(model)
+    layer = model[0]
+    layer.input_quantizer.amax = 0.5
+    layer.weight_quantizer.amax = torch.full((4, 1, 1, 1), 0.05)
+    x = torch.randn(2, 3, 8, 8)
+    name = list(inspect.signature(StaticSamePadConv.forward).parameters)[1]  # the forward's own input name
+    with torch.no_grad():
+        assert torch.equal(layer(**{name: x}), layer(x))
+        assert not torch.equal(layer(**{name: x}), F.conv2d(F.pad(x, (1, 1, 1, 1)), layer.weight_quantizer(layer.weight),
+                                                            layer.bias))
+    with pytest.raises(TypeError, match="got no input.*StaticSamePadConv.forward"):
+        layer()
+
+
+def test_subclass_forward_without_a_positional_input_is_refused():
+    class KeywordOnly(nn.Conv2d):
+        def forward(self, *, x):
+            return super().forward(x)
+
+    model = nn.Sequential(KeywordOnly(3, 4, 1))
+    report = replace_to_quantization_module(model)
+    assert report.replaced == [] and type(model[0]) is KeywordOnly
+    assert [p for p, _ in report.unsupported] == ["0"]
+    assert "cannot tell which argument to quantize" in report.unsupported[0][1]
 
 
 def test_subclass_forward_gradients():
