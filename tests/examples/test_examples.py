@@ -105,7 +105,20 @@ def test_readme_commands_parse(name, argv):
     """Every ``python -m examples.<name>...`` command of the READMEs is accepted by its script's parser."""
     module = importlib.import_module(argv[0])
     cli = module if hasattr(module, "build_parser") else importlib.import_module(module.main.__module__)
-    cli.build_parser().parse_args(argv[1:])
+    parser = cli.build_parser()
+    args = parser.parse_args(argv[1:])
+    given = [i for i, word in enumerate(argv) if word.startswith("--")]
+    assert given or len(argv) == 1, argv
+    for i in given:  # each option of the command reaches the namespace with the value the README gives it
+        option, _, inline = argv[i].partition("=")
+        action = parser._option_string_actions[option]
+        value = getattr(args, action.dest)
+        if action.nargs == 0:
+            assert value == action.const, (option, value)
+        else:
+            text = inline or argv[i + 1]
+            expected = action.type(text) if callable(action.type) else text
+            assert value == expected or (isinstance(value, list) and expected in value), (option, value, expected)
 
 
 def test_every_example_has_a_smoke_command():

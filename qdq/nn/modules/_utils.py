@@ -7,11 +7,13 @@ A quantized layer class has a default descriptor for its inputs (and weights), w
 Example:
     >>> from qdq import nn as quant_nn
     >>> from qdq.tensor_quant import QuantDescriptor
-    >>> quant_nn.QuantLinear.set_default_quant_desc_input(QuantDescriptor(calib_method="histogram"))
-    >>> layer = quant_nn.QuantLinear(4, 2)
-    >>> type(layer.input_quantizer._calibrator).__name__
+    >>> class HistogramLinear(quant_nn.QuantLinear):      # a class of one's own: the defaults of qdq's stay as they are
+    ...     pass
+    >>> HistogramLinear.set_default_quant_desc_input(QuantDescriptor(calib_method="histogram"))
+    >>> type(HistogramLinear(4, 2).input_quantizer.calibrator).__name__
     'HistogramCalibrator'
-    >>> quant_nn.QuantLinear.set_default_quant_desc_input(QuantDescriptor())   # back to the default
+    >>> type(quant_nn.QuantLinear(4, 2).input_quantizer.calibrator).__name__
+    'MaxCalibrator'
 """
 
 from __future__ import annotations
