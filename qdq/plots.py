@@ -161,17 +161,19 @@ def plot_sensitivity(profile, path: str | os.PathLike, top: int = 30, title: str
     fig, ax = plt.subplots(figsize=(8, height), dpi=110)
     values = [r.metric for r in rows]
     try:
-        ax.barh(range(len(rows)), values, color="#1f77b4")
+        finite = [v for v in values + [profile.quantized_metric, profile.float_metric] if math.isfinite(v)]
+        low, high = (min(finite), max(finite)) if finite else (0.0, 1.0)
+        pad = 0.05 * (high - low) if high > low else max(abs(high), 1.0) * 0.05
+        ax.barh(range(len(rows)), [min(max(v, low - pad), high + pad) for v in values], color="#1f77b4")
         ax.set_yticks(range(len(rows)))
         ax.set_yticklabels([r.layer for r in rows], fontsize=7)
         ax.invert_yaxis()
-        ax.axvline(profile.quantized_metric, color="#d62728", linestyle="--", linewidth=1.5,
-                   label=f"fully quantized: {profile.quantized_metric:.4g}")
-        ax.axvline(profile.float_metric, color="black", linestyle=":", linewidth=1.5,
-                   label=f"float: {profile.float_metric:.4g}")
-        low = min(values + [profile.quantized_metric, profile.float_metric])
-        high = max(values + [profile.quantized_metric, profile.float_metric])
-        pad = 0.05 * (high - low) if high > low else max(abs(high), 1.0) * 0.05
+        for baseline, label, style in ((profile.quantized_metric, "fully quantized", ("#d62728", "--")),
+                                       (profile.float_metric, "float", ("black", ":"))):
+            if math.isfinite(baseline):
+                ax.axvline(baseline, color=style[0], linestyle=style[1], linewidth=1.5, label=f"{label}: {baseline:.4g}")
+            else:  # e.g. the SQNR against the float model is +inf for the float model itself: a label, no line
+                ax.plot([], [], color=style[0], linestyle=style[1], label=f"{label}: {baseline:.4g} (off the axis)")
         ax.set_xlim(low - pad, high + pad)  # the bars start at the axis, so small differences stay visible
         what = "only this layer float" if profile.mode == "disable_one" else "only this layer quantized"
         ax.set_xlabel(f"metric with {what}")

@@ -100,7 +100,7 @@ def test_model_calibration_keeps_min_max_for_asymmetric_with_histogram_method():
     assert model[0].input_quantizer.amin.item() < 0
 
 
-@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+@pytest.mark.parametrize("dynamo", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["torchscript", "dynamo"])
 @pytest.mark.parametrize("desc", [ASYM, ASYM_U8], ids=["int8", "uint8"])
 def test_export_with_zero_points_runs_in_onnxruntime(desc, dynamo, tmp_path):
     torch.manual_seed(0)

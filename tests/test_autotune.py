@@ -124,6 +124,7 @@ def test_tunes_every_weighted_layer_within_bounds():
         assert r.calls == 3 and not r.shared_with
 
 
+@pytest.mark.slow
 def test_tuned_distance_is_not_worse_than_initial():
     model = _calibrated()
     data = _data(4, seed=1)
@@ -146,6 +147,7 @@ def test_reported_distances_match_independent_measurement():
     assert r.best == r.candidates[min(range(4), key=lambda k: r.distances[k])]
 
 
+@pytest.mark.slow
 def test_activation_read_by_two_layers_takes_the_largest():
     model = _calibrated(Branches)
     data = _data(3, seed=2)

@@ -43,6 +43,7 @@ def _image_folder(root, n=6):
             Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / cls / f"{i}.jpg")
 
 
+@pytest.mark.slow
 def test_ptq_end_to_end(tmp_path, capsys):
     _image_folder(tmp_path / "images")
     weights = tmp_path / "r18.pth"
@@ -79,6 +80,7 @@ def test_list_models(capsys):
     assert "efficientnet_lite0" in names and "resnet50" in names
 
 
+@pytest.mark.slow
 def test_demo_short_run(tmp_path):
     """The console script, as a user runs it (shortened training)."""
     result = subprocess.run([sys.executable, "-m", "qdq.cli", "demo", "--out", str(tmp_path), "--epochs", "2",

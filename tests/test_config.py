@@ -355,6 +355,7 @@ def test_edited_file_to_mixed_precision_onnx(tmp_path):
     assert producers.get(gemm.input[0]) != "DequantizeLinear"
 
 
+@pytest.mark.slow
 def test_resnet18_round_trip(tmp_path):
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10)

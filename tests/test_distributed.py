@@ -242,11 +242,13 @@ def _check_calibration(results: list, world: int, empty: tuple[int, ...]) -> Non
         assert counts.sum(1).tolist() == [union.shape[0]] * 6
 
 
+@pytest.mark.slow
 def test_two_ranks_calibrate_to_the_union_for_every_method(tmp_path):
     results = _launch(_calibrate_worker, 2, tmp_path, ())
     _check_calibration(results, 2, ())
 
 
+@pytest.mark.slow
 def test_three_ranks_one_without_batches(tmp_path):
     """A rank whose data yields nothing takes part with empty statistics and ends with the same amax."""
     results = _launch(_calibrate_worker, 3, tmp_path, (1,))
@@ -262,6 +264,7 @@ def _group_worker(rank: int, world: int, out: Path) -> None:
     _save(out, rank, {"state": _state(model), "world": report.sync.world_size, "pairs": pairs})
 
 
+@pytest.mark.slow
 def test_group_argument_calibrates_within_the_group(tmp_path):
     """Ranks 0 and 2 calibrate together, rank 1 alone: each group ends with the amax of its own ranks' data."""
     ranks = _launch(_group_worker, 3, tmp_path)
@@ -290,6 +293,7 @@ def _exact_merge_worker(rank: int, world: int, out: Path) -> None:
     _save(out, rank, {"hist": cal.histogram(), "entropy": cal.compute_amax("entropy"), "sent": sent})
 
 
+@pytest.mark.slow
 def test_integer_range_ratios_merge_exactly(tmp_path):
     results = _launch(_exact_merge_worker, 3, tmp_path)
     single = HistogramCalibrator(8, None, False, num_bins=256)
@@ -326,6 +330,7 @@ def _autotune_worker(rank: int, world: int, out: Path) -> None:
                       "results": {k: (r.candidates, r.distances, r.amax, r.calls) for k, r in results.items()}})
 
 
+@pytest.mark.slow
 def test_autotune_sums_distances_over_ranks(tmp_path):
     ranks = _launch(_autotune_worker, 2, tmp_path)
     assert ranks[0]["results"] == ranks[1]["results"]
@@ -369,6 +374,7 @@ def _failing_worker(rank: int, world: int, out: Path, die: bool) -> None:
     _save(out, rank, outcome)
 
 
+@pytest.mark.slow
 def test_an_exception_on_one_rank_is_raised_on_every_rank(tmp_path):
     outcomes = _launch(_failing_worker, 2, tmp_path, False)
     for outcome in outcomes:
@@ -376,6 +382,7 @@ def test_an_exception_on_one_rank_is_raised_on_every_rank(tmp_path):
         assert "corrupt file in batch 1" in outcome
 
 
+@pytest.mark.slow
 def test_a_rank_that_dies_makes_the_others_fail_not_hang(tmp_path):
     outcomes = _launch(_failing_worker, 2, tmp_path, True, timeout=10, expect_exit={1: 3})
     assert outcomes[1] is None
@@ -410,6 +417,7 @@ def _mismatch_worker(rank: int, world: int, out: Path) -> None:
     _save(out, rank, outcomes)
 
 
+@pytest.mark.slow
 def test_mismatched_calibrators_fail_on_every_rank(tmp_path):
     outcomes = _launch(_mismatch_worker, 2, tmp_path)
     assert outcomes[0] == outcomes[1] and len(outcomes[0]) == 3, outcomes
@@ -466,6 +474,7 @@ def _ddp_worker(rank: int, world: int, out: Path) -> None:
                       "state": {k: v.clone() for k, v in model.state_dict().items()}, "caught": caught})
 
 
+@pytest.mark.slow
 def test_ddp_qat_keeps_ranks_identical_and_checkpoints_load_everywhere(tmp_path):
     ranks = _launch(_ddp_worker, 2, tmp_path)
     for r in ranks:
@@ -525,6 +534,7 @@ def _graph_worker(rank: int, world: int, out: Path) -> None:
                       "written": written, "amax": _state(model), "failure": failure})
 
 
+@pytest.mark.slow
 def test_rules_and_export_run_on_rank_zero(tmp_path):
     ranks = _launch(_graph_worker, 2, tmp_path)
     assert len(ranks[0]["calls"]) == 1 and ranks[1]["calls"] == []

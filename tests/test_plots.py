@@ -1,3 +1,4 @@
+import math
 import pytest
 import torch
 from torch import nn
@@ -76,4 +77,14 @@ def test_sensitivity_png(tmp_path):
     drawn = plot_sensitivity(profile, tmp_path / "s.png")
     assert drawn == [r.metric for r in profile.rows]
     assert profile.float_metric == 0.0 and all(v <= 0.0 for v in drawn)
+    assert _image(tmp_path / "s.png")[..., :3].std() > 0.05
+
+
+def test_sensitivity_png_with_an_infinite_baseline(tmp_path):
+    """Regression: an SQNR metric is +inf for the float model, which broke the axis limits."""
+    from qdq.sensitivity import SensitivityProfile, SensitivityRow
+
+    rows = [SensitivityRow("a", 30.0, -math.inf, 2.0), SensitivityRow("b", math.inf, 0.0, math.inf)]
+    profile = SensitivityProfile("disable_one", math.inf, 28.0, rows)
+    assert plot_sensitivity(profile, tmp_path / "s.png") == [30.0, math.inf]
     assert _image(tmp_path / "s.png")[..., :3].std() > 0.05

@@ -31,6 +31,7 @@ def test_teacher_is_float_copy():
         assert torch.equal(teacher(x), model(x))
 
 
+@pytest.mark.slow
 def test_distillation_reduces_the_gap():
     model = _model(weight_bits=3)  # 3-bit weights: quantization hurts
     distiller = Distiller(model, layers=["2", "5"], weights=[0.5, 1.0])

@@ -1,3 +1,4 @@
+import pytest
 """The DDP QAT example runs under torchrun on the CPU (2 gloo processes) as its README says, in its tiny mode.
 
 The command is the block after ``<!-- smoke test -->`` in ``examples/ddp_qat/README.md`` (the convention of
@@ -29,6 +30,7 @@ def _smoke_argv() -> list[str]:
     return [sys.executable] + argv[1:]
 
 
+@pytest.mark.slow
 def test_readme_smoke_command_runs_on_two_cpu_processes(tmp_path):
     archive = require_shared_data("cifar10-jpeg.tar.gz")
     command = _smoke_argv() + ["--data", str(archive), "--out", str(tmp_path), "--timeout", "120"]

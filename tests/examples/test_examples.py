@@ -68,6 +68,7 @@ def _smoke_command(name: str) -> list[str]:
     return [sys.executable] + argv[1:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_readme_smoke_command(name, tmp_path):
     files, lines, outputs = CASES[name]

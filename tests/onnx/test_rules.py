@@ -65,6 +65,7 @@ def _yolo():
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dynamo", EXPORTERS)
 def test_yolov5_flow_passes_the_checker_and_matches_onnxruntime(dynamo, tmp_path):
     model = _yolo()
@@ -79,6 +80,7 @@ def test_yolov5_flow_passes_the_checker_and_matches_onnxruntime(dynamo, tmp_path
     assert report.ok, str(report)
 
 
+@pytest.mark.slow
 def test_resnet50_flow_passes_the_checker(tmp_path):
     torch.manual_seed(0)
     model = torchvision.models.resnet50(num_classes=10).eval()

@@ -108,6 +108,7 @@ def test_apply_twice_patches_once_and_remove_restores():
         assert torch.equal(model(x), float_model(x))
 
 
+@pytest.mark.slow
 def test_calibration_and_qat_gradients():
     model = _resnet("resnet18")
     quant_modules.replace_to_quantization_module(model)

@@ -157,6 +157,7 @@ def test_calibration_gives_the_added_quantizers_an_amax(calibrated):
         assert q.amax.item() == pytest.approx(seen[name], rel=1e-6), name
 
 
+@pytest.mark.slow
 def test_quantized_model_differs_from_float_and_trains(calibrated):
     model = copy.deepcopy(calibrated[0])
     float_model = _float_model()
