@@ -94,7 +94,7 @@ from qdq.distributed import gather_objects, is_distributed, sync_calibrators
 from qdq.feeding import feed, model_device
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
 from qdq.quant_modules import name_quantizers
-from qdq.switches import quantizers, restore_quantizer_states, save_quantizer_states
+from qdq.switches import preserved_modes, quantizers
 from qdq.tensor_quant import fake_tensor_quant
 
 if TYPE_CHECKING:
@@ -417,32 +417,29 @@ def autotune(
     tuner = _Tuner(entries)
     weights = _weight_quantizer_ids(model)
 
-    states = save_quantizer_states(model)
-    training = {m: m.training for m in model.modules()}
     handles = []
     fed, error = 0, None
     try:
-        for _, q in quantizers(model):
-            q.disable_calib()
-            if id(q) not in weights:
-                q.disable()
-        model.eval()
-        for entry in entries:
-            handles.append(entry.module.register_forward_hook(tuner.hook(entry), with_kwargs=True))
-        with torch.no_grad():
-            fed = _feed(model, data, tuner, num_batches, preprocess, device, progress)
+        with preserved_modes(model):
+            try:
+                for _, q in quantizers(model):
+                    q.disable_calib()
+                    if id(q) not in weights:
+                        q.disable()
+                model.eval()
+                for entry in entries:
+                    handles.append(entry.module.register_forward_hook(tuner.hook(entry), with_kwargs=True))
+                with torch.no_grad():
+                    fed = _feed(model, data, tuner, num_batches, preprocess, device, progress)
+            finally:
+                for handle in handles:
+                    handle.remove()
         if fed == 0 and not distributed:
             raise ValueError("autotune: the tuning data yielded no batches")
     except Exception as err:
         if not distributed:
             raise
         error = err  # every rank learns of it in _combine_ranks, and raises
-    finally:
-        for handle in handles:
-            handle.remove()
-        restore_quantizer_states(states)
-        for m, mode in training.items():
-            m.training = mode
     if distributed:
         _combine_ranks(entries, tuner.groups, fed, error, group)
     return _apply(model, entries, tuner.groups)

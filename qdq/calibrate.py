@@ -45,7 +45,7 @@ from qdq.distributed import SyncReport, gather_objects, is_distributed, sync_cal
 from qdq.feeding import feed, model_device, model_inputs
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
 from qdq.quant_modules import name_quantizers
-from qdq.switches import quantizers, restore_quantizer_states, save_quantizer_states
+from qdq.switches import preserved_modes, quantizers
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -123,29 +123,24 @@ def collect_stats(
         if swapped:
             logger.info("method=%r: collecting histograms for %d quantizers that had max calibrators", method, swapped)
 
-    states = save_quantizer_states(model)
-    training = {m: m.training for m in model.modules()}
     fed = 0
     error: Exception | None = None
     try:
-        for _, q in active:
-            q.reset_calib()
-            q.disable_quant()
-            q.enable_calib()
-        model.eval()
-        with torch.no_grad():
-            fed = feed(model, data, num_batches, device=device, preprocess=preprocess, desc="Calibrating",
-                       what="calibration batch", progress=progress)
+        with preserved_modes(model):
+            for _, q in active:
+                q.reset_calib()
+                q.disable_quant()
+                q.enable_calib()
+            model.eval()
+            with torch.no_grad():
+                fed = feed(model, data, num_batches, device=device, preprocess=preprocess, desc="Calibrating",
+                           what="calibration batch", progress=progress)
         if fed == 0 and not distributed:
             raise ValueError("the calibration data yielded no batches")
     except Exception as err:
         if not distributed:
             raise
         error = err  # every rank learns of it below, and raises
-    finally:
-        restore_quantizer_states(states)
-        for m, mode in training.items():
-            m.training = mode
     if distributed:
         _agree_on_collection(fed, error, group)
     return fed

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator
 
 from torch import nn
@@ -30,6 +31,7 @@ __all__ = [
     "enable_quantization",
     "save_quantizer_states",
     "restore_quantizer_states",
+    "preserved_modes",
 ]
 
 
@@ -54,6 +56,30 @@ def restore_quantizer_states(states: dict[TensorQuantizer, dict[str, bool]]) -> 
     """Puts back switches saved by :func:`save_quantizer_states`."""
     for q, state in states.items():
         q.set_state(state)
+
+
+@contextlib.contextmanager
+def preserved_modes(model: nn.Module, quantizer_states: bool = True) -> Iterator[nn.Module]:
+    """Puts back every module's train/eval flag, and every quantizer's switches, when the block ends (also on an
+    exception): what each step that evaluates, calibrates or exports a user's model needs around its work.
+
+    >>> import torch
+    >>> from qdq import nn as quant_nn
+    >>> model = torch.nn.Sequential(quant_nn.QuantLinear(4, 4)).train()
+    >>> with preserved_modes(model):
+    ...     _ = model.eval()
+    ...     model[0].input_quantizer.disable()
+    >>> model.training, model[0].training, model[0].input_quantizer.is_enabled
+    (True, True, True)
+    """
+    training = {m: m.training for m in model.modules()}
+    states = save_quantizer_states(model) if quantizer_states else {}
+    try:
+        yield model
+    finally:
+        restore_quantizer_states(states)
+        for m, mode in training.items():
+            m.training = mode
 
 
 class _Switch:

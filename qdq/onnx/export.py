@@ -57,7 +57,7 @@ from torch import nn
 from qdq.distributed import run_on_rank0
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
 from qdq.quant_modules import name_quantizers
-from qdq.switches import quantizers
+from qdq.switches import preserved_modes, quantizers
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -125,23 +125,20 @@ def check_exportable(model: nn.Module, allow_bits: Sequence[int] = (8,)) -> None
 def export_mode(model: nn.Module, quantize: bool = True) -> Iterator[nn.Module]:
     """Eval mode and export-mode quantizers for the duration of the block (or every quantizer disabled when
     ``quantize=False``); everything restored in ``finally``."""
-    training = {m: m.training for m in model.modules()}
     qs = [q for _, q in quantizers(model)]
-    saved = [(q, q.export_mode, q.state()) for q in qs]
-    try:
-        model.eval()
-        for q in qs:
-            if quantize:
-                q.export_mode = True
-            else:
-                q.disable()
-        yield model
-    finally:
-        for q, mode, state in saved:
-            q.export_mode = mode
-            q.set_state(state)
-        for m, mode in training.items():
-            m.training = mode
+    saved = [(q, q.export_mode) for q in qs]
+    with preserved_modes(model):
+        try:
+            model.eval()
+            for q in qs:
+                if quantize:
+                    q.export_mode = True
+                else:
+                    q.disable()
+            yield model
+        finally:
+            for q, mode in saved:
+                q.export_mode = mode
 
 
 def _dynamic_axes(names: Sequence[str]) -> dict[str, dict[int, str]]:
@@ -383,21 +380,19 @@ def export_with_quantizer_tags(
     tags = {i + 1: entry for i, entry in enumerate(unique.values())}
     if isinstance(args, torch.Tensor):
         args = (args,)
-    training = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        for tag, (_, q) in tags.items():
-            q.set_export_mode(True, scale=tag * TAG_STEP)
-        with torch.no_grad():
-            if export_fn is not None:
-                export_fn(model, str(path))
-            else:
-                _torch_export(model, args, Path(path), 17, ("input",), None, False, dynamo, {})
-    finally:
-        for _, q in tags.values():
-            q.set_export_mode(False)
-        for m, mode in training.items():
-            m.training = mode
+    with preserved_modes(model, quantizer_states=False):
+        try:
+            model.eval()
+            for tag, (_, q) in tags.items():
+                q.set_export_mode(True, scale=tag * TAG_STEP)
+            with torch.no_grad():
+                if export_fn is not None:
+                    export_fn(model, str(path))
+                else:
+                    _torch_export(model, args, Path(path), 17, ("input",), None, False, dynamo, {})
+        finally:
+            for _, q in tags.values():
+                q.set_export_mode(False)
     onnx_model = onnx.load(str(path), load_external_data=False)
     consts = _constant_values(onnx_model)
     mapping: dict[str, str] = {}

@@ -42,6 +42,8 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from qdq.switches import preserved_modes
+
 __all__ = ["verify", "VerifyReport", "OutputParity", "RoundingParity", "run_onnxruntime"]
 
 
@@ -196,14 +198,9 @@ def verify(
     """Compares ONNX Runtime's run of the file with the PyTorch model on ``inputs`` (see the module docstring)."""
     onnx_model = path_or_model if isinstance(path_or_model, onnx.ModelProto) else onnx.load(str(Path(path_or_model)))
     args = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-    training = {m: m.training for m in model.modules()}
-    try:
+    with preserved_modes(model, quantizer_states=False), torch.no_grad():
         model.eval()
-        with torch.no_grad():
-            reference = [t.detach().cpu().float().numpy() for t in _flatten(model(*args))]
-    finally:
-        for m, mode in training.items():
-            m.training = mode
+        reference = [t.detach().cpu().float().numpy() for t in _flatten(model(*args))]
     got = run_onnxruntime(onnx_model, args, optimized=optimized)
     if len(got) != len(reference):
         raise ValueError(f"ONNX Runtime gave {len(got)} outputs, PyTorch {len(reference)}")
