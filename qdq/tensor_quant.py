@@ -49,9 +49,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -84,6 +85,8 @@ __all__ = [
     "reduce_range",
     "affine_qparams",
     "fake_affine_quant",
+    "data_checks",
+    "data_checks_enabled",
 ]
 
 logger = logging.getLogger(__name__)
@@ -499,7 +502,10 @@ def fake_quantize(
     """
     x = x.float()
     scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
-    zero_point = torch.as_tensor(zero_point, device=x.device)
+    if isinstance(zero_point, torch.Tensor):
+        zero_point = zero_point.to(x.device)
+    else:  # a fill on the device, not a copy from the host (which would synchronise a GPU)
+        zero_point = torch.full((), zero_point, dtype=torch.float32, device=x.device)
     axis = _channel_axis(scale, x)
     if axis is None:
         zp = zero_point.reshape(()).round().to(torch.int32)
@@ -591,21 +597,72 @@ _register_missing_fake_kernels()
 # --------------------------------------------------------------------------------------------------------------------
 
 
+# Checks of the values of amax and of the data cost a device-to-host synchronisation on every call (``bool(t)``), so
+# the hot path does not run them: amax is validated where it is set (the quantizer's setter, calibration, state_dict
+# loading, export), a learned amax is clamped to ``AMAX_EPS`` by :func:`amax_to_scale`, and unsigned quantization
+# clamps negative data to 0. ``data_checks()`` turns the per-call checks back on, for debugging.
+_DATA_CHECKS = [False]
+
+
+def data_checks_enabled() -> bool:
+    """Whether the quantization functions check amax and the data on every call (see :func:`data_checks`)."""
+    return _DATA_CHECKS[0]
+
+
+@contextlib.contextmanager
+def data_checks(enabled: bool = True) -> Iterator[None]:
+    """Within the block, every quantization call checks its amax (finite, ``>= 0``) and, when unsigned, that the
+    data has no negative value, raising ``ValueError``; the previous setting is restored on exit.
+
+    Off by default: each check is a device-to-host synchronisation per call, which stalls a GPU and breaks
+    ``torch.compile(fullgraph=True)``. Without the checks a negative amax quantizes as ``AMAX_EPS`` and unsigned
+    quantization clamps negative values to 0.
+
+    >>> fake_tensor_quant(torch.tensor([-0.5, 1.0]), torch.tensor(1.0), unsigned=True)
+    tensor([0., 1.])
+    >>> with data_checks():
+    ...     fake_tensor_quant(torch.tensor([-0.5, 1.0]), torch.tensor(1.0), unsigned=True)
+    Traceback (most recent call last):
+    ...
+    ValueError: unsigned quantization of negative data (min -0.5); use a signed quantizer for this tensor
+    """
+    previous = _DATA_CHECKS[0]
+    _DATA_CHECKS[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _DATA_CHECKS[0] = previous
+
+
 def _prepare(x: torch.Tensor, amax: torch.Tensor, num_bits: int, unsigned: bool, narrow_range: bool):
+    """amax as a tensor on ``x``'s device and ``(qmin, qmax)``; host-side checks only (bits, shapes, a Python
+    number amax), the value checks when :func:`data_checks` is on."""
     _check_bits(num_bits)
     if not isinstance(amax, torch.Tensor):
-        amax = torch.tensor(amax, dtype=torch.float32, device=x.device)
+        if isinstance(amax, bool) or not isinstance(amax, (int, float)) or not math.isfinite(amax) or amax < 0:
+            raise ValueError(f"amax must be finite and >= 0; got {amax!r}")
+        amax = torch.full((), float(amax), dtype=torch.float32, device=x.device)
     if amax.device != x.device:
         amax = amax.to(x.device)
     _channel_axis(amax, x)  # shape check with a clear message
-    check_amax(amax.detach())
-    if unsigned and x.numel() and bool((x.detach().amin() < 0)):
-        raise ValueError(
-            f"unsigned quantization of negative data (min {x.detach().amin().item():.6g}); "
-            "use a signed quantizer for this tensor"
-        )
+    if _DATA_CHECKS[0]:
+        check_amax(amax.detach())
+        if unsigned and x.numel() and bool((x.detach().amin() < 0)):
+            raise ValueError(
+                f"unsigned quantization of negative data (min {x.detach().amin().item():.6g}); "
+                "use a signed quantizer for this tensor"
+            )
     qmin, qmax = quant_range(num_bits, unsigned, narrow_range)
     return amax, qmin, qmax
+
+
+def _fake_tensor_quant_nograd(x, amax, num_bits, unsigned, narrow_range):
+    """The forward of :class:`FakeTensorQuantFunction` alone, for calls that record no gradient (eval, no_grad):
+    no mask of the clipped values is computed or kept."""
+    amax_t, qmin, qmax = _prepare(x, amax, num_bits, unsigned, narrow_range)
+    scale = amax_to_scale(amax_t.detach(), num_bits, unsigned)
+    out = fake_quantize(x, scale, 0, qmin, qmax)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 class FakeTensorQuantFunction(torch.autograd.Function):
@@ -695,7 +752,9 @@ def fake_tensor_quant(
     >>> x.grad
     tensor([0., 1., 1., 1.])
     """
-    return FakeTensorQuantFunction.apply(x, amax, num_bits, unsigned, narrow_range)
+    if torch.is_grad_enabled() and (x.requires_grad or (isinstance(amax, torch.Tensor) and amax.requires_grad)):
+        return FakeTensorQuantFunction.apply(x, amax, num_bits, unsigned, narrow_range)
+    return _fake_tensor_quant_nograd(x, amax, num_bits, unsigned, narrow_range)
 
 
 def tensor_quant(

@@ -251,13 +251,25 @@ def test_learned_amax_descends():
 # ------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("amax", [-1.0, float("nan"), float("inf")])
 def test_bad_amax_function(amax):
+    """A Python number is checked on the host always; a tensor amax when data checks are on (a sync per call)."""
     with pytest.raises(ValueError, match="finite and >= 0"):
+        tq.fake_tensor_quant(torch.randn(4), amax)
+    with tq.data_checks(), pytest.raises(ValueError, match="finite and >= 0"):
         tq.fake_tensor_quant(torch.randn(4), torch.tensor(amax))
+    assert not tq.data_checks_enabled()  # restored on the way out of the exception
+
+
+def test_negative_amax_tensor_quantizes_as_eps_without_checks():
+    """The hot path never reads amax on the host: a negative amax clamps to AMAX_EPS, as a zero one does."""
+    x = torch.tensor([0.0, 1e-9, -1.0])
+    assert torch.equal(tq.fake_tensor_quant(x, torch.tensor(-1.0)), tq.fake_tensor_quant(x, torch.tensor(0.0)))
 
 
 def test_unsigned_negative_data():
-    with pytest.raises(ValueError, match="unsigned quantization of negative data"):
+    with tq.data_checks(), pytest.raises(ValueError, match="unsigned quantization of negative data"):
         tq.fake_tensor_quant(torch.tensor([1.0, -0.5]), torch.tensor(1.0), unsigned=True)
+    # without the checks (the default: no host sync per call) negative values clamp to 0
+    assert tq.fake_tensor_quant(torch.tensor([1.0, -0.5]), torch.tensor(1.0), unsigned=True).tolist() == [1.0, 0.0]
 
 
 def test_per_channel_shape_mismatch():

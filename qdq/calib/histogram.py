@@ -1,29 +1,24 @@
 """Histogram calibration: int64 counts of ``|x|`` with a bounded number of bins, and amax searches over them.
 
-The histogram covers ``[0, R]`` with ``num_bins`` equal bins. The first batch sets ``R`` to its largest
-magnitude. When a later batch goes beyond ``R``, the range grows by the smallest integer factor ``k`` that covers it
-and every ``k`` neighbouring bins are merged into one: counts move exactly (no interpolation, no smearing), the
-number of bins never changes, and the data always spans more than half of the bins. Counts are int64 and stay on
-the device of the data.
+The bins are ``2**e`` wide: bin ``k`` holds the magnitudes ``v`` with ``floor(v / 2**e) == k``, and ``e`` is the
+smallest integer for which every finite magnitude seen is below the top edge ``num_bins * 2**e``. So the data spans
+more than half of the bins, and the grid is a function of the largest magnitude alone. When a batch goes beyond the
+top edge, ``e`` grows by ``d`` and every ``2**d`` neighbouring bins merge into one (:func:`merge_bins`): since
+``floor(floor(v / 2**e) / 2**d) == floor(v / 2**(e + d))``, the merged counts are exactly those of binning all the
+data on the wider grid directly. ``v / 2**e`` is exact in floating point, so no value ever lands on the wrong side
+of an edge. Hence the histogram (and every amax searched on it) is **bit-identical whatever the order of the
+batches, their sizes or their split across ranks**: it depends on the multiset of values only.
 
-Across torch.distributed ranks (:meth:`HistogramCalibrator.all_reduce`, a collective), each rank has grown its own
-range ``R_r`` from its own data. The ranks first agree on a common range, ``R = max_r R_r`` per channel (one MAX
-all-reduce, together with the exact maxima), then every rank moves its counts onto the ``num_bins`` bins of
-``[0, R]`` (:func:`rebin`) and the counts are summed (a SUM all-reduce, int64, so the sum is exact):
+Collection never reads a device tensor on the host (no synchronisation on GPUs): the exponent, the merging, the
+running maximum and the count of skipped NaN/Inf values all stay on the data's device. Counts are int64.
 
-* where ``R / R_r`` is an integer ``k`` (the rank with the largest range: ``k = 1``; ranges that differ by a
-  power of two, ...) the ``k`` neighbouring bins merge, exactly as the range growth of one process does (the one
-  value sitting on the rank's top edge ``R_r``, counted in its last bin, then lands in the bin just below its own,
-  as it does when one process grows its range);
-* otherwise each old bin's count moves to the new bin that holds the old bin's centre. An old bin is never wider
-  than a new one, so every value lands in its own new bin or in a neighbour: **an error of at most one bin** per
-  count, and nowhere else.
+Across torch.distributed ranks (:meth:`HistogramCalibrator.all_reduce`, a collective) the ranks agree on the
+largest exponent and the exact maxima (one MAX all-reduce), merge their counts onto that grid and sum them (a SUM
+all-reduce, int64): every rank ends with the histogram one process would collect on the union of the data, bit for
+bit. ``num_batches`` and ``num_nonfinite`` become sums over the ranks.
 
-So the combined histogram is the histogram one process would collect over ``[0, R]`` on the union of the data, up
-to moving counts by at most one bin, and ``max`` (the exact maximum) is the union's maximum exactly. The percentile
-amax is then within one bin width (``R / num_bins``) of the single-process one; entropy, mse and kld search the
-same histogram and move by a bin or so on smooth data (they are argmins, so no bound holds for every histogram).
-``num_batches`` and ``num_nonfinite`` become sums over the ranks.
+:func:`rebin` (moving counts between arbitrary ranges, at most one bin of error) is kept for histograms from other
+sources; the calibrator itself never needs it.
 
 Example:
     >>> import torch
@@ -43,17 +38,19 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 
 import torch
 
 from qdq.calib.amax_search import get_search, search_names
-from qdq.calib.calibrator import NoDataCollectedError, _Calibrator
+from qdq.calib.calibrator import NoDataCollectedError, NonFiniteWarning, _Calibrator
 
-__all__ = ["HistogramCalibrator", "rebin"]
+__all__ = ["HistogramCalibrator", "rebin", "merge_bins", "bin_exponent"]
 
 logger = logging.getLogger(__name__)
 
-_HISTC_CHUNK = 1 << 24  # float32 histc counts are exact up to 2**24 per call
+_CHUNK = 1 << 20  # per-tensor collection bins chunks of this many values (a reused 4 MB buffer)
+_HISTC_BINS = 1 << 11  # histc bins integer-valued floats exactly while (2 * num_bins)**2 <= 2**24; above, scatter_add
 _RANGE_TOL = 4 * 2.0**-23  # relative slack for "R / R_r is an integer": float32 ranges carry one rounding each
 
 
@@ -100,6 +97,40 @@ def rebin(counts: torch.Tensor, old_range: torch.Tensor, new_range: torch.Tensor
     return torch.zeros_like(flat).scatter_add_(1, target, flat).reshape(counts.shape)
 
 
+#: Bin exponents: a histogram's bins are ``2**e`` wide, ``E_MIN <= e``; ``2**-e`` is a normal float32 for every e used.
+E_MIN = -126
+
+
+def _pow2(k: torch.Tensor) -> torch.Tensor:
+    """``2.0 ** k`` as float32, exactly (built from the exponent bits), for integer ``k`` in ``[-126, 127]``."""
+    return ((k.to(torch.int32) + 127) << 23).view(torch.float32)
+
+
+def bin_exponent(m: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """The smallest ``e >= E_MIN`` with ``m < num_bins * 2**e``: the bin width ``2**e`` that makes ``[0, m]`` fit in
+    ``num_bins`` bins with the top edge strictly above ``m`` (int64, elementwise, on ``m``'s device, no host sync).
+
+    >>> bin_exponent(torch.tensor([3.0, 4.0, 0.0]), 4).tolist()     # 3 < 4 * 1; 4 < 4 * 2; zeros: the finest grid
+    [0, 1, -126]
+    """
+    f, p = torch.frexp(m.float())
+    g, q = math.frexp(num_bins)
+    e = p.to(torch.int64) - q + (f >= g).to(torch.int64)
+    return torch.where(m > 0, e, torch.full_like(e, E_MIN)).clamp(min=E_MIN)
+
+
+def merge_bins(counts: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Histograms on bins ``2**e`` wide moved onto bins ``2**(e + shift)`` wide: every ``2**shift`` neighbouring bins
+    merge into one (exact, totals preserved). ``counts`` is ``[channels, n]``, ``shift`` ``[channels]``, ``>= 0``.
+
+    >>> merge_bins(torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4]]), torch.tensor([1, 0])).tolist()
+    [[3, 7, 0, 0], [1, 2, 3, 4]]
+    """
+    n = counts.shape[-1]
+    target = torch.arange(n, device=counts.device)[None, :] >> shift.clamp(0, 62)[:, None]
+    return torch.zeros_like(counts).scatter_add_(1, target.expand_as(counts), counts)
+
+
 class HistogramCalibrator(_Calibrator):
     """Collects a histogram of ``|x|`` (of ``x`` when unsigned), one per channel when ``axis`` is set.
 
@@ -111,8 +142,10 @@ class HistogramCalibrator(_Calibrator):
         torch_hist: accepted for pytorch_quantization compatibility (collection always runs in torch, on the data's
             device); the attribute ``_torch_hist`` may be set freely.
 
-    NaN and Inf values are skipped, counted in ``num_nonfinite`` and reported with a warning. A first batch of
-    zeros is counted in bin 0 and the range is set by the first batch with a non-zero value.
+    The bins are ``2**e`` wide (see the module docstring), so the histogram depends on the data only, never on the
+    order of the batches, their sizes or how they were split across ranks. NaN and Inf values are skipped, counted in
+    ``num_nonfinite`` and reported with a warning when the histogram is read. Collection never synchronises the host
+    with the device; an unsigned calibrator that saw negative data raises when amax is computed.
     """
 
     def __init__(
@@ -134,126 +167,133 @@ class HistogramCalibrator(_Calibrator):
         self._skip_zeros = skip_zeros
         self._torch_hist = torch_hist
         self._counts: torch.Tensor | None = None  # int64 [channels, num_bins]
-        self._range: torch.Tensor | None = None  # float32 [channels], the top edge R
-        self._max: torch.Tensor | None = None  # float32 [channels], largest magnitude seen
+        self._exp: torch.Tensor | None = None  # int64 [channels]: bins are 2**exp wide
+        self._max: torch.Tensor | None = None  # float32 [channels], largest finite magnitude seen
+        self._low: torch.Tensor | None = None  # float32 [channels], smallest value seen (unsigned: must be >= 0)
+        self._skipped: torch.Tensor | None = None  # int64 scalar on the device: NaN/Inf values skipped
         self._shape: tuple[int, ...] | None = None  # shape of the amax
 
     num_bins = property(lambda self: self._num_bins)
 
+    @property
+    def num_nonfinite(self) -> int:
+        """NaN and Inf values skipped since the last reset (reading it synchronises with the device)."""
+        return self._nonfinite_host + (0 if self._skipped is None else int(self._skipped))
+
+    @num_nonfinite.setter
+    def num_nonfinite(self, value: int) -> None:
+        self._nonfinite_host = int(value)
+        if getattr(self, "_skipped", None) is not None:
+            self._skipped = torch.zeros_like(self._skipped)
+        self._nonfinite_warned = int(value)
+
+    @property
+    def _range(self) -> torch.Tensor:
+        """The top edge of each histogram, ``num_bins * 2**exp`` (float32, exact)."""
+        return (self._num_bins * _pow2(self._exp)) if self._exp is not None else None
+
     # collection -----------------------------------------------------------------------------------------------
     def collect(self, x: torch.Tensor) -> None:
-        """Adds ``x`` to the histogram."""
+        """Adds ``x`` to the histogram (no host synchronisation: everything stays on ``x``'s device)."""
         if x.numel() == 0:
             return
-        self._check_unsigned(x)
         x = x.detach()
         if x.dtype != torch.float32:
             x = x.float()
-        if self._axis is None:
-            rows, batch_max = self._prepare_tensor(x)
-        else:
-            rows, batch_max = self._prepare_channels(x)
         shape = self._kept_shape(x)
+        channels = math.prod(shape) if shape else 1
         if self._counts is None:
             self._shape = shape
-            self._counts = torch.zeros(batch_max.numel(), self._num_bins, dtype=torch.int64, device=x.device)
-            self._range = batch_max.clone()
-            self._max = batch_max.clone()
+            dev = x.device
+            self._counts = torch.zeros(channels, self._num_bins, dtype=torch.int64, device=dev)
+            self._exp = torch.full((channels,), E_MIN, dtype=torch.int64, device=dev)
+            self._max = torch.zeros(channels, dtype=torch.float32, device=dev)
+            self._low = torch.full((channels,), math.inf, dtype=torch.float32, device=dev)
+            self._skipped = torch.zeros((), dtype=torch.int64, device=dev)
+        elif shape != self._shape:
+            raise ValueError(
+                f"HistogramCalibrator: this tensor {tuple(x.shape)} has per-channel shape {shape}, "
+                f"but {self._shape} was collected so far"
+            )
+        x = x.to(self._counts.device)
+        if self._axis is None and self._num_bins <= _HISTC_BINS:
+            self._collect_tensor(x.reshape(-1))
         else:
-            if shape != self._shape:
-                raise ValueError(
-                    f"HistogramCalibrator: this tensor {tuple(x.shape)} has per-channel shape {shape}, "
-                    f"but {self._shape} was collected so far"
-                )
-            batch_max = batch_max.to(self._counts.device)
-            rows = rows.to(self._counts.device)
-            self._grow(batch_max)
-            self._max = torch.maximum(self._max, batch_max)
-        self._counts += self._bin_tensor(rows) if self._axis is None else self._bin_channels(rows)
+            self._collect_channels(self._rows(x))
         self.num_batches += 1
 
-    def _prepare_tensor(self, x: torch.Tensor):
-        """Per tensor: the flat data (signed values are binned symmetrically and folded, saving an abs copy)."""
-        flat = x.reshape(-1)
-        low, high = torch.aminmax(flat)
-        batch_max = high if self._unsigned else torch.maximum(high, -low)
-        if not bool(torch.isfinite(batch_max)):
-            finite = torch.isfinite(flat)
-            self._warn_nonfinite(int(flat.numel() - finite.sum()), flat.numel())
-            flat = flat[finite]
-            batch_max = flat.abs().amax() if flat.numel() else torch.zeros((), device=flat.device)
+    def _clean(self, values: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Magnitudes (the values when unsigned) of ``values`` in ``out``, with -1 marking what is not binned: NaN and
+        Inf (counted) and, with ``skip_zeros``, zeros."""
+        if self._unsigned:
+            out.copy_(values)
+        else:
+            torch.abs(values, out=out)
+        torch.nan_to_num_(out, nan=-1.0, posinf=-1.0, neginf=-1.0)
+        self._skipped += (out == -1.0).sum()
         if self._skip_zeros:
-            flat = flat[flat != 0]
-        return flat, batch_max.reshape(1)
+            out.masked_fill_(out == 0, -1.0)
+        return out
 
-    def _prepare_channels(self, x: torch.Tensor):
-        """Per channel: magnitudes as ``[channels, -1]`` rows, -1 marking values to skip."""
-        rows = self._rows(x)
-        if not self._unsigned:
-            rows = rows.abs()
-        batch_max = rows.amax(dim=1)
-        if not bool(torch.isfinite(batch_max).all()):
-            rows = self._skip_nonfinite(rows)
-            batch_max = rows.amax(dim=1).clamp(min=0)
-        if self._skip_zeros:
-            rows = torch.where(rows == 0, torch.full_like(rows, -1.0), rows)
-        return rows, batch_max
+    def _collect_tensor(self, flat: torch.Tensor) -> None:
+        """Per tensor: three passes over the data (min/max, scaled truncation into a reused chunk, histc).
 
-    def _grow(self, batch_max: torch.Tensor) -> None:
-        """Widens the range where ``batch_max`` exceeds it, merging bins by an integer factor."""
-        over = batch_max > self._range
-        if not bool(over.any()):
-            return
-        unset = self._range <= 0  # only zeros so far: every count is in bin 0, just set the range
-        factor = torch.ones_like(self._range, dtype=torch.int64)
-        grow = over & ~unset
-        if bool(grow.any()):
-            k = torch.ceil(batch_max / torch.where(grow, self._range, torch.ones_like(self._range))).to(torch.int64)
-            k = torch.where(grow, k.clamp(min=2), factor)
-            # float rounding: make sure k * R covers the new max
-            short = grow & (k.float() * self._range < batch_max)
-            k = k + short.to(torch.int64)
-            factor = k
-            target = torch.arange(self._num_bins, device=self._counts.device)[None, :] // factor[:, None]
-            merged = torch.zeros_like(self._counts).scatter_add_(1, target, self._counts)
-            self._counts = merged
-        self._range = torch.where(unset & over, batch_max, self._range * factor.float())
-
-    def _top(self) -> torch.Tensor:
-        return torch.where(self._range > 0, self._range, torch.ones_like(self._range))
-
-    def _bin_tensor(self, flat: torch.Tensor) -> torch.Tensor:
-        """Counts of the flat data in the current bins, int64 ``[1, num_bins]``.
-
-        Signed data is binned over ``[-R, R]`` with twice the bins and folded onto ``[0, R]``: the counts of
-        ``|x|`` without computing ``|x|``.
+        ``trunc(x / 2**e)`` is exact and integer-valued, and histc over ``[-n, n]`` with ``2n`` bins puts the integer
+        ``t`` in bin ``t + n`` exactly (``(t + n) * 2n < 2**24``); folding the negative half onto the positive one
+        gives the counts of ``floor(|x| / 2**e)`` without computing ``|x|``. histc skips NaN and Inf by itself.
         """
         n = self._num_bins
-        top = float(self._top()[0])
-        signed = not self._unsigned
-        hist = torch.zeros(2 * n if signed else n, dtype=torch.int64, device=flat.device)
-        for part in flat.split(_HISTC_CHUNK):
-            if signed:
-                hist += torch.histc(part, bins=2 * n, min=-top, max=top).to(torch.int64)
-            else:
-                hist += torch.histc(part, bins=n, min=0.0, max=top).to(torch.int64)
-        if signed:
-            hist = hist[n:] + hist[:n].flip(0)
-        return hist[None]
+        low, high = torch.aminmax(flat)
+        if self._unsigned:
+            self._low = torch.fmin(self._low, low.reshape(1))
+        m = high if self._unsigned else torch.maximum(high, -low)
+        # reading a CPU tensor is no device synchronisation: there, the data is cleaned only when it needs it
+        if flat.device.type != "cpu" or not bool(torch.isfinite(m)):
+            finite = torch.isfinite(flat)
+            self._skipped += flat.numel() - finite.sum()
+            m = torch.where(finite, flat if self._unsigned else flat.abs(), 0.0).amax()
+        m = m.clamp(min=0).reshape(1)
+        e = bin_exponent(m, n)
+        width = _pow2(e)
+        hist = torch.zeros(2 * n, dtype=torch.float32, device=flat.device)
+        buf = torch.empty(min(flat.numel(), _CHUNK), dtype=torch.float32, device=flat.device)
+        for part in flat.split(_CHUNK):
+            t = torch.div(part, width, rounding_mode="trunc", out=buf[: part.numel()])
+            hist += torch.histc(t, bins=2 * n, min=-n, max=n)  # float32 counts: exact up to 2**24 per chunk
+        hist = hist.to(torch.int64)
+        counts = hist[n:].clone()
+        counts[1:] += hist[1:n].flip(0)
+        if self._skip_zeros:
+            counts[0] -= (flat == 0).sum()
+        self._merge(counts[None], e, m)
 
-    def _bin_channels(self, rows: torch.Tensor) -> torch.Tensor:
-        """Counts of ``rows`` (magnitudes, -1 = skip) in each channel's bins, int64 ``[channels, num_bins]``."""
-        n = self._num_bins
-        idx = (rows * (n / self._top())[:, None]).floor_().clamp_(max=n - 1).to(torch.int64)
-        idx += (torch.arange(rows.shape[0], device=rows.device) * n)[:, None]
-        idx = torch.where(rows >= 0, idx, rows.shape[0] * n)  # skipped values land past the end
-        return torch.bincount(idx.reshape(-1), minlength=rows.shape[0] * n + 1)[:-1].reshape(rows.shape[0], n)
+    def _collect_channels(self, rows: torch.Tensor) -> None:
+        """Per channel: ``rows`` is ``[channels, -1]``."""
+        n, channels = self._num_bins, rows.shape[0]
+        if self._unsigned:
+            self._low = torch.fmin(self._low, rows.amin(dim=1))
+        a = self._clean(rows, torch.empty_like(rows))
+        m = a.amax(dim=1).clamp(min=0)
+        e = bin_exponent(m, n)
+        idx = a.mul_(_pow2(-e)[:, None]).floor_()
+        offsets = (torch.arange(channels, device=rows.device) * n)[:, None]
+        idx = torch.where(idx >= 0, idx.to(torch.int64) + offsets, channels * n)  # skipped values land past the end
+        hist = torch.zeros(channels * n + 1, dtype=torch.int64, device=rows.device)
+        hist.scatter_add_(0, idx.reshape(-1), torch.ones_like(idx).reshape(-1))
+        self._merge(hist[:-1].reshape(channels, n), e, m)
+
+    def _merge(self, hist: torch.Tensor, exp: torch.Tensor, batch_max: torch.Tensor) -> None:
+        """Adds histograms on bins ``2**exp`` wide: both sides move onto the wider of the two grids (exact)."""
+        top = torch.maximum(self._exp, exp)
+        self._counts = merge_bins(self._counts, top - self._exp) + merge_bins(hist, top - exp)
+        self._exp = top
+        self._max = torch.maximum(self._max, batch_max)
 
     def reset(self) -> None:
         """Forgets everything collected."""
-        super().reset()
-        self._counts = self._range = self._max = None
+        self._counts = self._exp = self._max = self._low = self._skipped = None
         self._shape = None
+        super().reset()
 
     # combining ranks -----------------------------------------------------------------------------------------
     def _stats_shape(self) -> tuple[int, ...] | None:
@@ -266,20 +306,23 @@ class HistogramCalibrator(_Calibrator):
         return f"num_bins={value // 2}, skip_zeros={bool(value % 2)}"
 
     def _max_payload(self, shape: tuple[int, ...], has_data: bool, device: torch.device) -> torch.Tensor:
-        """``[range, max]`` per channel; zeros (nothing seen) without data."""
+        """``[exp, max, -low]`` per channel (the bin exponent is a small integer, exact in float32); neutral values
+        (the finest grid, nothing seen) without data."""
+        channels = math.prod(shape)
         if not has_data:
-            return torch.zeros(2 * math.prod(shape), dtype=torch.float32, device=device)
-        return torch.stack([self._range, self._max]).reshape(-1)
+            return torch.cat([torch.full((channels,), float(E_MIN), device=device), torch.zeros(channels, device=device),
+                              torch.full((channels,), -math.inf, device=device)])
+        return torch.cat([self._exp.float(), self._max, -self._low])
 
     def _sum_payload(
         self, maxed: torch.Tensor, shape: tuple[int, ...], has_data: bool, device: torch.device
     ) -> torch.Tensor:
-        """This rank's counts moved onto the common range (the reduced ranges); zeros without data."""
+        """This rank's counts merged onto the common grid (the largest exponent of the ranks): exact."""
         channels = math.prod(shape)
         if not has_data:
             return torch.zeros(channels * self._num_bins, dtype=torch.int64, device=device)
-        top = maxed[:channels].to(device)
-        return rebin(self._counts.to(device), self._range.to(device), top).reshape(-1)
+        top = maxed[:channels].to(device).to(torch.int64)
+        return merge_bins(self._counts.to(device), top - self._exp.to(device)).reshape(-1)
 
     def _adopt(
         self, maxed: torch.Tensor, summed: torch.Tensor | None, shape: tuple[int, ...], has_data: bool,
@@ -288,8 +331,10 @@ class HistogramCalibrator(_Calibrator):
         channels = math.prod(shape)
         home = self._counts.device if has_data else device
         self._counts = summed.reshape(channels, self._num_bins).to(home).clone()
-        self._range = maxed[:channels].to(home).clone()
-        self._max = maxed[channels:].to(home).clone()
+        self._exp = maxed[:channels].to(home).to(torch.int64)
+        self._max = maxed[channels:2 * channels].to(home).clone()
+        self._low = -maxed[2 * channels:].to(home)
+        self._skipped = torch.zeros((), dtype=torch.int64, device=home)
         self._shape = tuple(shape)
 
     # results --------------------------------------------------------------------------------------------------
@@ -301,16 +346,35 @@ class HistogramCalibrator(_Calibrator):
     def histogram(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(counts, edges)``: int64 ``[..., num_bins]`` and float32 ``[..., num_bins + 1]``.
 
-        One histogram (1-D tensors) per tensor, or one row per channel.
+        One histogram (1-D tensors) per tensor, or one row per channel. The edges are ``k * 2**e``, exact.
         """
         if self._counts is None:
             raise NoDataCollectedError("HistogramCalibrator collected no data")
-        steps = torch.linspace(0, 1, self._num_bins + 1, device=self._counts.device, dtype=torch.float64)
-        top = self._top().double()
-        edges = (top[:, None] * steps[None, :]).float()
+        self._report_nonfinite()
+        steps = torch.arange(self._num_bins + 1, device=self._counts.device, dtype=torch.float32)
+        edges = steps[None, :] * _pow2(self._exp)[:, None]
         if self._axis is None:
             return self._counts[0], edges[0]
         return self._counts, edges
+
+    def _report_nonfinite(self) -> None:
+        """Warns about NaN/Inf values skipped since the last report (reads the device's count: one sync)."""
+        total = self.num_nonfinite
+        if total > self._nonfinite_warned:
+            self._warn_nonfinite(total - self._nonfinite_warned, None)
+            self._nonfinite_warned = total
+
+    def _warn_nonfinite(self, nbad: int, numel: int | None) -> None:
+        msg = f"HistogramCalibrator: skipped {nbad} NaN/Inf values ({self.num_nonfinite} since reset)"
+        logger.warning(msg)
+        warnings.warn(msg, NonFiniteWarning, stacklevel=4)
+
+    def _check_low(self) -> None:
+        if self._unsigned and bool((self._low < 0).any()):
+            raise ValueError(
+                f"HistogramCalibrator: unsigned quantizer got negative data (min {self._low.min().item():.6g}); "
+                "use a signed quantizer for this tensor"
+            )
 
     def compute_amax(
         self,
@@ -333,6 +397,8 @@ class HistogramCalibrator(_Calibrator):
         search = get_search(method)
         if self._counts is None:
             raise NoDataCollectedError("HistogramCalibrator collected no data")
+        self._check_low()
+        self._report_nonfinite()
         if method == "max":
             amax = self._max.clone()
         else:
