@@ -76,6 +76,7 @@ import torch
 from torch import nn
 
 from qdq._files import write_atomically
+from qdq._json_keys import DuplicateKeyError, loads_unique
 from qdq._version import __version__
 from qdq.switches import quantizers
 from qdq.tensor_quant import amax_to_scale
@@ -223,9 +224,11 @@ def _read_json(path: Path, what: str) -> Any:
     except (OSError, UnicodeDecodeError) as err:
         raise CalibTableError(f"cannot read {what} {path}: {err}") from err
     try:
-        return json.loads(text)
+        return loads_unique(text)
     except json.JSONDecodeError as err:
         raise CalibTableError(f"{what} {path} is not JSON: {err}") from err
+    except DuplicateKeyError as err:
+        raise CalibTableError(f"{what} {path}: {err}; each key must appear once") from None
 
 
 def _check_numbers(value: Any) -> bool:
@@ -427,6 +430,8 @@ def write_tensorrt_cache(
         value = _as_float(value, name)
         if value == 0:
             zero.append(name)
+        if value > float(np.finfo(np.float32).max):  # finite in float64, Inf once a float32 (the cache's type)
+            raise CalibTableError(f"tensor {name!r}: amax {value!r} overflows float32 (the cache holds float32 scales)")
         scale = amax_to_scale(torch.tensor(value, dtype=torch.float32)).item()
         lines.append(f"{name}: {struct.pack('>f', scale).hex()}")
     if zero:
@@ -458,6 +463,11 @@ def read_tensorrt_cache(path: str | os.PathLike) -> tuple[str, dict[str, float]]
     if not lines or not lines[0].strip():
         raise CalibTableError(f"TensorRT calibration cache {path}: the first line must be the header, found none")
     header, scales = lines[0].strip(), {}
+    name, sep, digits = header.rpartition(":")
+    if sep and name.strip() and _HEX.fullmatch(digits.strip()):  # an entry where the header should be
+        raise CalibTableError(
+            f"{path}, line 1: expected the header (such as {TENSORRT_HEADER!r}), got the tensor entry {header!r}"
+        )
     for number, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue

@@ -158,6 +158,7 @@ import torch
 from torch import nn
 
 from qdq._files import write_atomically
+from qdq._json_keys import DuplicateKeyError, loads_unique
 from qdq._version import __version__
 from qdq.calib import HistogramCalibrator, MaxCalibrator, search_names
 from qdq.calibrate import CalibrationReport, collect_stats, handle_no_data
@@ -556,10 +557,12 @@ def _read(path: Path) -> Any:
     except (OSError, UnicodeDecodeError) as err:
         raise QuantConfigError(str(path), [f"<file>: cannot be read ({err})"]) from err
     try:
-        return json.loads(text)
+        return loads_unique(text)
     except json.JSONDecodeError as err:
         problem = f"<file>: not JSON: {err.msg} at line {err.lineno} column {err.colno}"
         raise QuantConfigError(str(path), [problem]) from None
+    except DuplicateKeyError as err:
+        raise QuantConfigError(str(path), [f"<file>: {err}; each key must appear once"]) from None
 
 
 def _source_of(config: Any) -> tuple[Any, str]:

@@ -57,6 +57,7 @@ __all__ = [
     "name_quantizers",
     "is_quantized",
     "module_device",
+    "unmatched_ignore_patterns",
 ]
 
 logger = logging.getLogger(__name__)
@@ -134,15 +135,45 @@ def compile_ignore_policy(policy: IgnorePolicy) -> Callable[[str], bool]:
 
     A string matches a path that equals it, a path under it (``"head"`` matches ``"head.conv"``) or a path the
     string, read as a regular expression, matches in full (``"head.*"``, ``r"model\\.2[0-4]\\..*"``). Compiled
-    patterns match in full; callables receive the path. A list matches when any item does.
+    patterns match in full; callables receive the path. A list matches when any item does. A mapping
+    ``{pattern: bool}`` ignores the paths its ``True`` patterns match, except those a ``False`` pattern matches
+    (``{"0": False}`` ignores nothing). Anything else (``ignore_policy=5``) is a ``TypeError``.
 
     >>> ignore = compile_ignore_policy(["head", r"backbone\\.layer[34]\\..*"])
     >>> [ignore(p) for p in ["head.fc", "backbone.layer3.0.conv1", "backbone.layer1.0.conv1", "header"]]
     [True, True, False, False]
+    >>> ignore = compile_ignore_policy({"layer1": True, "layer1.0": False})
+    >>> [ignore(p) for p in ["layer1.0.conv1", "layer1.1.conv1", "layer2.0.conv1"]]
+    [False, True, False]
     """
     if policy is None:
         return lambda path: False
-    items = [policy] if isinstance(policy, (str, re.Pattern)) or callable(policy) else list(policy)
+    return _compile_items(_policy_items(policy))
+
+
+def _policy_items(policy: IgnorePolicy) -> list:
+    """The items of a policy; a mapping ``{pattern: bool}`` gives ``("keep", pattern)`` items for False values."""
+    if isinstance(policy, (str, re.Pattern)) or callable(policy):
+        return [policy]
+    if isinstance(policy, Mapping):
+        items = []
+        for key, value in policy.items():
+            if not isinstance(value, bool):
+                raise TypeError(f"ignore_policy[{key!r}] must be True (ignore) or False (quantize), got {value!r}")
+            items.append(key if value else ("keep", key))
+        return items
+    if isinstance(policy, (bytes, bytearray)) or not isinstance(policy, Iterable):
+        raise TypeError(
+            "ignore_policy must be a layer name or regular expression, a compiled pattern, a callable on the dotted "
+            f"path, a mapping {{pattern: bool}} or a list of these; got {policy!r} ({type(policy).__name__})"
+        )
+    return list(policy)
+
+
+def _compile_items(items: list) -> Callable[[str], bool]:
+    """A path is ignored when an item matches it and no ``("keep", pattern)`` item does."""
+    keep = [_compile_items([item[1]]) for item in items if isinstance(item, tuple) and item[:1] == ("keep",)]
+    items = [item for item in items if not (isinstance(item, tuple) and item[:1] == ("keep",))]
     tests = []
     for item in items:
         if isinstance(item, re.Pattern):
@@ -157,6 +188,8 @@ def compile_ignore_policy(policy: IgnorePolicy) -> Callable[[str], bool]:
             tests.append(lambda p, f=item: bool(f(p)))
         else:
             raise TypeError(f"ignore_policy items must be strings, compiled patterns or callables, got {item!r}")
+    if keep:
+        return lambda path: any(t(path) for t in tests) and not any(k(path) for k in keep)
     return lambda path: any(t(path) for t in tests)
 
 
@@ -288,9 +321,12 @@ class ReplacementReport:
     ignored: list[str] = field(default_factory=list)
     already_quantized: list[str] = field(default_factory=list)
     unsupported: list[tuple[str, str]] = field(default_factory=list)
+    unmatched_ignore: list[str] = field(default_factory=list)  # ignore_policy patterns that matched no layer
 
     def __str__(self) -> str:
         lines = [f"quantized {len(self.replaced)} layers, ignored {len(self.ignored)}"]
+        if self.unmatched_ignore:
+            lines.append("  ignore_policy entries matching no layer: " + ", ".join(map(repr, self.unmatched_ignore)))
         if self.ignored:
             lines.append("  ignored: " + ", ".join(self.ignored))
         if self.already_quantized:
@@ -360,7 +396,24 @@ def replace_to_quantization_module(
     """
     ignore = compile_ignore_policy(ignore_policy)
     report = ReplacementReport()
-    for layer in quantizable_layers(model, quant_map):
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            f"replace_to_quantization_module: the model is a TorchScript module ({type(model).__name__}, from "
+            "torch.jit.script or torch.jit.trace), whose layers cannot be replaced; quantize the Python nn.Module "
+            "before scripting it"
+        )
+    layers = quantizable_layers(model, quant_map)
+    report.unmatched_ignore = unmatched_ignore_patterns(ignore_policy, [p for layer in layers for p in layer.paths])
+    if report.unmatched_ignore:
+        logger.warning("ignore_policy: %s match no quantizable layer of the model (nothing ignored for them)",
+                       ", ".join(map(repr, report.unmatched_ignore)))
+    for path, module in model.named_modules():
+        if isinstance(module, torch.jit.ScriptModule) and not any(
+                path.startswith(p + ".") for p, _ in report.unsupported):
+            why = "a TorchScript module (torch.jit.script/trace): its layers cannot be replaced; quantize before scripting"
+            report.unsupported.append((path, why))
+            logger.warning("not quantized: %s: %s", path, why)
+    for layer in layers:
         path, module = layer.path, layer.module
         if layer.status == "quantized":
             report.already_quantized.append(path)
@@ -386,6 +439,25 @@ def replace_to_quantization_module(
     name_quantizers(model)
     logger.info("%s", report)
     return report
+
+
+def unmatched_ignore_patterns(policy: IgnorePolicy, paths: Iterable[str]) -> list[str]:
+    """The string and pattern entries of ``policy`` that match none of ``paths`` (callables cannot be judged).
+
+    >>> unmatched_ignore_patterns(["fc", "head.*", "nothing"], ["conv1", "fc", "head.0"])
+    ['nothing']
+    """
+    if policy is None:
+        return []
+    paths = list(paths)
+    unmatched = []
+    for item in _policy_items(policy):
+        pattern = item[1] if isinstance(item, tuple) else item
+        if isinstance(pattern, (str, re.Pattern)):
+            test = _compile_items([pattern])
+            if not any(test(p) for p in paths):
+                unmatched.append(pattern if isinstance(pattern, str) else pattern.pattern)
+    return unmatched
 
 
 def name_quantizers(model: nn.Module) -> None:

@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -100,6 +101,21 @@ class SensitivityProfile:
         return self.table()
 
 
+def _evaluate(eval_fn: Callable[[nn.Module], float], model: nn.Module, setting: str) -> float:
+    """``eval_fn(model)`` as a float; NaN (which no ranking can order) or a non-number is an error naming the setting.
+
+    Infinities are metrics (the SQNR of the float model against itself is +inf)."""
+    value = eval_fn(model)
+    try:
+        metric = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"eval_fn must return a number; with {setting} it returned {value!r}") from None
+    if math.isnan(metric):
+        raise ValueError(f"eval_fn returned NaN with {setting}; NaN metrics cannot be ranked "
+                         "(check the evaluation data and the model's outputs for NaN/Inf)")
+    return metric
+
+
 def _set(quantizers: list[TensorQuantizer], on: bool) -> None:
     for q in quantizers:
         q.enable() if on else q.disable()
@@ -129,6 +145,8 @@ def build_sensitivity_profile(
         raise ValueError(f"mode must be 'disable_one' or 'enable_one', got {mode!r}")
     name_quantizers(model)
     owned = quantized_layers(model)
+    if isinstance(layers, str):
+        raise TypeError(f"layers must be a list of layer paths, got the string {layers!r} (write [{layers!r}])")
     if layers is not None:
         unknown = sorted(set(layers) - set(owned))
         if unknown:
@@ -141,19 +159,19 @@ def build_sensitivity_profile(
     sign = 1.0 if higher_is_better else -1.0
     try:
         _set(all_q, False)
-        float_metric = float(eval_fn(model))
+        float_metric = _evaluate(eval_fn, model, "every layer float")
         _set(all_q, True)
-        quant_metric = float(eval_fn(model))
+        quant_metric = _evaluate(eval_fn, model, "every layer quantized")
         rows = []
         for layer, qs in tqdm(owned.items(), desc=f"Sensitivity ({mode})", unit="layer", disable=not progress):
             if mode == "disable_one":
                 _set(qs, False)
-                metric = float(eval_fn(model))
+                metric = _evaluate(eval_fn, model, f"layer {layer!r} float")
                 _set(qs, True)
             else:
                 _set(all_q, False)
                 _set(qs, True)
-                metric = float(eval_fn(model))
+                metric = _evaluate(eval_fn, model, f"only layer {layer!r} quantized")
             rows.append(SensitivityRow(layer, metric, metric - float_metric, metric - quant_metric))
     finally:
         restore_quantizer_states(states)
@@ -181,8 +199,11 @@ def auto_skip_sensitive_layers(
     Returns the layers it disabled (they stay disabled). Uses ``profile`` (a ``disable_one`` profile) or builds one.
     Logs a warning if ``max_layers`` (or every layer) was disabled without reaching the tolerance.
     """
-    if tolerance < 0:
-        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0 \
+            or math.isinf(tolerance):
+        raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
+    if max_layers is not None and (isinstance(max_layers, bool) or not isinstance(max_layers, int) or max_layers < 0):
+        raise ValueError(f"max_layers must be None or an int >= 0, got {max_layers!r}")
     sign = 1.0 if higher_is_better else -1.0
     if profile is None:
         profile = build_sensitivity_profile(model, eval_fn, "disable_one", higher_is_better, print_table=False,
@@ -201,7 +222,7 @@ def auto_skip_sensitive_layers(
             continue
         _set(owned[row.layer], False)
         disabled.append(row.layer)
-        metric = float(eval_fn(model))
+        metric = _evaluate(eval_fn, model, f"layer {row.layer!r} disabled")
         logger.info("disabled %s: metric %.4f (float %.4f)", row.layer, metric, profile.float_metric)
     if not close_enough(metric):
         logger.warning("after disabling %d layers the metric is %.4f, still beyond %.4f of float %.4f",

@@ -454,20 +454,39 @@ def _quantize_plain(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     return torch.clamp(torch.round(x * inv_scale) + zero_point, qmin, qmax)
 
 
+def _resolve_range(qmin: int | None, qmax: int | None, num_bits: int, unsigned: bool, narrow_range: bool):
+    """``(qmin, qmax)``: the ones given, the others from ``quant_range(num_bits, unsigned, narrow_range)``."""
+    if qmin is None or qmax is None:
+        low, high = quant_range(num_bits, unsigned, narrow_range)
+        qmin, qmax = (low if qmin is None else qmin), (high if qmax is None else qmax)
+    if qmin > qmax:
+        raise ValueError(f"qmin {qmin} is above qmax {qmax}")
+    return qmin, qmax
+
+
 def quantize(
     x: torch.Tensor,
     scale: torch.Tensor,
     zero_point: torch.Tensor | int = 0,
-    qmin: int = -128,
-    qmax: int = 127,
+    qmin: int | None = None,
+    qmax: int | None = None,
+    *,
+    num_bits: int = 8,
+    unsigned: bool = False,
+    narrow_range: bool = False,
 ) -> torch.Tensor:
     """Integer values ``clamp(round_half_even(x * (1 / scale)) + zero_point, qmin, qmax)`` as float32.
 
-    ``scale`` (and ``zero_point``) broadcast against ``x``. Computed in float32 whatever ``x``'s dtype.
+    ``scale`` (and ``zero_point``) broadcast against ``x``. Computed in float32 whatever ``x``'s dtype. ``qmin`` and
+    ``qmax`` default to :func:`quant_range` of ``num_bits``, ``unsigned`` and ``narrow_range`` (the signed 8-bit
+    ``[-128, 127]`` by default), so a 4-bit scale saturates on the 4-bit grid when ``num_bits=4`` is passed.
 
     >>> quantize(torch.tensor([0.25, 0.75, 300.0]), torch.tensor(0.5))
     tensor([  0.,   2., 127.])
+    >>> quantize(torch.tensor([0.25, 0.75, 300.0]), amax_to_scale(torch.tensor(3.5), 4), num_bits=4)
+    tensor([0., 2., 7.])
     """
+    qmin, qmax = _resolve_range(qmin, qmax, num_bits, unsigned, narrow_range)
     scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
     zero_point = torch.as_tensor(zero_point, dtype=torch.float32, device=x.device)
     return _quantize_plain(x.float(), scale, zero_point, qmin, qmax)
@@ -488,8 +507,12 @@ def fake_quantize(
     x: torch.Tensor,
     scale: torch.Tensor,
     zero_point: torch.Tensor | int = 0,
-    qmin: int = -128,
-    qmax: int = 127,
+    qmin: int | None = None,
+    qmax: int | None = None,
+    *,
+    num_bits: int = 8,
+    unsigned: bool = False,
+    narrow_range: bool = False,
 ) -> torch.Tensor:
     """``dequantize(quantize(x))`` through PyTorch's fused kernels; float32 result, no custom gradient.
 
@@ -497,9 +520,14 @@ def fake_quantize(
     DequantizeLinear. ``scale`` is a single value or varies along exactly one dimension of ``x``; anything else
     (several kept dimensions) is computed with the same math in plain tensor ops, and logged once.
 
+    ``qmin``/``qmax`` default to the grid of ``num_bits``, ``unsigned`` and ``narrow_range``, as in :func:`quantize`.
+
     >>> fake_quantize(torch.tensor([0.25, 0.75, 300.0]), torch.tensor(0.5))
     tensor([ 0.0000,  1.0000, 63.5000])
+    >>> fake_quantize(torch.tensor([300.0]), torch.tensor(0.5), num_bits=4)
+    tensor([3.5000])
     """
+    qmin, qmax = _resolve_range(qmin, qmax, num_bits, unsigned, narrow_range)
     x = x.float()
     scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
     if isinstance(zero_point, torch.Tensor):

@@ -37,6 +37,10 @@ The algorithm, as tpu-mlir's calibration documentation gives it in pseudocode, f
    the first minimum of the pseudocode's loop.
 6. The threshold is the middle of bin ``i``, the first clipped bin: ``(i + 0.5) * R / n``, the pseudocode's
    ``(i + 0.5) * absmax / 2048``.
+7. Data that fits the grid is never clipped: when no level of the full range ``i = n`` holds more than one non-empty
+   bin (low-cardinality data: a constant, a few distinct values), quantizing the full range loses nothing
+   (``KL = 0`` there) and the threshold is the top edge ``R``. tpu-mlir's grid never tries ``i = n`` and would clip
+   a constant tensor of 3.0 at the first cut, 0.19.
 
 ``levels`` is ``2**(num_bits - 1)`` for signed quantizers: the histogram holds ``|x|`` and the positive half of the
 signed grid has that many levels. For unsigned quantizers the histogram holds ``x >= 0`` itself and all
@@ -75,7 +79,7 @@ import torch
 
 from qdq.calib.amax_search import _as_2d, register_search
 
-__all__ = ["kld_amax", "kld_divergence", "kld_cuts", "KLD_EPS", "KLD_DIVISIONS"]
+__all__ = ["kld_amax", "kld_divergence", "kld_cuts", "KLD_EPS", "KLD_DIVISIONS", "fits_grid"]
 
 logger = logging.getLogger(__name__)
 
@@ -206,8 +210,27 @@ def kld_amax(
     tensor([8.5000, 8.5000])
     """
     cuts, kl = kld_divergence(counts, edges, num_bits=num_bits, unsigned=unsigned)
-    _, e, lead = _as_2d(counts, edges)
+    c, e, lead = _as_2d(counts, edges)
     best = cuts[_first_argmin(kl.reshape(-1, cuts.numel()))]  # [B]
     low = e.gather(1, best[:, None])[:, 0]
     high = e.gather(1, best[:, None] + 1)[:, 0]
-    return ((low + high) / 2).float().reshape(lead)
+    amax = (low + high) / 2
+    # Data that fits the grid: at most one non-empty bin per level over the whole range, so quantizing the full range
+    # describes it exactly (KL = 0 at the full range, a cut the grid does not try). Low-cardinality data (all 3.0,
+    # two values) keeps its range instead of being clipped at the first cut.
+    fits = fits_grid(c, _levels(num_bits, unsigned))
+    return torch.where(fits, e[:, -1], amax).float().reshape(lead)
+
+
+def fits_grid(counts: torch.Tensor, levels: int) -> torch.Tensor:
+    """Per row of ``[B, n]`` counts: whether no level of the full-range grid (bin ``j`` to level ``j * levels // n``)
+    holds more than one non-empty bin, i.e. quantizing the whole range keeps every populated bin apart.
+
+    >>> fits_grid(torch.tensor([[0, 0, 0, 9], [5, 4, 3, 2]]), levels=2)
+    tensor([ True, False])
+    """
+    b, n = counts.shape
+    level = (torch.arange(n, device=counts.device) * levels // n).expand(b, n)
+    per_level = torch.zeros(b, levels, dtype=torch.int64, device=counts.device)
+    per_level.scatter_add_(1, level, (counts > 0).long())
+    return (per_level <= 1).all(dim=1) & (counts > 0).any(dim=1)

@@ -43,7 +43,8 @@ rule                        severity  what it checks - why TensorRT cares
 ``zero-point-nonzero``      error     Zero points are all zero - TensorRT supports symmetric quantization only.
 ``scale-dtype``             warning,  Scales are float32; float16 or bfloat16 is a warning (TensorRT 10 takes them,
                             error     older versions need float32), any other type an error.
-``scale-value``             error     Scales are finite and > 0 - TensorRT rejects zero, negative and non-finite scales.
+``scale-value``             error     Scales are finite and > 0 - TensorRT rejects zero, negative and non-finite scales -
+                                      and at least 1 / FLT_MAX (about 2.9e-39), whose reciprocal is finite in float32.
 ``per-channel-activation``  error     A Q/DQ of an activation (not constant data) has one scale - TensorRT quantizes
                                       activations per tensor only.
 ``per-channel-shape``       error     A per-channel weight DQ has an ``axis`` inside the weight's rank and one scale per
@@ -696,6 +697,12 @@ def _scale_value_findings(node: _Node, scale: _Const) -> Iterator[Finding]:
         of = f" ({bad.size} of {values.size} values)" if values.size > 1 else ""
         yield Finding("error", "scale-value", f"{node.label} scale '{scale.name}' has {_fmt_values(bad)}{of}; "
                       "TensorRT needs finite scales > 0", (node.name,), tuple(bad[:_SHOW_VALUES]))
+    # 1 / scale (what QuantizeLinear multiplies by) is Inf in float32 below 1 / FLT_MAX: every input saturates
+    tiny = values[np.isfinite(values) & (values > 0) & (values < 1.0 / float(np.finfo(np.float32).max))]
+    if tiny.size:
+        of = f" ({tiny.size} of {values.size} values)" if values.size > 1 else ""
+        yield Finding("error", "scale-value", f"{node.label} scale '{scale.name}' has {_fmt_values(tiny)}{of}, whose "
+                      "reciprocal overflows float32 (Inf); raise the amax", (node.name,), tuple(tiny[:_SHOW_VALUES]))
 
 
 def _expected_weight_axis(reader: _Node, slot: int, rank: int) -> tuple[int, str, str] | None:

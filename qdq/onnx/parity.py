@@ -83,6 +83,8 @@ class VerifyReport:
     def __str__(self) -> str:
         r = self.rounding
         lines = [
+            f"{'OK' if self.ok else 'MISMATCH'}: ONNX Runtime against PyTorch, tolerance "
+            f"{self.output_tolerance_steps:g} output step(s) and 1 QuantizeLinear step",
             f"rounding: {r.num_quantizers} QuantizeLinear, {r.num_differing} of {r.num_elements} values one step "
             f"apart (ties), largest difference {r.max_step_difference} step(s)"
         ]
@@ -92,6 +94,27 @@ class VerifyReport:
                 f"(step {o.step:.3g}); {o.num_beyond_one_step} of {o.num_elements} elements beyond one step"
             )
         return "\n".join(lines)
+
+
+def _read_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """The ONNX file at ``path`` with its external data; a clear error for a missing, empty or non-ONNX file."""
+    from qdq.onnx.check import ModelReadError
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"verify takes a path or an onnx.ModelProto, got {type(path).__name__}")
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory, not an ONNX file" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"ONNX model {str(path)!r} {what}")
+    try:
+        proto = onnx.load(str(path))
+    except OSError as exc:
+        raise OSError(f"cannot read ONNX model {str(path)!r}: {exc.strerror or exc}") from exc
+    except Exception as exc:  # protobuf decode errors have no common base class
+        raise ModelReadError(f"{str(path)!r} is not an ONNX model: {exc}") from exc
+    if not proto.HasField("graph"):
+        raise ModelReadError(f"{str(path)!r} is not an ONNX model: it has no graph")
+    return proto
 
 
 def _as_numpy_inputs(inputs: Any) -> list[np.ndarray]:
@@ -196,7 +219,10 @@ def verify(
     output_tolerance_steps: float = 1.0,
 ) -> VerifyReport:
     """Compares ONNX Runtime's run of the file with the PyTorch model on ``inputs`` (see the module docstring)."""
-    onnx_model = path_or_model if isinstance(path_or_model, onnx.ModelProto) else onnx.load(str(Path(path_or_model)))
+    if isinstance(output_tolerance_steps, bool) or not isinstance(output_tolerance_steps, (int, float)) or \
+            not output_tolerance_steps >= 0:
+        raise ValueError(f"verify: output_tolerance_steps must be a number >= 0, got {output_tolerance_steps!r}")
+    onnx_model = path_or_model if isinstance(path_or_model, onnx.ModelProto) else _read_model(path_or_model)
     args = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
     with preserved_modes(model, quantizer_states=False), torch.no_grad():
         model.eval()

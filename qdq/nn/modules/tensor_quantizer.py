@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import torch
@@ -155,7 +156,7 @@ class TensorQuantizer(nn.Module):
         if value is None:
             self._set_amax_buffer(None)
             return
-        value = torch.as_tensor(value, dtype=torch.float32).detach()
+        value = _amax_tensor(value, self._label())
         check_amax(value, f"{self._label()}: amax")
         value = value.to(device=self._device, dtype=torch.float32)
         if isinstance(self._amax, nn.Parameter):
@@ -343,7 +344,10 @@ class TensorQuantizer(nn.Module):
             # a weight (a Parameter) seen again unchanged adds nothing: collect it once per version
             key = (id(x), x._version) if isinstance(x, nn.Parameter) else None
             if key is None or key != self._collected:
-                self._calibrator.collect(x)
+                try:
+                    self._calibrator.collect(x)
+                except ValueError as err:  # negative data for an unsigned quantizer, an axis beyond x's dims
+                    raise ValueError(f"{self._label()}: {err}") from None
                 self._collected = key
         if self._if_clip:
             x = self._clip(x)
@@ -356,8 +360,11 @@ class TensorQuantizer(nn.Module):
         if amax is None:
             if not getattr(self, "_logged_dynamic", False):
                 self._logged_dynamic = True
-                logger.info("%s has no amax: quantizing each batch with its own abs-max", self._label())
-            return reduce_amax(x, self._axis, keepdims=True)
+                _warn_dynamic(self._label())
+            try:
+                return reduce_amax(x, self._axis, keepdims=True)
+            except ValueError as err:  # an axis beyond x's dimensions
+                raise ValueError(f"{self._label()}: {err}") from None
         return amax
 
     def _clip(self, x: torch.Tensor) -> torch.Tensor:
@@ -525,3 +532,40 @@ class TensorQuantizer(nn.Module):
 
     def __repr__(self) -> str:  # one line, as users print quantizers in loops
         return f"TensorQuantizer({self.extra_repr()})"
+
+    def __prepare_scriptable__(self):
+        """torch.jit.script calls this on every submodule first: fail here, with the way out, not deep in its
+        compiler."""
+        raise RuntimeError(
+            f"{self._label()}: a quantized model cannot be compiled by torch.jit.script (its quantizers hold Python "
+            "state TorchScript does not type); export it with qdq.export_onnx, or use torch.jit.trace, torch.export "
+            "or torch.compile"
+        )
+
+
+def _amax_tensor(value: Any, label: str) -> torch.Tensor:
+    """A user's amax (number, nested list, array, tensor) as a float32 tensor; ``TypeError`` naming the quantizer."""
+    bad = isinstance(value, (str, bytes, bool)) or (isinstance(value, torch.Tensor) and (
+        value.dtype == torch.bool or value.is_complex()))
+    if not bad:
+        try:
+            value = torch.as_tensor(value, dtype=torch.float32).detach()
+        except (TypeError, ValueError, RuntimeError):
+            bad = True
+    if bad:
+        raise TypeError(f"{label}: amax must be a number, a nested list of numbers or a real tensor, got {value!r}")
+    if value.numel() == 0:
+        raise ValueError(f"{label}: amax is empty (shape {tuple(value.shape)}); set None for no amax")
+    return value
+
+
+def _warn_dynamic(label: str) -> None:
+    """The per-batch fallback of a quantizer without amax: another numerics path, so it is said out loud (once)."""
+    msg = (f"{label} has no amax: quantizing each batch with its own abs-max (dynamic quantization); calibrate it "
+           "or set its amax for static quantization as the export writes it")
+    logger.info(msg)
+    warnings.warn(msg, DynamicAmaxWarning, stacklevel=4)
+
+
+class DynamicAmaxWarning(UserWarning):
+    """A quantizer without amax quantized a batch with the batch's own abs-max."""
