@@ -39,6 +39,9 @@ from qdq.patching import ForwardPatch, apply_patch, remove_patch
 from qdq.fold_batchnorm import fold_bn
 from qdq.calib_table import load_calib_table, save_calib_table, write_tensorrt_cache
 from qdq.config import calibrate_from_config, create_quant_config, quantize_model
+from qdq.bias_correction import bias_correction
+from qdq.equalize import equalize
+from qdq.adaround import adaround
 from qdq.onnx import apply_custom_rules_to_quantizer, check_tensorrt, export_onnx, verify
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -76,4 +79,7 @@ __all__ = [
     "verify",
     "check_tensorrt",
     "apply_custom_rules_to_quantizer",
+    "bias_correction",
+    "equalize",
+    "adaround",
 ]
