@@ -70,6 +70,9 @@ _EXPORTS = {
     "verify": "qdq.onnx",
     "check_tensorrt": "qdq.onnx",
     "apply_custom_rules_to_quantizer": "qdq.onnx",
+    "bias_correction": "qdq.bias_correction",
+    "equalize": "qdq.equalize",
+    "adaround": "qdq.adaround",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -68,6 +68,7 @@ class CalibrationReport:
     autotune: dict = field(default_factory=dict)  # layer -> qdq.autotune.TuneResult, with autotune=True
     autotune_seconds: float = 0.0
     sync: SyncReport | None = None  # under torch.distributed: how the ranks' statistics were combined
+    frozen: list[str] = field(default_factory=list)  # enabled quantizers without calibrator: amax kept (adaround)
 
 
 def _check_method(method: str) -> None:
@@ -221,6 +222,10 @@ def compute_amax(
             q.load_calib_amax(method=method, **kwargs)
         report.calibrated += 1
     handle_no_data(model, report.no_data, strict)
+    report.frozen = [n for n, q in quantizers(model) if q.is_enabled and q.calibrator is None and q.amax is not None]
+    if report.frozen:
+        logger.info("kept the amax of %d quantizers without calibrator (frozen, e.g. by qdq.adaround): %s",
+                    len(report.frozen), ", ".join(report.frozen[:10]) + (" ..." if len(report.frozen) > 10 else ""))
     report.compute_seconds = time.perf_counter() - t0
     return report
 

@@ -123,6 +123,8 @@ __all__ = [
     "prepare_for_ddp",
     "NotSynchronizedError",
     "StatsMismatchError",
+    "all_reduce_tensors",
+    "broadcast_tensors",
 ]
 
 logger = logging.getLogger(__name__)
@@ -535,3 +537,38 @@ def prepare_for_ddp(model: nn.Module, group: ProcessGroup | None = None, *, veri
     if verify:
         verify_synchronized(model, group, values=False)
     return frozen
+
+
+def all_reduce_tensors(tensors: Sequence[torch.Tensor], op: str = "sum", group: ProcessGroup | None = None) -> None:
+    """Sums (``op="sum"``) or averages (``op="mean"``) each tensor over the ranks of ``group``, in place; nothing in a
+    single process. The tensors travel on :func:`collective_device` and come back to their own device.
+
+    >>> t = torch.ones(2)
+    >>> all_reduce_tensors([t], "mean"); t.tolist()
+    [1.0, 1.0]
+    """
+    if op not in ("sum", "mean"):
+        raise ValueError(f"all_reduce_tensors: op must be 'sum' or 'mean', got {op!r}")
+    if not is_distributed(group):
+        return
+    device = collective_device(group)
+    world = dist.get_world_size(group)
+    for t in tensors:
+        moved = t.detach().to(device)
+        dist.all_reduce(moved, op=dist.ReduceOp.SUM, group=group)
+        if op == "mean":
+            moved /= world
+        with torch.no_grad():
+            t.copy_(moved.to(t.device))
+
+
+def broadcast_tensors(tensors: Sequence[torch.Tensor], group: ProcessGroup | None = None) -> None:
+    """Copies the group's rank 0's values into each tensor on every rank, in place; nothing in a single process."""
+    if not is_distributed(group):
+        return
+    device = collective_device(group)
+    for t in tensors:
+        moved = t.detach().to(device)
+        dist.broadcast(moved, src=_src(group), group=group)
+        with torch.no_grad():
+            t.copy_(moved.to(t.device))

@@ -1,0 +1,361 @@
+"""AdaRound: each weight rounded up or down as the layer's output on calibration data prefers (Nagel et al. 2020).
+
+Nearest rounding minimises each weight's own error, not the layer's. AdaRound learns, per weight, whether to round
+down or up (``floor(w / s) + h`` with ``h`` in {0, 1}) so that the quantized layer reproduces the float layer's
+output on calibration data: ``h`` is relaxed to a rectified sigmoid ``h(V)``, ``V`` is trained with Adam on the
+reconstruction error plus a regulariser ``reg * sum(1 - |2 h(V) - 1| ** beta)`` that pushes every ``h`` to 0 or 1
+(``beta`` decays from 20 to 2 after a warm-up of 20% of the iterations without it), and ``h = V >= 0`` is kept. The
+weight scales are those the calibration gave (symmetric, per channel or per tensor): AdaRound moves no scale, so the
+model stays what TensorRT builds.
+
+Layer by layer, in forward order: the layer's input is taken from the quantized model with the layers before it
+already rounded (so later layers compensate earlier errors), its target output from the float model (quantization
+off). With ``blocks=`` (module classes or dotted names, e.g. torchvision's ``BasicBlock``) the unit is the whole
+block instead: the roundings of all its layers are learned together against the float block's output, as BRECQ
+does, which captures the interaction of the layers inside a residual block.
+
+What survives
+-------------
+The chosen integers are written into the weights: ``weight = q * s`` exactly, so fake quantization, the ONNX export
+and ONNX Runtime's QuantizeLinear all give back ``q`` (round half to even of ``q * s / s`` is ``q``). The weight
+quantizers keep their amax and lose their calibrator: :func:`qdq.calibrate_model` then leaves their amax alone (and
+lists them in ``report.frozen``), and ``enable_calib`` / ``load_calib_amax`` on them are errors, so a later
+calibration cannot move the grid under the chosen integers. QAT may still train the weights: it starts from the
+chosen integers on the same grid.
+
+Cost and memory
+---------------
+Per unit: one pass of the quantized model and one of the float model that stop at the unit (their inputs and
+outputs on the calibration data are what memory holds: one unit's worth), then ``iterations`` steps on batches of
+``batch_size`` samples. ``report.layers[name].seconds`` gives the time per unit.
+
+Under torch.distributed every rank captures its own shard; the gradients are averaged over the ranks at every step
+(every rank starts from the same ``V`` and the same seed), and the final integers are broadcast from rank 0, so all
+ranks end with the same weights.
+
+Example:
+    >>> import torch
+    >>> import qdq
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    >>> _ = qdq.replace_to_quantization_module(model)
+    >>> data = [torch.randn(64, 16) for _ in range(4)]
+    >>> _ = qdq.calibrate_model(model, data, progress=False)
+    >>> report = qdq.adaround(model, data, iterations=200, progress=False)
+    >>> result = report.layers["0"]
+    >>> result.loss_adaround < result.loss_nearest
+    True
+    >>> q = model[0].weight_quantizer
+    >>> s = q.amax / 127
+    >>> ratio = model[0].weight / s
+    >>> bool((ratio - torch.round(ratio)).abs().max() < 1e-4)                  # on the grid
+    True
+    >>> q.calibrator is None                                                   # calibrate_model leaves it alone
+    True
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from qdq.capture import call_order, run_until
+from qdq.distributed import all_reduce_tensors, broadcast_tensors
+from qdq.quant_modules import name_quantizers
+from qdq.switches import disable_quantization
+from qdq.weight_layers import check_reiterable, output_channel_dim, quantized_layers, weight_grid
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+__all__ = ["adaround", "AdaRoundReport", "UnitResult"]
+
+logger = logging.getLogger(__name__)
+
+_ZETA, _GAMMA = 1.1, -0.1  # the stretch of the rectified sigmoid (the paper's zeta and gamma)
+
+
+def _soft(v: torch.Tensor) -> torch.Tensor:
+    """The rectified sigmoid ``h(V)`` in [0, 1]."""
+    return torch.clamp(torch.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA, 0.0, 1.0)
+
+
+def _init_v(rest: torch.Tensor) -> torch.Tensor:
+    """``V`` with ``h(V) == rest`` (the fractional part of ``w / s``): optimisation starts from the float weight."""
+    rest = rest.clamp(1e-4, 1 - 1e-4)
+    return -torch.log((_ZETA - _GAMMA) / (rest - _GAMMA) - 1)
+
+
+@dataclass
+class UnitResult:
+    """One unit (a layer, or a block with ``blocks=``).
+
+    Attributes:
+        layers: the weight layers of the unit.
+        samples: calibration samples captured.
+        iterations: optimisation steps.
+        seconds: wall time of the unit (capture and optimisation).
+        loss_nearest: reconstruction error (squared, summed over channels, mean over the rest) of the unit with
+            nearest rounding, on up to 256 captured samples.
+        loss_adaround: the same with the learned rounding.
+        flipped: fraction of the unit's weights rounded the other way than nearest.
+    """
+
+    layers: list[str]
+    samples: int = 0
+    iterations: int = 0
+    seconds: float = 0.0
+    loss_nearest: float = float("nan")
+    loss_adaround: float = float("nan")
+    flipped: float = 0.0
+
+
+@dataclass
+class AdaRoundReport:
+    """What :func:`adaround` did: ``layers`` maps each unit's name to its :class:`UnitResult`; ``frozen`` lists the
+    weight quantizers whose calibrator was removed (their amax is final); ``seconds`` the total wall time."""
+
+    layers: dict[str, UnitResult] = field(default_factory=dict)
+    frozen: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        lines = [f"AdaRound: {len(self.layers)} units in {self.seconds:.1f} s"]
+        for name, r in self.layers.items():
+            lines.append(f"  {name}: loss {r.loss_nearest:.4g} -> {r.loss_adaround:.4g}, {100 * r.flipped:.1f}% "
+                         f"flipped, {r.seconds:.1f} s")
+        return "\n".join(lines)
+
+
+def _units(model: nn.Module, order: list[nn.Module], names: dict[int, str],
+           blocks: Sequence[str | type] | None) -> list[tuple[str, nn.Module, list[str]]]:
+    """``(unit name, unit module, its layer names)`` in forward order."""
+    block_names: list[str] = []
+    if blocks:
+        modules = dict(model.named_modules())
+        for b in blocks:
+            if isinstance(b, str):
+                if b not in modules:
+                    raise ValueError(f"adaround: blocks: the model has no module {b!r}")
+                block_names.append(b)
+            elif isinstance(b, type):
+                block_names += [n for n, m in modules.items() if isinstance(m, b) and n]
+            else:
+                raise TypeError(f"adaround: blocks takes module classes or dotted names, got {b!r}")
+    units: list[tuple[str, nn.Module, list[str]]] = []
+    for layer in order:
+        name = names[id(layer)]
+        owner = next((b for b in sorted(block_names, key=len) if name.startswith(b + ".")), None)
+        if owner is None:
+            units.append((name, layer, [name]))
+        elif units and units[-1][0] == owner:
+            units[-1][2].append(name)
+        elif any(u[0] == owner for u in units):
+            raise RuntimeError(f"adaround: the layers of block {owner!r} do not run one after another")
+        else:
+            units.append((owner, model.get_submodule(owner), [name]))
+    return units
+
+
+def _capture(model: nn.Module, unit: nn.Module, name: str, data: Iterable, num_batches: int | None, device,
+             preprocess, quantized: bool, keep: str) -> tuple[torch.Tensor, dict]:
+    """The unit's first positional input (``keep="input"``) or its output, on all batches, concatenated."""
+    kept: list[torch.Tensor] = []
+    extra: dict = {}
+
+    def on_call(args: tuple, kwargs: dict, out: Any) -> None:
+        value = args[0] if keep == "input" else out
+        if not args or not isinstance(value, torch.Tensor):
+            raise TypeError(f"adaround: {name} must take a tensor as first argument and return a tensor")
+        if len(args) > 1 or any(isinstance(v, torch.Tensor) for v in kwargs.values()):
+            raise TypeError(f"adaround: {name} takes more than one tensor; make units of single-input modules")
+        extra.update(kwargs)
+        kept.append(value.detach())
+
+    if quantized:
+        run_until(model, unit, data, on_call, num_batches, device=device, preprocess=preprocess, progress=False,
+                  name=name)
+    else:
+        with disable_quantization(model):
+            run_until(model, unit, data, on_call, num_batches, device=device, preprocess=preprocess, progress=False,
+                      name=name)
+    return torch.cat(kept), extra
+
+
+def _recon(out: torch.Tensor, target: torch.Tensor, cdim: int) -> torch.Tensor:
+    return (out - target).pow(2).sum(dim=cdim % out.dim()).mean()
+
+
+def adaround(
+    model: nn.Module,
+    data: Iterable,
+    num_batches: int | None = None,
+    *,
+    iterations: int = 500,
+    batch_size: int = 32,
+    lr: float = 1e-2,
+    reg: float = 0.01,
+    beta: tuple[float, float] = (20.0, 2.0),
+    warmup: float = 0.2,
+    blocks: Sequence[str | type] | None = None,
+    layers: Sequence[str] | None = None,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    preprocess: Callable[[Any], Any] | None = None,
+    progress: bool = True,
+    group: ProcessGroup | None = None,
+) -> AdaRoundReport:
+    """Learns the rounding of every quantized layer's weights in place (see the module docstring).
+
+    Args:
+        model: a replaced and calibrated model (symmetric weight quantizers with amax).
+        data: calibration batches that can be iterated more than once (a DataLoader or a list of batches).
+        num_batches: batches captured per unit (all when ``None``).
+        iterations: optimisation steps per unit.
+        batch_size: samples per step.
+        lr: Adam's learning rate on ``V``.
+        reg: weight of the rounding regulariser.
+        beta: the regulariser's exponent, from ``beta[0]`` down to ``beta[1]``.
+        warmup: fraction of the steps without the regulariser.
+        blocks: module classes or dotted names whose layers are reconstructed together (BRECQ-style).
+        layers: dotted names of the layers to round (default: every layer with an enabled weight quantizer).
+        seed: seed of the sampling (the result is reproducible).
+        device: where batches go (default: the model's).
+        preprocess: ``batch -> model input``.
+        progress: tqdm progress bars.
+        group: the torch.distributed process group whose ranks round together (default: the world).
+
+    Returns:
+        An :class:`AdaRoundReport`.
+    """
+    check_reiterable(data, "adaround")
+    if iterations < 1 or batch_size < 1 or not 0 <= warmup < 1:
+        raise ValueError(f"adaround: iterations and batch_size must be >= 1 and warmup in [0, 1); got {iterations}, "
+                         f"{batch_size}, {warmup}")
+    t_start = time.perf_counter()
+    name_quantizers(model)
+    candidates = quantized_layers(model, layers, "adaround")
+    names = {id(m): n for n, m in candidates.items()}
+    grids = {n: weight_grid(n, m) for n, m in candidates.items()}  # errors before any work
+    order = call_order(model, candidates.values(), data, device=device, preprocess=preprocess)
+    missing = [n for n, m in candidates.items() if m not in order]
+    if missing:
+        raise RuntimeError(f"adaround: {', '.join(missing)} did not run on the first calibration batch")
+    units = _units(model, order, names, blocks)
+    report = AdaRoundReport()
+    training = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        bar = tqdm(units, desc="AdaRound", unit="unit", disable=not progress)
+        for index, (unit_name, unit, layer_names) in enumerate(bar):
+            bar.set_postfix_str(unit_name)
+            report.layers[unit_name] = _round_unit(
+                model, unit_name, unit, layer_names, candidates, grids, data, num_batches, device, preprocess,
+                iterations, batch_size, lr, reg, beta, warmup, seed + index, group)
+            for n in layer_names:
+                q = candidates[n].weight_quantizer
+                q.set_calibrator(None)
+                report.frozen.append(q.name or f"{n}.weight_quantizer")
+    finally:
+        for m, mode in training.items():
+            m.training = mode
+    report.seconds = time.perf_counter() - t_start
+    logger.info("%s", report)
+    return report
+
+
+def _round_unit(model, unit_name, unit, layer_names, candidates, grids, data, num_batches, device, preprocess,
+                iterations, batch_size, lr, reg, beta, warmup, seed, group) -> UnitResult:
+    t0 = time.perf_counter()
+    result = UnitResult(list(layer_names), iterations=iterations)
+    inputs, kwargs = _capture(model, unit, unit_name, data, num_batches, device, preprocess, True, "input")
+    target, _ = _capture(model, unit, unit_name, data, num_batches, device, preprocess, False, "output")
+    result.samples = n = inputs.shape[0]
+    cdim = output_channel_dim(candidates[layer_names[-1]])
+    prefix = {name: (name[len(unit_name) + 1:] if name != unit_name else "") for name in layer_names}
+
+    floors, vs, grid = {}, {}, {}
+    for name in layer_names:
+        layer = candidates[name]
+        scale, qmin, qmax = grids[name]
+        w = layer.weight.detach().float()
+        ws = w / scale
+        floors[name] = torch.floor(ws)
+        vs[name] = _init_v(ws - floors[name]).requires_grad_(True)
+        grid[name] = (scale, qmin, qmax)
+
+    def weights(hard: bool | None) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in layer_names:
+            scale, qmin, qmax = grid[name]
+            if hard is None:  # nearest
+                q = torch.clamp(torch.round(candidates[name].weight.detach().float() / scale), qmin, qmax)
+            else:
+                h = (vs[name] >= 0).float() if hard else _soft(vs[name])
+                q = torch.clamp(floors[name] + h, qmin, qmax)
+            key = f"{prefix[name]}.weight" if prefix[name] else "weight"
+            out[key] = (q * scale).to(candidates[name].weight.dtype)
+        return out
+
+    def loss_on(sample_weights: dict[str, torch.Tensor]) -> float:
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for start in range(0, min(n, 256), batch_size):
+                x, y = inputs[start:start + batch_size], target[start:start + batch_size]
+                total += float(_recon(functional_call(unit, sample_weights, (x,), kwargs), y, cdim)) * len(x)
+                count += len(x)
+        return total / count
+
+    quantizers = [candidates[name].weight_quantizer for name in layer_names]
+    states = [q.state() for q in quantizers]
+    try:
+        for q in quantizers:
+            q.disable()  # the weights given to functional_call are quantized already
+        result.loss_nearest = loss_on(weights(None))
+        generator = torch.Generator().manual_seed(seed)
+        params = list(vs.values())
+        optimizer = torch.optim.Adam(params, lr=lr)
+        warm = int(warmup * iterations)
+        for step in range(iterations):
+            idx = torch.randint(n, (min(batch_size, n),), generator=generator).to(inputs.device)
+            out = functional_call(unit, weights(False), (inputs[idx],), kwargs)
+            loss = _recon(out, target[idx], cdim)
+            if step >= warm:
+                t = (step - warm) / max(1, iterations - warm)
+                b = beta[1] + (beta[0] - beta[1]) * (1 - t)
+                loss = loss + reg * sum((1 - (2 * _soft(v) - 1).abs().pow(b)).sum() for v in params)
+            optimizer.zero_grad(set_to_none=False)
+            loss.backward()
+            all_reduce_tensors([v.grad for v in params], "mean", group)
+            optimizer.step()
+        for v in params:
+            v.requires_grad_(False)
+        hard = weights(True)
+        broadcast_tensors(list(hard.values()), group)
+        nearest = weights(None)
+        result.loss_adaround = loss_on(hard)
+        flipped = sum(int((hard[k] != nearest[k]).sum()) for k in hard)
+        result.flipped = flipped / sum(v.numel() for v in hard.values())
+        for name in layer_names:
+            key = f"{prefix[name]}.weight" if prefix[name] else "weight"
+            layer = candidates[name]
+            with torch.no_grad():
+                layer.weight.copy_(hard[key])
+            scale, _, _ = grid[name]
+            ratio = layer.weight.detach().float() / scale
+            if float((ratio - torch.round(ratio)).abs().max()) > 1e-3:
+                raise RuntimeError(f"adaround: {name}: the rounded weight does not quantize back to its integers")
+    finally:
+        for q, state in zip(quantizers, states):
+            q.set_state(state)
+    result.seconds = time.perf_counter() - t0
+    logger.info("adaround: %s (%d samples): loss %.4g -> %.4g, %.1f%% flipped, %.1f s", unit_name, n,
+                result.loss_nearest, result.loss_adaround, 100 * result.flipped, result.seconds)
+    return result

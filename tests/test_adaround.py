@@ -1,0 +1,126 @@
+"""AdaRound: the learned rounding lowers the layer's reconstruction error, lands on the quantizer's grid, survives
+export (ONNX Runtime's QuantizeLinear gives the chosen integers) and a later calibrate_model."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper, numpy_helper
+from torch import nn
+
+import qdq
+from qdq.onnx.parity import run_onnxruntime
+from qdq.tensor_quant import QuantDescriptor
+
+
+def _model(bits=4):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                          nn.ReLU(), nn.Conv2d(8, 6, 1), nn.Flatten(), nn.Linear(6 * 6 * 6, 5)).eval()
+    qdq.replace_to_quantization_module(model)
+    for m in model.modules():
+        if hasattr(m, "_weight_quantizer"):
+            m._weight_quantizer = qdq.TensorQuantizer(QuantDescriptor(num_bits=bits, axis=0))
+    return model
+
+
+def _data(n=4):
+    return [torch.randn(8, 3, 6, 6) for _ in range(n)]
+
+
+def _integers(layer):
+    q = layer.weight_quantizer
+    scale = q.amax / q.maxbound
+    return torch.round(layer.weight.detach() / scale)
+
+
+def test_rounding_lowers_loss_and_stays_on_grid():
+    model, data = _model(), _data()
+    qdq.calibrate_model(model, data, progress=False)
+    nearest = {n: _integers(m) for n, m in model.named_modules() if hasattr(m, "_weight_quantizer")}
+    report = qdq.adaround(model, data, iterations=60, batch_size=16, progress=False)
+    assert list(report.layers) == ["0", "2", "4", "6"]
+    assert sum(r.flipped for r in report.layers.values()) > 0
+    for name, r in report.layers.items():
+        assert r.loss_adaround <= r.loss_nearest * 1.05, name
+        layer = model.get_submodule(name)
+        q = layer.weight_quantizer
+        ratio = layer.weight.detach() / (q.amax / q.maxbound)
+        assert torch.allclose(ratio, torch.round(ratio), atol=1e-4)
+        assert (torch.round(ratio) - nearest[name]).abs().max() <= 1  # up or down, never further
+        assert q.calibrator is None
+
+
+def test_fixed_seed_reproduces():
+    data = _data()
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        model = _model()
+        qdq.calibrate_model(model, data, progress=False)
+        qdq.adaround(model, data, iterations=20, batch_size=8, seed=3, progress=False)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_calibrate_model_keeps_the_frozen_weight_amax():
+    model, data = _model(), _data()
+    qdq.calibrate_model(model, data, progress=False)
+    qdq.adaround(model, data, iterations=10, progress=False)
+    amax = model[0].weight_quantizer.amax.clone()
+    chosen = _integers(model[0])
+    report = qdq.calibrate_model(model, [d * 3 for d in data], progress=False)
+    assert "0._weight_quantizer" in report.frozen and len(report.frozen) == 4
+    assert torch.equal(model[0].weight_quantizer.amax, amax)
+    assert torch.equal(_integers(model[0]), chosen)
+    with pytest.raises(RuntimeError, match="has no calibrator"):
+        model[0].weight_quantizer.enable_calib()
+
+
+def test_blocks_are_reconstructed_together():
+    model, data = _model(), _data()
+    qdq.calibrate_model(model, data, progress=False)
+    block = nn.Sequential(*list(model)[:5])  # the conv part as one block (a new container of the same layers)
+    wrapped = nn.Sequential()
+    wrapped.add_module("block", block)
+    wrapped.add_module("head", nn.Sequential(*list(model)[5:]))
+    report = qdq.adaround(wrapped, data, iterations=30, blocks=["block"], progress=False)
+    assert list(report.layers) == ["block", "head.1"]
+    assert report.layers["block"].layers == ["block.0", "block.2", "block.4"]
+    assert report.layers["block"].loss_adaround <= report.layers["block"].loss_nearest * 1.05
+
+
+def test_errors_name_the_problem():
+    model, data = _model(), _data()
+    with pytest.raises(RuntimeError, match="no amax; calibrate"):
+        qdq.adaround(model, data, iterations=1, progress=False)
+    qdq.calibrate_model(model, data, progress=False)
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        qdq.adaround(model, iter(data), iterations=1, progress=False)
+    with pytest.raises(ValueError, match="'nope'"):
+        qdq.adaround(model, data, layers=["nope"], progress=False)
+
+
+@pytest.mark.parametrize("deploy", [False, True], ids=["float-weights", "int8-weights"])
+def test_export_gives_the_chosen_integers_in_onnxruntime(deploy, tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    qdq.replace_to_quantization_module(model)  # 8-bit: what TensorRT's explicit quantization takes
+    data = _data()
+    qdq.calibrate_model(model, data, progress=False)
+    qdq.adaround(model, data, iterations=40, progress=False)
+    chosen = {n: _integers(model.get_submodule(n)).numpy() for n in ("0", "2")}
+    path = tmp_path / "adaround.onnx"
+    qdq.export_onnx(model, torch.zeros(1, 3, 6, 6), path, deploy=deploy)
+    proto = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    found = []
+    if deploy:  # int8 initializers feeding DequantizeLinear
+        found = [v for v in inits.values() if v.dtype == np.int8 and v.ndim == 4]
+    else:  # float weights into QuantizeLinear: run the graph with those outputs exposed
+        outs = [n.output[0] for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in inits]
+        for name in outs:
+            proto.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.INT8, None))
+        found = run_onnxruntime(proto, [np.zeros((1, 3, 6, 6), np.float32)])[1:]
+    assert len(found) == 2
+    by_shape = {v.shape: v for v in found}
+    for name, q in chosen.items():
+        assert np.array_equal(by_shape[q.shape].astype(np.int64), q.astype(np.int64)), name
