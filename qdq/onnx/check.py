@@ -62,9 +62,9 @@ rule                        severity  what it checks - why TensorRT cares
 ``float-layer``             info      Such a layer with neither input from a DQ in a quantized model - it runs in
                                       float/fp16 (perhaps a layer skipped on purpose).
 ``scale-mismatch``          warning   The Q/DQ around a scale group (tensors joined by Concat, MaxPool, zero Pad, Slice,
-                                      Reshape, Transpose, Flatten, Squeeze, Unsqueeze, nearest Resize/Upsample) share
-                                      one scale - otherwise TensorRT inserts requantize/reformat layers instead of
-                                      fusing.
+                                      Split (every output), Reshape, Transpose, Flatten, Squeeze, Unsqueeze, nearest
+                                      Resize/Upsample) share one scale - otherwise TensorRT inserts
+                                      requantize/reformat layers instead of fusing.
 ``fanout-scale``            warning   A tensor read by several Q nodes uses one scale - each extra scale is an extra
                                       quantization of the same data.
 ``add-scale-mismatch``      warning   A residual Add with both inputs from DQ nodes has equal scales on both - otherwise
@@ -72,8 +72,8 @@ rule                        severity  what it checks - why TensorRT cares
 ``add-one-side``            info      A residual Add with one input from a DQ whose other input does not come from a
                                       Conv (directly or through BatchNormalization) - TensorRT fuses the add into the
                                       Conv only in that form.
-``add-float``               info      A residual Add with neither input from a DQ in a quantized model - it runs in
-                                      float.
+``add-float``               warning   A residual Add with neither input from a DQ in a quantized model - it runs in
+                                      float, and TensorRT converts its inputs and output around it.
 ``no-qdq``                  info      The model has no quantization op at all - TensorRT builds it in float/fp16.
 ``subgraph``                info      A node carries subgraphs (If, Loop, Scan) - only the main graph is checked.
 ==========================  ========  ==================================================================================
@@ -88,8 +88,8 @@ How the rules read the graph:
   Per-channel rules are checked on the DQ (the node TensorRT takes the weight's scales from) against the layers
   that read the DQ output directly.
 * **"Comes from a DQ".** A tensor comes from a DQ when a DequantizeLinear produces it, directly or through a chain
-  of single-input ops that commute with per-tensor quantization (MaxPool, zero Pad, Slice, Reshape, Transpose,
-  Flatten, Squeeze, Unsqueeze, nearest Resize/Upsample): TensorRT moves a DQ forward through those.
+  of single-input ops that commute with per-tensor quantization (MaxPool, zero Pad, Slice, Split, Reshape,
+  Transpose, Flatten, Squeeze, Unsqueeze, nearest Resize/Upsample): TensorRT moves a DQ forward through those.
 * **Scale groups.** Union-find over tensors: a Concat joins its inputs and its output; each op above joins its data
   input and its output; a DQ joins nothing (it is where a scale is read). A group's scales are those of the Q nodes
   reading any of its tensors and of the DQ nodes producing any of its tensors (per-tensor, valid scales only), and
@@ -179,6 +179,8 @@ MIN_OPSET = 13
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _SHAPE_OPS = ("MaxPool", "Slice", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")
+#: Ops each of whose outputs has the scale of their data input (the dynamo exporter writes chunk/split as Split).
+_MULTI_OUTPUT_OPS = ("Split",)
 _INTEGER_OPS = ("QGemm", "QAttention")
 _SHOW_VALUES = 8
 
@@ -412,7 +414,11 @@ class _Index:
     def passes_scale(self, node: _Node, tensor: str) -> bool:
         """Whether ``tensor`` (an output of ``node``) has the scale of ``node``'s data input: per-tensor
         quantization commutes with the op."""
-        if not node.in_default_domain or not tensor or tensor != node.output(0) or not node.input(0):
+        if not node.in_default_domain or not tensor or not node.input(0):
+            return False
+        if node.op in _MULTI_OUTPUT_OPS:
+            return tensor in node.outputs
+        if tensor != node.output(0):
             return False
         if node.op in _SHAPE_OPS:
             return True
@@ -801,7 +807,7 @@ def _scale_groups(ix: _Index) -> tuple[_UnionFind, dict[str, list[_Node]]]:
         if node.op == "Concat" and node.in_default_domain and node.output(0):
             members = [t for t in node.inputs if t] + [node.output(0)]
         elif ix.passes_scale(node, node.output(0)):
-            members = [node.input(0), node.output(0)]
+            members = [node.input(0)] + [t for t in node.outputs if t and ix.passes_scale(node, t)]
         else:
             continue
         for tensor in members[1:]:
@@ -911,8 +917,9 @@ def _check_residual_adds(ix: _Index) -> Iterator[Finding]:
                               f"{ix.origin(other)}, not a Conv output; TensorRT fuses a residual add into a Conv "
                               "(optionally through BatchNormalization) only", (add.name,))
         elif ix.quantized:
-            yield Finding("info", "add-float", f"{add.label} adds '{a}' and '{b}', neither from a DequantizeLinear; "
-                          "the add runs in float", (add.name,))
+            yield Finding("warning", "add-float", f"{add.label} adds '{a}' and '{b}', neither from a DequantizeLinear;"
+                          " the add runs in float, with reformats around it (quantize one input: "
+                          "qdq.onnx.placement)", (add.name,))
 
 
 def _add_scale_findings(ix: _Index, add: _Node, dq_a: _Node, dq_b: _Node) -> Iterator[Finding]:

@@ -164,8 +164,12 @@ def apply_custom_rules_to_quantizer(
     dynamo: bool = False,
     *,
     group: ProcessGroup | None = None,
+    placement: bool = True,
 ) -> list[tuple[str, str]]:
     """Finds the quantizers that must share a scale (from an export of ``model``) and makes them share.
+
+    First, unless ``placement=False``, the automatic placement (:func:`qdq.onnx.placement.place_quantizers`) inserts
+    the quantizers TensorRT needs on inline residual adds, concats and poolings.
 
     Args:
         model: a model with quantizers (calibrated or not; see the module docstring for the order).
@@ -176,12 +180,17 @@ def apply_custom_rules_to_quantizer(
         dynamo: export with the dynamo exporter.
         group: under torch.distributed, the process group (default: the whole world): its rank 0 exports, every rank
             applies the pairs. Ignored in a single process.
+        placement: run the automatic Q/DQ placement first (see above).
 
     Returns:
         The ``(major, sub)`` quantizer names that were made to share (the same on every rank).
     """
     if example_inputs is None and export_fn is None:
         raise ValueError("apply_custom_rules_to_quantizer needs example_inputs (or an export_fn) to export the model")
+    if placement:
+        from qdq.onnx.placement import place_quantizers
+
+        place_quantizers(model, example_inputs, export_fn, dynamo, group=group)
     pairs = run_on_rank0(
         _graph_pairs, model, example_inputs, export_fn, dynamo,
         group=group, broadcast_result=True, what="apply_custom_rules_to_quantizer (export and graph analysis)",

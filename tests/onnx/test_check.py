@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import qdq.onnx.check as check_module
-from qdq.onnx.check import RULES, Finding, ModelReadError, check_tensorrt, format_findings, main
+from qdq.onnx.check import RULES, Finding, ModelReadError, check_tensorrt, format_findings, main, quantize_groups
 
 
 def f32(value):
@@ -580,7 +580,7 @@ def test_add_in_float_in_a_quantized_model():
     g = Graph()
     conv = g.int8_conv("x", "conv")
     g.op("Add", [g.op("Relu", [conv], "relu"), conv], "add")
-    finding = only(check_tensorrt(g.model({"x": [1, 4, 2, 2]}, ["add"])), "info", "add-float")
+    finding = only(check_tensorrt(g.model({"x": [1, 4, 2, 2]}, ["add"])), "warning", "add-float")
     assert finding.nodes == ("add",) and "'relu' and 'conv'" in finding.message
 
 
@@ -728,3 +728,15 @@ def test_python_dash_m_bad_path(tmp_path, monkeypatch, capsys):
         runpy.run_path(check_module.__file__, run_name="__main__")
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines() == [f"error: ONNX model {str(missing)!r} does not exist"]
+
+
+def test_split_outputs_keep_the_scale_of_its_input():
+    """Regression: a dynamo export writes chunk as Split; the scale groups (and quantize_groups) stopped there."""
+    g = Graph()
+    x = g.qdq("x", 0.05, "in")
+    g.op("Split", [x], "split", outputs=["a", "b"], axis=1, num_outputs=2)
+    g.qdq("a", 0.05, "qa")
+    g.qdq("b", 0.07, "qb")
+    finding = only(check_tensorrt(g.model({"x": [1, 4]}, ["qb_dq", "qa_dq"], opset=18)), "warning", "scale-mismatch")
+    assert set(finding.nodes) == {"in_dq", "qa_q", "qb_q"}
+    assert quantize_groups(g.model({"x": [1, 4]}, ["qb_dq", "qa_dq"], opset=18)) == [["in_q", "qa_q", "qb_q"]]

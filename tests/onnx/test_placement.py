@@ -1,0 +1,158 @@
+"""Automatic Q/DQ placement: the flow replace -> rules step (placement + shared scales) -> calibrate -> export is rated
+fully INT8 by the fusion predictor, passes the checker, and ONNX Runtime agrees with PyTorch on every Q node."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import qdq
+from qdq import nn as quant_nn
+from qdq.onnx import export_onnx, verify
+from qdq.onnx.check import check_tensorrt
+from qdq.onnx.fusion import predict_fusion
+from qdq.onnx.placement import place_quantizers, remove_placement
+from qdq.onnx.rules import apply_custom_rules_to_quantizer
+from qdq.op_sites import site_quantizers
+from qdq.rules import apply_resnet_rules
+
+
+def flow(model, shape, tmp_path, dynamo=False, **rules):
+    model.eval()
+    qdq.replace_to_quantization_module(model)
+    x = torch.randn(shape)
+    apply_custom_rules_to_quantizer(model, x, dynamo=dynamo, **rules)
+    qdq.calibrate_model(model, [torch.randn(shape) for _ in range(2)], progress=False)
+    info = export_onnx(model, x, tmp_path / "m.onnx", dynamo=dynamo, output_names=None)
+    return model, x, info
+
+
+def assert_fully_int8(info, model, x, min_share=1.0):
+    findings = check_tensorrt(info.model)
+    assert not [f for f in findings if f.severity != "info"], findings
+    fusion = predict_fusion(info.model)
+    assert fusion.int8_share >= min_share, fusion.summary()
+    assert fusion.float_residual_adds == [] and fusion.mismatched_groups == 0, fusion.summary()
+    report = verify(model, info.path, x)
+    assert report.rounding.num_quantizers > 0 and report.rounding.max_step_difference <= 1, str(report)
+    return fusion
+
+
+def test_resnet18_without_recipe_fuses_every_residual_add(tmp_path):
+    model, x, info = flow(torchvision.models.resnet18(weights=None, num_classes=10), (1, 3, 32, 32), tmp_path)
+    fusion = assert_fully_int8(info, model, x)
+    assert fusion.fused_adds == 8
+    # the placement the ResNet recipe writes by hand: the identity (input 1) of each block's add
+    placed = [(kind, slot, attr) for _, kind, slot, attr in site_quantizers(model)]
+    assert placed == [("add", 1, "_add0_input1_quantizer")] * 8
+    # a block's identity is the previous block's output, which the next conv reads too: one quantizer for both
+    assert model.layer1[1]._add0_input1_quantizer is model.layer1[1].conv1._input_quantizer
+    assert verify(model, info.path, x).rounding.max_step_difference <= 1
+
+
+def test_recipe_takes_precedence_and_a_second_run_adds_nothing():
+    model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    qdq.replace_to_quantization_module(model)
+    apply_resnet_rules(model)
+    x = torch.randn(1, 3, 32, 32)
+    assert place_quantizers(model, x).placed == []
+    remove_placement(model)
+    plain = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    qdq.replace_to_quantization_module(plain)
+    first = place_quantizers(plain, x)
+    assert len(first.placed) == 8 and first.sites >= 8
+    assert place_quantizers(plain, x).placed == []
+    assert remove_placement(plain) == 8 and not list(site_quantizers(plain))
+
+
+@pytest.mark.slow
+def test_mobilenet_v3_small_leaves_se_gating_in_float(tmp_path):
+    model, x, info = flow(torchvision.models.mobilenet_v3_small(weights=None, num_classes=10), (1, 3, 64, 64),
+                          tmp_path)
+    fusion = assert_fully_int8(info, model, x, min_share=0.99)
+    assert fusion.fused_adds >= 3
+    assert {kind for _, kind, _, _ in site_quantizers(model)} <= {"add", "cat", "pool"}
+
+
+class TinyInception(nn.Module):
+    """Branches joined by torch.cat: a conv branch, a max-pool branch (quantized through the pool), an average-pool
+    branch written functionally; then a residual add of two concats and a functional global pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.b1 = nn.Conv2d(8, 4, 1)
+        self.b2 = nn.Conv2d(8, 4, 3, padding=1)
+        self.proj = nn.Conv2d(16, 16, 1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        y = torch.cat([F.relu(self.b1(x)), F.relu(self.b2(x)), F.max_pool2d(x, 3, 1, 1)], 1)
+        y = torch.cat([y[:, :12], F.avg_pool2d(y[:, 12:], 3, 1, 1)], 1)
+        z = self.proj(y) + y
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.relu(z), 1), 1))
+
+
+@pytest.mark.parametrize("dynamo", [pytest.param(False, id="torchscript"), pytest.param(True, id="dynamo", marks=pytest.mark.slow)])
+def test_concats_pools_and_adds_of_an_inline_forward(dynamo, tmp_path):
+    model, x, info = flow(TinyInception(), (1, 3, 8, 8), tmp_path, dynamo=dynamo)
+    assert_fully_int8(info, model, x)
+    attrs = {attr for *_, attr in site_quantizers(model)}
+    assert "_pool1_input0_quantizer" in attrs and any(a.startswith("_add0") for a in attrs), attrs
+
+
+@pytest.mark.slow
+def test_shufflenet_dynamo_split_keeps_scales(tmp_path):
+    """Regression: on dynamo files (chunk exported as Split) the scale groups stopped at Split."""
+    model, x, info = flow(torchvision.models.shufflenet_v2_x0_5(weights=None, num_classes=10), (1, 3, 32, 32),
+                          tmp_path, dynamo=True)
+    assert_fully_int8(info, model, x)
+
+
+class DataDependent(nn.Module):
+    """torch.fx cannot trace this forward (a branch on a tensor value); placement needs only an export."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        if float(y.mean()) > -1e9:
+            y = self.b(F.relu(y)) + y
+        return y
+
+
+def test_model_fx_cannot_trace(tmp_path):
+    with pytest.raises(Exception):
+        torch.fx.symbolic_trace(DataDependent())
+    model, x, info = flow(DataDependent(), (1, 3, 4, 4), tmp_path)
+    assert_fully_int8(info, model, x)
+
+
+def test_skip_and_opt_out(caplog):
+    model = TinyInception().eval()
+    qdq.replace_to_quantization_module(model)
+    x = torch.randn(1, 3, 8, 8)
+    assert place_quantizers(model, x, skip=[""]).placed == []
+    apply_custom_rules_to_quantizer(model, x, placement=False)
+    assert not list(site_quantizers(model))
+    with pytest.raises(ValueError, match="example_inputs"):
+        place_quantizers(model)
+
+
+def test_placed_quantizers_use_the_conv_default_descriptor():
+    saved = quant_nn.QuantConv2d.default_quant_desc_input
+    try:
+        quant_nn.QuantConv2d.set_default_quant_desc_input(qdq.tensor_quant.QuantDescriptor(calib_method="histogram"))
+        model = DataDependent().eval()
+        qdq.replace_to_quantization_module(model)
+        report = place_quantizers(model, torch.randn(1, 3, 4, 4))
+        (placed,) = report.placed
+        assert model.get_submodule(placed.path).quant_desc.calib_method == "histogram"
+    finally:
+        quant_nn.QuantConv2d.set_default_quant_desc_input(saved)
