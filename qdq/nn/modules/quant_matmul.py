@@ -9,8 +9,9 @@ exported graph is ``DQ -> MatMul -> Mul -> Add -> Softmax -> Q/DQ -> MatMul <- D
 
 Placement: TensorRT runs INT8 fused attention only for sequence lengths up to 512 and needs the MatMuls' K and N
 dimensions (head size and key length) of at least 16. A block outside those limits stays in float: the first call
-that sees such shapes disables the block's four quantizers (both MatMuls together, never one of them) and logs a
-warning naming the block and the reason; :attr:`QuantScaledDotProductAttention.float_reason` keeps it.
+that sees such shapes replaces the block's four quantizers by disabled ones (both MatMuls together, never one of
+them; new objects, so that no saved switch state brings them back) and logs a warning naming the block and the
+reason; :attr:`QuantScaledDotProductAttention.float_reason` keeps it.
 
 Example:
     >>> import torch
@@ -118,6 +119,7 @@ class QuantScaledDotProductAttention(nn.Module):
                  min_dim: int = MIN_ATTENTION_DIM):
         super().__init__()
         desc = _check_desc(quant_desc_input or type(self).default_quant_desc_input, "quant_desc_input")
+        self._desc = desc
         self._q_bmm_quantizer = TensorQuantizer(desc)
         self._k_bmm_quantizer = TensorQuantizer(desc)
         self._softmax_quantizer = TensorQuantizer(desc)
@@ -134,9 +136,12 @@ class QuantScaledDotProductAttention(nn.Module):
     def quantizers(self) -> tuple[TensorQuantizer, ...]:
         return self._q_bmm_quantizer, self._k_bmm_quantizer, self._softmax_quantizer, self._v_bmm_quantizer
 
+    _NAMES = ("_q_bmm_quantizer", "_k_bmm_quantizer", "_softmax_quantizer", "_v_bmm_quantizer")
+
     def place(self, q_len: int, kv_len: int, head_dim: int) -> bool:
         """Whether attention of these sizes runs in INT8; the first time it cannot, the four quantizers are
-        disabled (a warning says why). Shapes are Python integers: nothing synchronises with the device."""
+        replaced by disabled ones (a warning says why). Shapes are Python integers: nothing synchronises with the
+        device."""
         if self.float_reason:
             return False
         if max(q_len, kv_len) > self.max_length:
@@ -146,11 +151,15 @@ class QuantScaledDotProductAttention(nn.Module):
                      f"{min(head_dim, kv_len)}) < {self.min_dim}"
         else:
             return True
+        label = self._label()
         self.float_reason = reason
-        for quantizer in self.quantizers():
-            quantizer.disable()
+        for attr in self._NAMES:
+            old = getattr(self, attr)
+            new = TensorQuantizer(self._desc, disabled=True)  # holds no tensor: passes its input through
+            new.name = old.name
+            setattr(self, attr, new)
         logger.warning("%s: attention left in float (%s): TensorRT runs INT8 fused attention only for sequence "
-                       "length <= %d and head size, key length >= %d", self._label(), reason, self.max_length,
+                       "length <= %d and head size, key length >= %d", label, reason, self.max_length,
                        self.min_dim)
         return False
 
