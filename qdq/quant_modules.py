@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from qdq import nn as quant_nn
+from qdq.functional_weights import functional_user
 from qdq.nn.modules._utils import QuantInputMixin, QuantMixin, pop_quant_desc_in_kwargs
 
 # pytorch_quantization's private names (_DEFAULT_QUANT_MAP, _quant_entry) stay importable for code that uses
@@ -81,6 +82,7 @@ _DEFAULT_QUANT_MAP = [
     _quant_entry(torch.nn, "AdaptiveAvgPool1d", quant_nn.QuantAdaptiveAvgPool1d),
     _quant_entry(torch.nn, "AdaptiveAvgPool2d", quant_nn.QuantAdaptiveAvgPool2d),
     _quant_entry(torch.nn, "AdaptiveAvgPool3d", quant_nn.QuantAdaptiveAvgPool3d),
+    _quant_entry(torch.nn, "MultiheadAttention", quant_nn.QuantMultiheadAttention),
 ]
 
 # the float classes, captured at import so that initialize() patching torch.nn does not change the map
@@ -322,9 +324,12 @@ class ReplacementReport:
     already_quantized: list[str] = field(default_factory=list)
     unsupported: list[tuple[str, str]] = field(default_factory=list)
     unmatched_ignore: list[str] = field(default_factory=list)  # ignore_policy patterns that matched no layer
+    attention: list[str] = field(default_factory=list)  # attention blocks whose MatMuls got quantizers
 
     def __str__(self) -> str:
         lines = [f"quantized {len(self.replaced)} layers, ignored {len(self.ignored)}"]
+        if self.attention:
+            lines.append(f"  attention MatMuls quantized in {len(self.attention)} blocks")
         if self.unmatched_ignore:
             lines.append("  ignore_policy entries matching no layer: " + ", ".join(map(repr, self.unmatched_ignore)))
         if self.ignored:
@@ -348,6 +353,26 @@ class QuantizableLayer:
     reason: str = ""  # why it is unsupported
 
 
+def _functional_use(model: nn.Module, paths: list[str], mapping: dict[type, type] | None) -> str:
+    """Why the layer at ``paths`` must stay in float because a parent uses its weight functionally (``""`` if not).
+    With ``mapping``, a parent about to be converted is judged by its quantized class's forward."""
+
+    def class_of(parent):
+        if mapping is None or is_quantized(parent):
+            return None
+        try:
+            return _quant_class_for(type(parent), mapping)
+        except NotImplementedError:
+            return None
+
+    for path in paths:
+        user = functional_user(model, path, class_of)
+        if user is not None:
+            return (f"its parent {user[0] or '<root>'!r} ({user[1]}) passes its weight to a function instead of "
+                    "calling it, so as a quantized layer it would never run; it stays in float")
+    return ""
+
+
 def quantizable_layers(model: nn.Module, quant_map: Mapping[type, type] | Iterable | None = None) -> list[QuantizableLayer]:
     """Every module of ``model`` the module map concerns, in module order, without changing anything.
 
@@ -363,6 +388,11 @@ def quantizable_layers(model: nn.Module, quant_map: Mapping[type, type] | Iterab
     layers = []
     for key, module in modules.items():
         where = paths[key]
+        if not is_quantized(module) and _quant_class_for(type(module), mapping) is not None:
+            reason = _functional_use(model, where, mapping)
+            if reason:
+                layers.append(QuantizableLayer(where[0], where, module, "unsupported", reason=reason))
+                continue
         if is_quantized(module):
             layers.append(QuantizableLayer(where[0], where, module, "quantized", type(module)))
             continue
@@ -380,6 +410,7 @@ def replace_to_quantization_module(
     model: nn.Module,
     ignore_policy: IgnorePolicy = None,
     quant_map: Mapping[type, type] | Iterable | None = None,
+    attention: bool = True,
 ) -> ReplacementReport:
     """Quantizes every mapped layer of ``model`` in place (see the module docstring).
 
@@ -390,6 +421,12 @@ def replace_to_quantization_module(
             when every path is.
         quant_map: extra or overriding ``{float class: quantized class}`` pairs (or ``_quant_entry`` items) for this
             call; the defaults are ``_DEFAULT_QUANT_MAP``.
+        attention: also quantize the attention MatMuls of the transformer blocks of HuggingFace transformers, timm
+            and torchvision (:func:`qdq.attention.quantize_attention`; not-ignored blocks only).
+
+    Layers whose parent uses their weight functionally (a Linear whose weight the parent hands to ``F.linear``) are
+    left in float and listed in ``report.unsupported`` with the reason, unless the attention step quantizes them
+    where they are used.
 
     Returns:
         A :class:`ReplacementReport`; its summary is also logged.
@@ -402,6 +439,10 @@ def replace_to_quantization_module(
             "torch.jit.script or torch.jit.trace), whose layers cannot be replaced; quantize the Python nn.Module "
             "before scripting it"
         )
+    if attention:
+        from qdq.attention import quantize_attention  # floor 4 beside this module; it imports this module
+
+        report.attention = quantize_attention(model, ignore_policy)
     layers = quantizable_layers(model, quant_map)
     report.unmatched_ignore = unmatched_ignore_patterns(ignore_policy, [p for layer in layers for p in layer.paths])
     if report.unmatched_ignore:
@@ -422,9 +463,10 @@ def replace_to_quantization_module(
                 logger.warning("%s (%s) subclasses a quantized layer with its own forward, which may bypass the "
                                "quantizers", path, cls.__qualname__)
             continue
-        if layer.status == "unsupported":
-            report.unsupported.append((path, layer.reason))
-            logger.warning("not quantized: %s: %s", path, layer.reason)
+        reason = layer.reason if layer.status == "unsupported" else _functional_use(model, layer.paths, None)
+        if reason:  # (a parent converted or ignored by now has its final forward)
+            report.unsupported.append((path, reason))
+            logger.warning("not quantized: %s: %s", path, reason)
             continue
         flags = [ignore(p) for p in layer.paths]
         if all(flags):

@@ -26,3 +26,7 @@ def require_shared_data(name: str) -> Path:
             pytest.fail(f"{path} is missing; CI always has ../shared/data")
         pytest.skip(f"{path} is not available")
     return path
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end runs and large models (deselect with -m 'not slow')")

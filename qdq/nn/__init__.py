@@ -8,6 +8,8 @@ from qdq.nn.modules.quant_conv import *  # noqa: F401,F403
 from qdq.nn.modules.quant_conv import __all__ as _conv_all
 from qdq.nn.modules.quant_elementwise import QuantAdd, QuantConcat
 from qdq.nn.modules.quant_linear import Linear, QuantLinear
+from qdq.nn.modules.quant_attention import QuantMultiheadAttention
+from qdq.nn.modules.quant_matmul import QuantMatMul, QuantScaledDotProductAttention
 from qdq.nn.modules.quant_pooling import *  # noqa: F401,F403
 from qdq.nn.modules.quant_pooling import __all__ as _pool_all
 from qdq.nn.modules.quant_rnn import LSTM, LSTMCell, QuantLSTM, QuantLSTMCell
@@ -27,4 +29,7 @@ __all__ = [
     "LSTMCell",
     "QuantAdd",
     "QuantConcat",
+    "QuantMultiheadAttention",
+    "QuantMatMul",
+    "QuantScaledDotProductAttention",
 ]

@@ -74,6 +74,12 @@ rule                        severity  what it checks - why TensorRT cares
                                       Conv only in that form.
 ``add-float``               warning   A residual Add with neither input from a DQ in a quantized model - it runs in
                                       float, and TensorRT converts its inputs and output around it.
+``attention-pair``          warning   BMM1 and BMM2 of an attention (MatMul -> Softmax -> MatMul) both quantized or
+                                      both float - TensorRT's fused attention runs in INT8 only with both quantized.
+``attention-mask``          warning   No Q/DQ on the attention scores or the mask before the Softmax - the fused
+                                      attention takes them in float.
+``attention-shape``         warning   A quantized attention has sequence length <= 512, head size and key length >= 16
+                                      - TensorRT's INT8 fused attention limits (:mod:`qdq.onnx.check_attention`).
 ``no-qdq``                  info      The model has no quantization op at all - TensorRT builds it in float/fp16.
 ``subgraph``                info      A node carries subgraphs (If, Loop, Scan) - only the main graph is checked.
 ==========================  ========  ==================================================================================
@@ -167,6 +173,9 @@ RULES = (
     "add-scale-mismatch",
     "add-one-side",
     "add-float",
+    "attention-pair",  # the attention rules live in qdq/onnx/check_attention.py
+    "attention-mask",
+    "attention-shape",
     "no-qdq",
     "subgraph",
 )
@@ -260,6 +269,27 @@ class _Const:
         if self._floats is None:
             self._floats = np.asarray(self.values()).astype(np.float64).ravel()
         return self._floats
+
+
+class _TransposedConst(_Const):
+    """A Transpose of a constant: constant data too (a weight that an exporter transposes before its Q/DQ)."""
+
+    def __init__(self, name: str, source: _Const, perm: Sequence[int] | None):
+        self.name = name
+        self.proto = source.proto
+        self.base_dir = source.base_dir
+        self.dtype = source.dtype
+        self.perm = tuple(perm) if perm else tuple(reversed(range(len(source.shape))))
+        self.shape = tuple(source.shape[p] for p in self.perm)
+        self.size = source.size
+        self._source = source
+        self._values = None
+        self._floats = None
+
+    def values(self) -> np.ndarray:
+        if self._values is None:
+            self._values = np.transpose(self._source.values(), self.perm)
+        return self._values
 
 
 def _constant_node_tensor(name: str, attrs: dict[str, Any], base_dir: str) -> _Const | None:
@@ -368,6 +398,10 @@ class _Index:
                 const = _constant_node_tensor(node.output(0), node.attrs, base_dir)
                 if const is not None:
                     self.constants[node.output(0)] = const
+            elif node.op == "Transpose" and node.in_default_domain and node.input(0) in self.constants:
+                self.constants[node.output(0)] = _TransposedConst(node.output(0), self.constants[node.input(0)],
+                                                                  node.attr("perm"))
+        self.model = model
         self.qs = [n for n in self.nodes if n.is_q]
         self.dqs = [n for n in self.nodes if n.is_dq]
         self.quantized = bool(self.qs or self.dqs)
@@ -930,6 +964,12 @@ def _add_scale_findings(ix: _Index, add: _Node, dq_a: _Node, dq_b: _Node) -> Ite
                       "in INT8", (add.name, dq_a.name, dq_b.name), (sa, sb))
 
 
+def _check_attention(ix: _Index) -> Iterator[Finding]:
+    from qdq.onnx.check_attention import check_attention
+
+    return check_attention(ix)
+
+
 def _check_coverage(ix: _Index) -> Iterator[Finding]:
     if not ix.quantized and not any(_is_unsupported_quant_op(n) for n in ix.nodes):
         yield Finding("info", "no-qdq", "the model has no QuantizeLinear/DequantizeLinear nodes; TensorRT builds it "
@@ -952,6 +992,7 @@ _CHECKS: tuple[Callable[[_Index], Iterable[Finding]], ...] = (
     _check_compute_layers,
     _check_scale_groups,
     _check_residual_adds,
+    _check_attention,
     _check_coverage,
 )
 

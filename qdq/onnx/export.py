@@ -131,14 +131,27 @@ def export_mode(model: nn.Module, quantize: bool = True) -> Iterator[nn.Module]:
         try:
             model.eval()
             for q in qs:
-                if quantize:
-                    q.export_mode = True
-                else:
+                if not quantize:
                     q.disable()
+                elif q.is_enabled:  # a disabled quantizer passes its input through and exports nothing
+                    q.export_mode = True
             yield model
         finally:
             for q, mode in saved:
                 q.export_mode = mode
+
+
+@contextlib.contextmanager
+def _no_fused_attention() -> Iterator[None]:
+    """Keeps ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` off torch's fused fast path, which they
+    take under ``torch.no_grad()`` in eval mode and which the TorchScript exporter cannot translate
+    (``aten::_native_multi_head_attention``)."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def _dynamic_axes(names: Sequence[str]) -> dict[str, dict[int, str]]:
@@ -190,6 +203,27 @@ def _constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
         if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
             tensor = onnx.TensorProto()
             tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+        else:
+            keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+    return _identities_to_initializers(model)
+
+
+def _identities_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replaces ``Identity`` nodes of initializers by copies of them: the TorchScript exporter writes parameters
+    with equal values (the layers of ``nn.TransformerEncoder`` start as copies of one layer) once and the others as
+    Identity nodes of it, which hides that a weight is constant from TensorRT-rule readers."""
+    graph = model.graph
+    inits = {init.name: init for init in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input[0] in inits and node.output[0] not in outputs:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(inits[node.input[0]])
             tensor.name = node.output[0]
             graph.initializer.append(tensor)
         else:
@@ -298,7 +332,7 @@ def export_onnx(
     if isinstance(args, torch.Tensor):
         args = (args,)
     exporter = "dynamo" if dynamo else "torchscript"
-    with export_mode(model, quantize=quantize), torch.no_grad():
+    with export_mode(model, quantize=quantize), torch.no_grad(), _no_fused_attention():
         try:
             _torch_export(model, args, path, opset, input_names, output_names, dynamic_batch, dynamo, kwargs)
         except ExportError:
@@ -385,7 +419,7 @@ def export_with_quantizer_tags(
             model.eval()
             for tag, (_, q) in tags.items():
                 q.set_export_mode(True, scale=tag * TAG_STEP)
-            with torch.no_grad():
+            with torch.no_grad(), _no_fused_attention():
                 if export_fn is not None:
                     export_fn(model, str(path))
                 else:

@@ -141,11 +141,17 @@ def run_onnxruntime(path_or_model: str | os.PathLike | onnx.ModelProto, inputs: 
     return session.run(None, dict(zip(names, arrays)))
 
 
-def _output_steps(model: onnx.ModelProto) -> dict[str, float]:
+def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Every constant tensor of the main graph: initializers and the outputs of tensor-valued Constant nodes."""
     consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return consts
+
+
+def _output_steps(model: onnx.ModelProto) -> dict[str, float]:
+    consts = _constants(model)
     steps = {}
     for node in model.graph.node:
         if node.op_type == "DequantizeLinear" and node.input[1] in consts:
@@ -190,9 +196,13 @@ def _rounding_parity(onnx_model: onnx.ModelProto, args: tuple) -> RoundingParity
                 wanted.append(name)
                 probe.graph.output.append(onnx.ValueInfoProto(name=name))
     values = dict(zip(wanted, run_onnxruntime(probe, args)))
-    consts = {i.name: numpy_helper.to_array(i) for i in onnx_model.graph.initializer}
+    consts = _constants(onnx_model)  # initializers and Constant nodes: files from other tools use both
     for node in qs:
         x, q_ort = values[node.input[0]], values[node.output[0]]
+        missing = [t for t in node.input[1:3] if t and t not in consts]
+        if missing:
+            raise ValueError(f"QuantizeLinear {node.name or node.output[0]!r}: its scale or zero point {missing} is "
+                             "not a constant (initializer or Constant node); verify cannot requantize its input")
         scale = consts[node.input[1]].astype(np.float32)
         zero_point = consts[node.input[2]] if len(node.input) > 2 else np.zeros((), np.uint8)
         info = np.iinfo(zero_point.dtype)

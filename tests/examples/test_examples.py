@@ -39,6 +39,14 @@ CASES = {
          "ONNX Runtime parity          OK"],
         ["results.json"],
     ),
+    "vit": (
+        ["cifar10-jpeg.tar.gz"],
+        ["PTQ int8 of the ViT (per-row weights, per-tensor activations, attention MatMuls in INT8)",
+         "method  top-1 %  agree %  SQNR dB  calib s", "attention MatMuls in INT8: 4 of 4 blocks",
+         "vit_int8_qdq.onnx", "attention MatMuls in INT8 in 2 of 2 blocks", "0 errors, 0 warnings",
+         "ONNX Runtime parity        OK"],
+        ["vit_fp32.pt", "vit_int8_qdq.onnx", "bert_int8_qdq.onnx", "results.json"],
+    ),
     "yolov5": (
         ["imagenet-sample-500.tar"],
         ["recipes: bottleneck_add 7, c3_concat 8, sppf_concat 1, concat 4", "calibrated", "with mse",

@@ -258,3 +258,38 @@ def test_lstm_matches_onnxruntime(bidirectional, dynamo, tmp_path):
         assert ops.count("QuantizeLinear") == 2 * (1 + 2 * directions)
     report = verify(model, info.path, torch.randn(4 if not dynamo else 3, 5, 6) * 1.5)
     assert report.ok, str(report)
+
+
+def test_disabled_quantizer_without_amax_exports(tmp_path):
+    """Regression: calibrate_model(strict=False) disables quantizers that saw no data; export_mode then switched
+    them to export mode too, which raised on their missing amax although check_exportable skips them."""
+
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = Unused()
+    qdq.replace_to_quantization_module(model)
+    qdq.calibrate_model(model, [torch.randn(2, 4)], progress=False, strict=False)
+    assert model.unused.input_quantizer.amax is None and not model.unused.input_quantizer.is_enabled
+    info = export_onnx(model, torch.randn(1, 4), tmp_path / "m.onnx")
+    assert _ops(info.model).count("QuantizeLinear") == 2
+
+
+def test_equal_weights_are_initializers_not_identities(tmp_path):
+    """The TorchScript exporter writes parameters with equal values once and the others as Identity nodes (the
+    layers of nn.TransformerEncoder start as copies); the export turns those into initializers again."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[1].load_state_dict(model[0].state_dict())
+    qdq.replace_to_quantization_module(model)
+    _calibrate(model, (2, 4))
+    info = export_onnx(model, torch.randn(3, 4), tmp_path / "m.onnx")
+    assert "Identity" not in _ops(info.model)
+    inits = {i.name for i in info.model.graph.initializer}
+    weight_qs = [n for n in info.model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in inits]
+    assert len(weight_qs) == 2
+    assert verify(model, info.path, torch.randn(3, 4)).ok

@@ -1,0 +1,342 @@
+"""A small Vision Transformer on CIFAR-10 in INT8 with its attention MatMuls quantized, and a BERT-style encoder.
+
+The pieces are importable (``from examples.vit import vit``) and :func:`run` chains them the way
+``examples/vit/train.py`` does:
+
+1. train a small torchvision ``VisionTransformer`` (32x32 images, 4x4 patches: 65 tokens; 4 layers, 4 heads of
+   32, width 128) with AdamW, or load ``--checkpoint``; the weights are cached in ``--out`` and reused by the next
+   run with the same training settings;
+2. INT8 PTQ with each calibration method: every Linear (per-row weights) and, in each attention block, the input
+   and output projections and both attention MatMuls (Q @ K^T and softmax @ V, placed for TensorRT's fused
+   attention); LayerNorm, softmax and the residual adds in float. Reported: top-1, agreement with the float model,
+   SQNR of the logits, calibration time;
+3. QAT: fine-tuning of the best PTQ model with fake quantization in the loop;
+4. export of the QAT model to QDQ ONNX, parity with ONNX Runtime and the TensorRT rule check (attention rules
+   included), and the fake-quant forward time against the float forward, measured side by side;
+5. a BERT-style encoder (HuggingFace ``BertModel`` from a small config, random weights, random token ids):
+   quantized with its attention MatMuls, calibrated, exported, verified and checked.
+
+Example:
+    >>> import torch
+    >>> model = small_vit().eval()
+    >>> model(torch.randn(2, 3, 32, 32)).shape
+    torch.Size([2, 10])
+    >>> sum(p.numel() for p in model.parameters())
+    540682
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+import qdq
+from examples.cifar10.cifar import data_root, loaders
+from examples.common import (UsageError, add_run_arguments, export_and_check, export_summary, finish, positive,
+                             print_table, resolve_defaults, run_main)
+from qdq import nn as quant_nn
+from qdq.evaluate import collect_logits, sqnr_db, top1_accuracy, top1_agreement
+from qdq.qat import qat_learning_rate
+
+__all__ = ["METHODS", "small_vit", "train", "quantize", "ptq", "attention_summary", "forward_ratio", "bert_encoder",
+           "quantize_bert", "build_parser", "run", "main"]
+
+logger = logging.getLogger(__name__)
+
+#: The calibration methods compared by default.
+METHODS = ("max", "entropy", "mse", "percentile")
+CHECKPOINT_NAME = "vit_fp32.pt"
+
+
+def small_vit(num_classes: int = 10) -> nn.Module:
+    """torchvision's VisionTransformer for 32x32 images: 4x4 patches (64 + 1 tokens), 4 layers, 4 heads of 32."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(image_size=32, patch_size=4, num_layers=4, num_heads=4, hidden_dim=128, mlp_dim=256,
+                             num_classes=num_classes)
+
+
+def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float, weight_decay: float = 0.05,
+          max_steps: int | None = None, desc: str = "Train") -> list[float]:
+    """AdamW with a linear warm-up (the first tenth) and a cosine decay to zero, label smoothing 0.1; returns the
+    mean loss of each epoch. Works the same on a quantized model (straight-through gradients)."""
+    total = epochs * len(loader) if max_steps is None else min(max_steps, epochs * len(loader))
+    warmup = max(1, total // 10)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, 0.5 * (
+        1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total - warmup))))))
+    losses, step = [], 0
+    model.train()
+    for epoch in range(epochs):
+        seen, loss_sum = 0, 0.0
+        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", unit="batch", leave=False)
+        for images, labels in bar:
+            if step >= total:
+                break
+            loss = F.cross_entropy(model(images), labels, label_smoothing=0.1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            step += 1
+            seen += len(labels)
+            loss_sum += loss.item() * len(labels)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
+        bar.close()
+        if seen:
+            losses.append(loss_sum / seen)
+            logger.info("%s epoch %d/%d: loss %.4f", desc, epoch + 1, epochs, losses[-1])
+        if step >= total:
+            break
+    model.eval()
+    return losses
+
+
+def quantize(model: nn.Module, example_input: torch.Tensor) -> tuple[nn.Module, qdq.ReplacementReport]:
+    """A quantized (uncalibrated) deep copy: the README flow (replace, then the scale-sharing rules step)."""
+    qmodel = copy.deepcopy(model).eval()
+    report = qdq.replace_to_quantization_module(qmodel)
+    qdq.apply_custom_rules_to_quantizer(qmodel, example_input)
+    return qmodel, report
+
+
+def ptq(template: nn.Module, calib_loader: DataLoader, method: str, num_batches: int) -> nn.Module:
+    """A calibrated copy of the quantized ``template`` (``strict=True``: every quantizer must see data)."""
+    qmodel = copy.deepcopy(template)
+    qdq.calibrate_model(qmodel, calib_loader, num_batches=num_batches, method=method, strict=True)
+    return qmodel
+
+
+def attention_summary(qmodel: nn.Module) -> tuple[int, int]:
+    """``(attention blocks with both MatMuls in INT8, attention blocks)``."""
+    blocks = [m for m in qmodel.modules() if isinstance(m, quant_nn.QuantScaledDotProductAttention)]
+    return sum(not b.float_reason and all(q.is_enabled for q in b.quantizers()) for b in blocks), len(blocks)
+
+
+def forward_ratio(model: nn.Module, qmodel: nn.Module, images: torch.Tensor, repeats: int = 5) -> dict:
+    """The fake-quant forward time over the float forward, measured side by side (alternating, best of
+    ``repeats``) so that the machine's load hits both."""
+    times = {"fp32": [], "int8": []}
+    with torch.no_grad():
+        for m in (model, qmodel):
+            m(images)  # warm-up
+        for _ in range(repeats):
+            for key, m in (("fp32", model), ("int8", qmodel)):
+                t0 = time.perf_counter()
+                m(images)
+                times[key].append(time.perf_counter() - t0)
+    best = {k: min(v) for k, v in times.items()}
+    return {"fp32_ms": 1e3 * best["fp32"], "int8_ms": 1e3 * best["int8"], "ratio": best["int8"] / best["fp32"]}
+
+
+class _LastHiddenState(nn.Module):
+    """A BertModel returning ``last_hidden_state`` only (the exporters take tensors, not model-output objects)."""
+
+    def __init__(self, bert: nn.Module):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.bert(input_ids=input_ids).last_hidden_state
+
+
+def bert_encoder(layers: int = 2, hidden: int = 128, heads: int = 4, vocab: int = 1000) -> nn.Module:
+    """A small HuggingFace ``BertModel`` (random weights, built from a config: no download) returning
+    ``last_hidden_state``."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=4 * hidden, max_position_embeddings=512)
+    return _LastHiddenState(BertModel(config)).eval()
+
+
+def quantize_bert(out: Path, seq_len: int, batches: int, method: str) -> dict:
+    """The BERT-style encoder through the flow: replace, calibrate (strict), export, verify, check."""
+    torch.manual_seed(0)
+    model = bert_encoder()
+    vocab = model.bert.config.vocab_size
+    calib = [torch.randint(0, vocab, (8, seq_len)) for _ in range(batches)]
+    test = torch.randint(0, vocab, (8, seq_len))
+    qmodel, report = quantize(model, test[:1])
+    qdq.calibrate_model(qmodel, calib, method=method, strict=True, progress=False)
+    with torch.no_grad():
+        sqnr = sqnr_db(model(test), qmodel(test))
+    quantized, blocks = attention_summary(qmodel)
+    print(f"\nBERT-style encoder ({len(model.bert.encoder.layer)} layers, hidden {model.bert.config.hidden_size}, "
+          f"sequence length {seq_len}): {len(report.replaced)} layers quantized, attention MatMuls in INT8 in "
+          f"{quantized} of {blocks} blocks; SQNR of last_hidden_state {sqnr:.1f} dB ({method})")
+    export = export_and_check(qmodel, test, out / "bert_int8_qdq.onnx", tolerance_steps=8.0)
+    return {"layers_quantized": len(report.replaced), "attention_int8": quantized, "attention_blocks": blocks,
+            "sqnr_db": sqnr, "export": export}
+
+
+def _compare(model, loader, ref_logits, labels, desc) -> dict[str, float]:
+    logits, _ = collect_logits(model, loader, desc=desc)
+    return {"top1": 100.0 * top1_accuracy(logits, labels), "agreement": 100.0 * top1_agreement(ref_logits, logits),
+            "sqnr_db": sqnr_db(ref_logits, logits)}
+
+
+def _float_model(args: argparse.Namespace, root: Path, train_loader: DataLoader) -> nn.Module:
+    model = small_vit()
+    if args.checkpoint is not None:
+        state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+        try:
+            model.load_state_dict(state.get("state_dict", state))
+        except RuntimeError as err:
+            raise UsageError(f"--checkpoint {args.checkpoint} does not hold this ViT's weights: "
+                             f"{str(err).splitlines()[0]}") from None
+        return model.eval()
+    cached = Path(args.out) / CHECKPOINT_NAME
+    config = {"model": "small_vit", "data": str(root), "epochs": args.epochs, "batch_size": args.batch_size,
+              "lr": args.lr, "limit_per_class": args.limit_per_class, "seed": args.seed}
+    if cached.is_file() and not args.retrain:
+        saved = torch.load(cached, map_location="cpu", weights_only=True)
+        if saved.get("config") == config:
+            model.load_state_dict(saved["state_dict"])
+            print(f"float model: reusing {cached} (trained with the same settings; --retrain to train again)")
+            return model.eval()
+    t0 = time.perf_counter()
+    train(model, train_loader, args.epochs, args.lr, desc="Train fp32")
+    seconds = time.perf_counter() - t0
+    print(f"float model: trained {args.epochs} epochs on {len(train_loader.dataset)} images in {seconds:.0f} s")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), "config": config, "train_seconds": seconds}, cached)
+    return model.eval()
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The whole example (see the module docstring); returns the results also written to ``--out``/results.json."""
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    root = data_root(args.data, args.limit_per_class)
+    train_loader, test_loader = loaders(args.data, args.batch_size, args.limit_per_class, True, 0, 250)
+    calib_loader, _ = loaders(args.data, args.calib_batch_size, args.limit_per_class, False, 0)
+    print(f"data: {root} ({len(train_loader.dataset)} training, {len(test_loader.dataset)} test images)")
+
+    model = _float_model(args, root, train_loader)
+    ref_logits, labels = collect_logits(model, test_loader, desc="Evaluate fp32")
+    fp32_top1 = 100.0 * top1_accuracy(ref_logits, labels)
+    print(f"float ViT: top-1 {fp32_top1:.2f}% on {len(labels)} test images")
+    results: dict[str, Any] = {"config": vars(args) | {"data": str(root)}, "fp32_top1": fp32_top1, "ptq8": {}}
+
+    example = test_loader.dataset[0][0].unsqueeze(0)
+    template, report = quantize(model, example)
+    quantized, blocks = attention_summary(template)
+    print(f"quantized {len(report.replaced)} layers, attention MatMuls in {blocks} blocks; layers left in float: "
+          f"{len(report.unsupported)}")
+    rows = [{"method": "fp32", "top1": fp32_top1, "agreement": None, "sqnr_db": None, "calib_s": None}]
+    models = {}
+    for method in args.methods:
+        t0 = time.perf_counter()
+        models[method] = ptq(template, calib_loader, method, args.calib_batches)
+        row = {"method": method, **_compare(models[method], test_loader, ref_logits, labels, f"Evaluate {method}"),
+               "calib_s": time.perf_counter() - t0}
+        rows.append(row)
+        results["ptq8"][method] = {k: v for k, v in row.items() if k != "method"}
+    print_table(f"PTQ int8 of the ViT (per-row weights, per-tensor activations, attention MatMuls in INT8), "
+                f"{len(labels)} test images, {args.calib_batches} x {args.calib_batch_size} calibration images", rows,
+                [("method", "method", ""), ("top1", "top-1 %", ".2f"), ("agreement", "agree %", ".2f"),
+                 ("sqnr_db", "SQNR dB", ".1f"), ("calib_s", "calib s", ".1f")])
+    best = max(args.methods, key=lambda m: (results["ptq8"][m]["top1"], results["ptq8"][m]["sqnr_db"]))
+    results["best_method"] = best
+    quantized, blocks = attention_summary(models[best])
+    print(f"attention MatMuls in INT8: {quantized} of {blocks} blocks")
+
+    qmodel = copy.deepcopy(models[best])
+    t0 = time.perf_counter()
+    lr = args.qat_lr if args.qat_lr is not None else qat_learning_rate(args.lr)
+    train(qmodel, train_loader, args.qat_epochs, lr, weight_decay=0.0, max_steps=args.qat_steps, desc="QAT")
+    qat_row = {"model": f"QAT int8 (from PTQ {best})",
+               **_compare(qmodel, test_loader, ref_logits, labels, "Evaluate QAT"), "seconds": time.perf_counter() - t0}
+    print_table("QAT", [{"model": "fp32", "top1": fp32_top1}, {"model": f"PTQ int8 ({best})", **results["ptq8"][best]},
+                        qat_row],
+                [("model", "model", ""), ("top1", "top-1 %", ".2f"), ("agreement", "agree %", ".2f"),
+                 ("sqnr_db", "SQNR dB", ".1f")])
+    results["qat"] = qat_row
+
+    images = next(iter(test_loader))[0][: args.verify_images]
+    timing = forward_ratio(model, qmodel, images)
+    print(f"\nfake-quant forward {timing['int8_ms']:.1f} ms / fp32 forward {timing['fp32_ms']:.1f} ms on "
+          f"{len(images)} images = {timing['ratio']:.2f}x (side by side, best of 5)")
+    results["forward"] = timing
+
+    print("\nexport of the QAT model")
+    results["export"] = export_and_check(qmodel, images, out / "vit_int8_qdq.onnx", tolerance_steps=8.0)
+    results["bert"] = quantize_bert(out, args.bert_seq_len, args.calib_batches, best)
+    results["seconds"] = time.perf_counter() - t_start
+    return finish(out, results, [
+        ("fp32 top-1", f"{fp32_top1:.2f}%"),
+        (f"best int8 PTQ ({best})", f"{results['ptq8'][best]['top1']:.2f}%"),
+        ("int8 QAT", f"{qat_row['top1']:.2f}%"),
+        ("attention MatMuls in INT8", f"{quantized} of {blocks} blocks"),
+        ("fake-quant / fp32 forward", f"{timing['ratio']:.2f}x"),
+        *export_summary(results["export"]),
+        ("BERT encoder", f"SQNR {results['bert']['sqnr_db']:.1f} dB, parity "
+                         f"{'OK' if results['bert']['export']['verify_ok'] else 'MISMATCH'}, "
+                         f"{results['bert']['export']['trt_errors']} errors"),
+    ])
+
+
+#: What ``--tiny`` sets: a smoke run that finishes in about a minute on 2 CPU cores.
+TINY = {"limit_per_class": 20, "epochs": 1, "qat_epochs": 1, "qat_steps": 3, "batch_size": 32, "calib_batches": 1,
+        "calib_batch_size": 32, "verify_images": 8, "methods": ["max", "mse"], "bert_seq_len": 32}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``examples/vit/train.py``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m examples.vit.train",
+        description="Train a small ViT on CIFAR-10, quantize it to INT8 with its attention MatMuls (PTQ with each "
+                    "calibration method, then QAT), export it to QDQ ONNX, verify it with ONNX Runtime and check "
+                    "it against TensorRT's rules; then the same for a small BERT-style encoder.")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="ImageFolder root with train/<class>/ and test/<class>/ (default: the CIFAR-10 images "
+                             "of ../shared/data, extracted once to a cache folder)")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="float ViT weights to start from")
+    parser.add_argument("--retrain", action="store_true", help="train again even if --out holds a checkpoint")
+    parser.add_argument("--epochs", type=positive(int), default=None, help="float training epochs (default 30)")
+    parser.add_argument("--lr", type=positive(float), default=1e-3, help="AdamW peak learning rate (1e-3)")
+    parser.add_argument("--batch-size", type=positive(int), default=None, help="training batch size (default 128)")
+    parser.add_argument("--limit-per-class", type=positive(int), default=None,
+                        help="use only the first N images of each class in each split (quick runs)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=None,
+                        help="calibration methods to compare (default: all; max and mse with --tiny)")
+    parser.add_argument("--calib-batches", type=positive(int), default=None, help="calibration batches (default 8)")
+    parser.add_argument("--calib-batch-size", type=positive(int), default=None,
+                        help="calibration batch size (default 64)")
+    parser.add_argument("--qat-epochs", type=positive(int), default=None, help="QAT epochs (default 1)")
+    parser.add_argument("--qat-steps", type=positive(int), default=None, help="stop QAT after this many steps")
+    parser.add_argument("--qat-lr", type=positive(float), default=None, help="QAT learning rate (1%% of --lr)")
+    parser.add_argument("--verify-images", type=positive(int), default=None,
+                        help="test images ONNX Runtime runs for the parity check (default 32)")
+    parser.add_argument("--bert-seq-len", type=positive(int), default=None,
+                        help="sequence length of the BERT-style encoder (default 128)")
+    add_run_arguments(parser, "vit", "checkpoint, ONNX files, results.json",
+                      "20 images per class, 1 epoch, 3 QAT steps, one calibration batch, two methods")
+    return parser
+
+
+def _resolve(args: argparse.Namespace) -> argparse.Namespace:
+    defaults = {"epochs": 30, "qat_epochs": 1, "qat_steps": None, "batch_size": 128, "calib_batches": 8,
+                "calib_batch_size": 64, "verify_images": 32, "limit_per_class": None, "methods": list(METHODS),
+                "bert_seq_len": 128}
+    return resolve_defaults(args, "vit", defaults, TINY, files=["checkpoint"], folders=["data"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code (2 for a usage or data error, with a one-line message)."""
+    return run_main(build_parser(), run, _resolve, argv)
