@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qdq import calib
+from qdq import calib, formats
 from qdq.calib.calibrator import NoDataCollectedError
 from qdq.tensor_quant import (
     QuantDescriptor,
@@ -91,6 +91,7 @@ class TensorQuantizer(nn.Module):
         self._unsigned = quant_desc.unsigned
         self._narrow_range = quant_desc.narrow_range
         self._symmetric = quant_desc.symmetric
+        self._block_size = quant_desc.block_size
         self.name: str | None = quant_desc.name
 
         self._disabled = bool(disabled)
@@ -110,7 +111,8 @@ class TensorQuantizer(nn.Module):
         if quant_desc.calib_method == "histogram":
             self._calibrator = calib.HistogramCalibrator(self._num_bits, self._axis, self._unsigned)
         else:  # an asymmetric unsigned quantizer takes negative data (its zero point moves), so calibrate signed
-            self._calibrator = calib.MaxCalibrator(self._num_bits, self._axis, self._unsigned and self._symmetric)
+            axis = (0, 1) if self._block_size else self._axis  # blocked: per (row, block) of formats.block_view
+            self._calibrator = calib.MaxCalibrator(self._num_bits, axis, self._unsigned and self._symmetric)
 
         if self._learn_amax and self._amax is not None:
             self.init_learn_amax()
@@ -127,6 +129,7 @@ class TensorQuantizer(nn.Module):
     fake_quant = property(lambda self: self._fake_quant)
     scale_amax = property(lambda self: self._scale_amax)
     learn_amax = property(lambda self: isinstance(self._amax, nn.Parameter))
+    block_size = property(lambda self: self._block_size)
 
     @property
     def maxbound(self) -> int:
@@ -230,6 +233,10 @@ class TensorQuantizer(nn.Module):
         if self._calibrator is None:
             raise RuntimeError(f"{self._label()} has no calibrator")
         try:
+            method = kwargs.get("method", args[0] if args else None)
+            if formats.is_fp8(self._num_bits) and method in ("entropy", "kld"):
+                raise ValueError(f"method {method!r} spreads the histogram over integer levels; FP8 is calibrated "
+                                 "with 'max', 'mse' (on the FP8 grid) or 'percentile'")
             if self._symmetric:
                 amax = self._calibrator.compute_amax(*args, **kwargs)
             else:
@@ -343,7 +350,7 @@ class TensorQuantizer(nn.Module):
             # a weight (a Parameter) seen again unchanged adds nothing: collect it once per version
             key = (id(x), x._version) if isinstance(x, nn.Parameter) else None
             if key is None or key != self._collected:
-                self._calibrator.collect(x)
+                self._calibrator.collect(formats.block_view(x, self._block_size) if self._block_size else x)
                 self._collected = key
         if self._if_clip:
             x = self._clip(x)
@@ -357,6 +364,8 @@ class TensorQuantizer(nn.Module):
             if not getattr(self, "_logged_dynamic", False):
                 self._logged_dynamic = True
                 logger.info("%s has no amax: quantizing each batch with its own abs-max", self._label())
+            if self._block_size:
+                return formats.blocked_amax(x, self._block_size)
             return reduce_amax(x, self._axis, keepdims=True)
         return amax
 
@@ -372,6 +381,8 @@ class TensorQuantizer(nn.Module):
             return self._affine_forward(x)
         amax = self._amax_for(x)
         try:
+            if self._block_size:
+                return formats.fake_blocked_quant(x, amax, self._num_bits, self._block_size, self._narrow_range)
             if self._fake_quant:
                 return fake_tensor_quant(x, amax, self._num_bits, self._unsigned, self._narrow_range)
             q, self._scale = tensor_quant(x, amax, self._num_bits, self._unsigned, self._narrow_range)
@@ -494,7 +505,9 @@ class TensorQuantizer(nn.Module):
         return f"TensorQuantizer {self.name!r}" if self.name else "TensorQuantizer (unnamed)"
 
     def extra_repr(self) -> str:
-        parts = [f"{self._num_bits}bit"]
+        parts = [f"{self._num_bits}bit" if isinstance(self._num_bits, int) else formats.format_name(self._num_bits)]
+        if self._block_size:
+            parts.append(f"block={self._block_size}")
         if self._unsigned:
             parts.append("unsigned")
         if self._narrow_range:
