@@ -459,7 +459,10 @@ class TensorQuantizer(nn.Module):
         self._export_shape = tuple(scale_t.shape) if axis is not None else ()
         zp = torch.zeros_like(flat, dtype=torch.int32) if zero_point is None else (
             zero_point.reshape(flat.shape).to(torch.int32).clone())
-        self._export_qparams = (flat, zp, axis, self.quant_range)
+        # a scale override is a tag (only the graph's structure matters): the 8-bit range every exporter takes, also
+        # for FP8 and 4-bit quantizers, whose Q/DQ qdq.onnx.export_formats writes afterwards
+        qrange = self.quant_range if scale is None else ((0, 255) if self._unsigned else (-128, 127))
+        self._export_qparams = (flat, zp, axis, qrange)
         self._export_mode = True
 
     # ----------------------------------------------------------------------------------------------------------
