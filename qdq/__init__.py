@@ -8,7 +8,8 @@ The package is built in floors; a lower floor never imports a higher one:
 4. model transforms - :mod:`qdq.quant_modules` (the module map, in-place conversion), :mod:`qdq.calibrate`,
    :mod:`qdq.switches`, :mod:`qdq.sensitivity`, :mod:`qdq.patching`, :mod:`qdq.fold_batchnorm`, :mod:`qdq.autotune`,
    :mod:`qdq.qat`, :mod:`qdq.calib_table`, :mod:`qdq.data`, :mod:`qdq.config` (per-layer config files),
-   :mod:`qdq.distributed` (calibration and QAT across torch.distributed ranks);
+   :mod:`qdq.distributed` (calibration and QAT across torch.distributed ranks), :mod:`qdq.layer_formats` (INT8, FP8,
+   INT4 weight-only or float per layer, and the format search);
 5. graph side - :mod:`qdq.onnx`: export, ONNX Runtime parity, the TensorRT rule checker, scale matching;
 6. faces - :mod:`qdq.rules` (recipes), the ``qdq`` command line, ``examples/``, ``benchmarks/``.
 
@@ -40,6 +41,8 @@ from qdq.fold_batchnorm import fold_bn
 from qdq.calib_table import load_calib_table, save_calib_table, write_tensorrt_cache
 from qdq.config import calibrate_from_config, create_quant_config, quantize_model
 from qdq.onnx import apply_custom_rules_to_quantizer, check_tensorrt, export_onnx, verify
+from qdq import formats
+from qdq.layer_formats import search_formats, set_layer_format, set_model_format
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -76,4 +79,8 @@ __all__ = [
     "verify",
     "check_tensorrt",
     "apply_custom_rules_to_quantizer",
+    "formats",
+    "set_layer_format",
+    "set_model_format",
+    "search_formats",
 ]
