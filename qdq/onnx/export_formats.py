@@ -240,11 +240,12 @@ def format_problem(name: str, quantizer, layer) -> str | None:
     if fmt == "fp8":
         return None
     if not name.endswith("_weight_quantizer"):
-        return f"{name}: INT4 is weight-only in TensorRT; quantize this activation with INT8 or FP8, or disable it"
+        return (f"{name}: 4-bit activation; INT4 is weight-only in TensorRT: quantize this activation with INT8 or "
+                "FP8, or disable it")
     if not isinstance(layer, torch.nn.Linear):
         kind = type(layer).__name__ if layer is not None else "an unknown layer"
-        return (f"{name}: INT4 weight-only runs on MatMul/Gemm (Linear layers) in TensorRT, not on {kind}; use INT8 "
-                "or FP8 for it")
+        return (f"{name}: 4-bit weights of {kind}; INT4 weight-only runs on MatMul/Gemm (Linear layers) in TensorRT, "
+                "not on convolutions: use INT8 or FP8 for it")
     if quantizer.block_size is None and quantizer.axis not in (None, 0):
         return f"{name}: per-channel INT4 weights are quantized along the output features (axis 0)"
     return None

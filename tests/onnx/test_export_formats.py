@@ -126,8 +126,8 @@ def test_int4_on_a_convolution_or_an_activation_is_refused(tmp_path):
     qdq.calibrate_model(model, [torch.randn(2, 3, 8, 8)], progress=False)
     with pytest.raises(ExportError) as err:
         export_onnx(model, torch.randn(1, 3, 8, 8), tmp_path / "m.onnx")
-    assert "0._weight_quantizer: INT4 weight-only runs on MatMul/Gemm" in str(err.value)
-    assert "2._input_quantizer: INT4 is weight-only" in str(err.value)
+    assert "0._weight_quantizer: 4-bit weights of QuantConv2d; INT4 weight-only runs on MatMul/Gemm" in str(err.value)
+    assert "2._input_quantizer: 4-bit activation; INT4 is weight-only" in str(err.value)
 
 
 def test_fp8_data_with_int8_weights_is_a_format_mix(tmp_path):
