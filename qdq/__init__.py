@@ -8,7 +8,8 @@ The package is built in floors; a lower floor never imports a higher one:
 4. model transforms - :mod:`qdq.quant_modules` (the module map, in-place conversion), :mod:`qdq.calibrate`,
    :mod:`qdq.switches`, :mod:`qdq.sensitivity`, :mod:`qdq.patching`, :mod:`qdq.fold_batchnorm`, :mod:`qdq.autotune`,
    :mod:`qdq.qat`, :mod:`qdq.calib_table`, :mod:`qdq.data`, :mod:`qdq.config` (per-layer config files),
-   :mod:`qdq.distributed` (calibration and QAT across torch.distributed ranks);
+   :mod:`qdq.distributed` (calibration and QAT across torch.distributed ranks), :mod:`qdq.layer_formats` (INT8, FP8,
+   INT4 weight-only or float per layer, and the format search);
 5. graph side - :mod:`qdq.onnx`: export, ONNX Runtime parity, the TensorRT rule checker, scale matching;
 6. faces - :mod:`qdq.rules` (recipes), the ``qdq`` command line, ``examples/``, ``benchmarks/``.
 
@@ -73,6 +74,10 @@ _EXPORTS = {
     "bias_correction": "qdq.bias_correction",
     "equalize": "qdq.equalize",
     "adaround": "qdq.adaround",
+    "formats": "qdq.formats",
+    "set_layer_format": "qdq.layer_formats",
+    "set_model_format": "qdq.layer_formats",
+    "search_formats": "qdq.layer_formats",
 }
 
 __all__ = ["__version__", *_EXPORTS]

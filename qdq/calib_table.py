@@ -23,7 +23,8 @@ records how the table was calibrated when the caller says so (a quantizer does n
 :func:`load_calib_table` sets the amax of every quantizer of the model that the table names, after checking the
 whole table first (nothing is set when something does not match):
 
-* each entry's ``num_bits``, ``unsigned`` and ``axis`` must equal the quantizer's;
+* each entry's ``num_bits``, ``unsigned`` and ``axis`` must equal the quantizer's (FP8 E4M3 quantizers have
+  ``"num_bits": [4, 3]``; blocked INT4 quantizers add ``"block_size"``, which must match too);
 * a quantizer that already has an amax keeps its shape (the table's amax must have the same shape); one without an
   amax takes the table's shape as it is;
 * names the model has and the table lacks (``missing``), and names the table has and the model lacks (``extra``),
@@ -194,6 +195,8 @@ def save_calib_table(model: nn.Module, path: str | os.PathLike, method: str | No
             "unsigned": q.unsigned,
             "axis": _axis_to_json(q.axis),
         }
+        if q.block_size is not None:  # blocked INT4 (qdq.formats); FP8 is num_bits [4, 3]
+            entries[name]["block_size"] = q.block_size
     if not entries:
         raise ValueError(
             "save_calib_table: the model has no TensorQuantizer (did you call replace_to_quantization_module?)"
@@ -246,8 +249,10 @@ def _parse_entry(path: Path, name: str, entry: Any) -> tuple[torch.Tensor | None
         if key not in entry:
             raise CalibTableError(f"{where} has no {key!r} key")
     num_bits, unsigned, axis, amax = entry["num_bits"], entry["unsigned"], entry["axis"], entry["amax"]
-    if isinstance(num_bits, bool) or not isinstance(num_bits, int):
-        raise CalibTableError(f"{where}['num_bits'] must be an int, got {num_bits!r}")
+    if isinstance(num_bits, list) and num_bits == [4, 3]:  # FP8 E4M3
+        num_bits = (4, 3)
+    elif isinstance(num_bits, bool) or not isinstance(num_bits, int):
+        raise CalibTableError(f"{where}['num_bits'] must be an int or [4, 3] (FP8 E4M3), got {num_bits!r}")
     if not isinstance(unsigned, bool):
         raise CalibTableError(f"{where}['unsigned'] must be true or false, got {unsigned!r}")
     if isinstance(axis, list) and axis and all(isinstance(a, int) and not isinstance(a, bool) for a in axis):
@@ -324,8 +329,9 @@ def load_calib_table(model: nn.Module, path: str | os.PathLike, strict: bool = T
         q = named.get(name)
         if q is None:
             continue
+        block_size = table["quantizers"][name].get("block_size")
         for key, theirs, ours in (("num_bits", num_bits, q.num_bits), ("unsigned", unsigned, q.unsigned),
-                                  ("axis", axis, q.axis)):
+                                  ("axis", axis, q.axis), ("block_size", block_size, q.block_size)):
             if theirs != ours:
                 mismatches.append(f"{name}: {key} is {theirs!r} in the table, {ours!r} in the model")
         if amax is not None and q.amax is not None and tuple(amax.shape) != tuple(q.amax.shape):

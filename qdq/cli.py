@@ -3,6 +3,7 @@
     qdq demo [--out DIR]                     the whole journey on bundled data, in about a minute
     qdq check model.onnx [--quiet]           TensorRT rule check of a QDQ ONNX file (exit 1 on errors)
     qdq ptq --model NAME --data DIR --out model.onnx [--weights FILE] [--method mse] [--num-batches 8]
+            [--format int8|fp8|int4] [--block-size 64]
                                              post-training quantization of a classifier to a QDQ ONNX file
 
 User mistakes (a missing file, an unknown model or method) end with a one-line message and exit code 2.
@@ -68,6 +69,11 @@ def _parser() -> argparse.ArgumentParser:
     ptq.add_argument("--calib-table", help="also write the calibration table (JSON) here")
     ptq.add_argument("--dynamic-batch", action="store_true", help="dynamic batch dimension in the ONNX file")
     ptq.add_argument("--dynamo", action="store_true", help="use torch's dynamo exporter")
+    ptq.add_argument("--format", default="int8", choices=("int8", "fp8", "int4"),
+                     help="int8, fp8 (E4M3, opset 19) or int4 (weight-only on the Linear layers, the others int8; "
+                          "opset 21) (default: %(default)s)")
+    ptq.add_argument("--block-size", type=int, default=64, choices=(32, 64, 128),
+                     help="INT4 block size along the input features (default: %(default)s)")
     ptq.add_argument("--list-models", action="store_true", help="list the model names and exit")
     return parser
 
@@ -117,6 +123,9 @@ def _cmd_ptq(args) -> int:
 
     if args.method not in search_names():
         raise UserError(f"unknown method {args.method!r}; choose one of {', '.join(search_names())}")
+    if args.format == "fp8" and args.method in ("entropy", "kld"):
+        raise UserError(f"--method {args.method} spreads histograms over integer levels; FP8 is calibrated with "
+                        "max, mse or percentile")
     try:
         model, preprocess = build_model(args.model, args.weights, args.num_classes)
     except (ValueError, ImportError, FileNotFoundError) as err:
@@ -128,6 +137,12 @@ def _cmd_ptq(args) -> int:
         raise UserError(f"--data {data}: {err}") from None
     report = qdq.replace_to_quantization_module(model, ignore_policy=args.ignore or None)
     print(f"quantized {len(report.replaced)} layers of {args.model} ({len(report.ignored)} ignored)")
+    if args.format != "int8":
+        from qdq.layer_formats import set_model_format
+
+        formats = set_model_format(model, args.format, block_size=args.block_size)
+        counts = {f: list(formats.values()).count(f) for f in dict.fromkeys(formats.values())}
+        print(f"format {args.format}: " + ", ".join(f"{n} layers {f}" for f, n in counts.items()))
     calib = qdq.calibrate_model(model, source, num_batches=args.num_batches, method=args.method,
                                 percentile=args.percentile)
     print(f"calibrated {calib.calibrated} quantizers on {calib.batches} batches with {args.method!r} "

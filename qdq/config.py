@@ -75,6 +75,12 @@ Tensor sections (``input``, ``weight``)
     ``per_channel`` (one amax per output channel - per input channel for transposed convolutions, the axis of the
     layer class's default weight descriptor).
 
+Formats (:mod:`qdq.formats`)
+    ``"num_bits": [4, 3]`` is FP8 E4M3 (input and/or weight). INT4 weight-only on a Linear layer:
+    ``"weight": {"num_bits": 4, "block_size": 64}`` (``block_size`` 32, 64 or 128 along the input features; without
+    it, per channel) and ``"input": {"enabled": false}`` (the activation stays float). These two keys are written
+    only where set.
+
 Keys a layer's tensor section leaves out come from ``global``; a section that sets another ``method`` than the global
 one starts from that method's default parameters (``percentile`` 99.99, ``start_bin`` 128, ``stride`` 1,
 ``num_bins`` 2048) instead of inheriting the global method's. Every other descriptor field keeps its default
@@ -93,9 +99,9 @@ Checks
     :func:`create_quant_config` lists every layer.
 
 Mixed precision and export
-    :func:`qdq.export_onnx` writes Q/DQ for the 8-bit layers; layers whose entry is disabled have no quantizers and
-    stay float in the ONNX graph. TensorRT's explicit quantization takes 8-bit Q/DQ only, so layers with other bit
-    widths (4-bit weights, 16-bit inputs) are for accuracy studies and QAT: the export refuses them with an
+    :func:`qdq.export_onnx` writes Q/DQ for the 8-bit and FP8 layers and int4 DequantizeLinear for INT4 weight-only
+    Linear layers; layers whose entry is disabled have no quantizers and stay float in the ONNX graph. Layers with
+    other bit widths (4-bit activations, 16-bit inputs) are for accuracy studies and QAT: the export refuses them with an
     :class:`~qdq.onnx.export.ExportError` naming their quantizers. :attr:`QuantizeReport.not_exportable` lists them
     (and :func:`quantize_model` logs a warning).
 
@@ -172,6 +178,7 @@ from qdq.quant_modules import (
     replace_to_quantization_module,
 )
 from qdq.switches import quantizers
+from qdq.formats import BLOCK_SIZES, FP8_E4M3, is_fp8
 from qdq.tensor_quant import MAX_BITS, MIN_BITS, QuantDescriptor
 
 __all__ = [
@@ -208,7 +215,11 @@ _TAIL_KEYS = {
     "input": ("unsigned", "symmetric", "narrow_range"),
     "weight": ("per_channel", "symmetric", "narrow_range"),
 }
-_TENSOR_KEYS = {role: ("num_bits", "method") + _PARAM_KEYS + tail for role, tail in _TAIL_KEYS.items()}
+#: Keys a tensor section may set that a resolved section holds only when set (qdq.formats): ``enabled: false`` on
+#: an input section makes the layer weight-only (INT4), ``block_size`` on a weight section quantizes in blocks.
+_OPTIONAL_KEYS = {"input": ("enabled",), "weight": ("block_size",)}
+_TENSOR_KEYS = {role: ("num_bits", "method") + _PARAM_KEYS + tail + _OPTIONAL_KEYS[role]
+                for role, tail in _TAIL_KEYS.items()}
 _DEFAULT_TENSOR = {
     "input": {"num_bits": 8, "method": "max", "unsigned": False, "symmetric": True, "narrow_range": False},
     "weight": {"num_bits": 8, "method": "max", "per_channel": True, "symmetric": True, "narrow_range": False},
@@ -265,8 +276,10 @@ class QuantizeReport:
     @property
     def not_exportable(self) -> list[str]:
         """Quantized layers with a bit width other than 8, which :func:`qdq.export_onnx` refuses."""
+        ok = (None, _EXPORT_BITS, FP8_E4M3)  # and 4-bit weights of a weight-only layer (INT4)
         return [
-            path for path, (b_in, b_w) in self.bits.items() if b_in != _EXPORT_BITS or b_w not in (None, _EXPORT_BITS)
+            path for path, (b_in, b_w) in self.bits.items()
+            if b_in not in ok or (b_w not in ok and not (b_w == 4 and b_in is None))
         ]
 
     def __str__(self) -> str:
@@ -381,7 +394,11 @@ def _check_tensor(spec: Any, role: str, base: dict[str, Any], where: str, proble
     before = len(problems)
     _check_keys(spec, _TENSOR_KEYS[role], where, problems)
     checks: dict[str, tuple[Callable[[Any], bool], str]] = {
-        "num_bits": (lambda v: _is_int(v) and MIN_BITS <= v <= MAX_BITS, f"an int in {MIN_BITS}..{MAX_BITS}"),
+        "num_bits": (lambda v: (_is_int(v) and MIN_BITS <= v <= MAX_BITS) or is_fp8(v),
+                     f"an int in {MIN_BITS}..{MAX_BITS}" + (" or [4, 3] (FP8 E4M3)" if isinstance(
+                         spec.get("num_bits"), (list, tuple)) else "")),
+        "block_size": (lambda v: v is None or v in BLOCK_SIZES, f"null or one of {list(BLOCK_SIZES)}"),
+        "enabled": (lambda v: isinstance(v, bool), "true or false"),
         "method": (lambda v: isinstance(v, str), "a string"),
         "percentile": (lambda v: _is_number(v) and 0 < v <= 100, "a number in (0, 100]"),
         "start_bin": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
@@ -416,6 +433,11 @@ def _check_tensor(spec: Any, role: str, base: dict[str, Any], where: str, proble
             resolved[key] = _PARAM_DEFAULTS[key]
         else:
             resolved[key] = base[key]
+    for key in _OPTIONAL_KEYS[role]:
+        if key in spec or key in base:
+            resolved[key] = spec[key] if key in spec else base[key]
+    if is_fp8(resolved["num_bits"]):
+        resolved["num_bits"] = list(FP8_E4M3)  # as JSON writes it
     if method == "kld" and resolved["num_bins"] < _KLD_MIN_BINS:
         problems.add(f"{where}.num_bins",
                      f"method 'kld' needs at least {_KLD_MIN_BINS} bins, got {resolved['num_bins']}")
@@ -440,9 +462,14 @@ def _shown(value: Any) -> str:
         return repr(value)
 
 
+def _bits(num_bits: Any) -> int | tuple[int, int]:
+    return tuple(num_bits) if is_fp8(num_bits) else num_bits
+
+
 def _descriptor(spec: Mapping[str, Any], role: str, axis: int | tuple[int, ...] | None) -> QuantDescriptor:
     return QuantDescriptor(
-        num_bits=spec["num_bits"],
+        num_bits=tuple(spec["num_bits"]) if is_fp8(spec["num_bits"]) else spec["num_bits"],
+        block_size=spec.get("block_size") if role == "weight" else None,
         axis=axis,
         calib_method=_calib_method(spec["method"]),
         unsigned=spec.get("unsigned", False) if role == "input" else False,
@@ -1016,6 +1043,8 @@ def quantize_model(
         else:
             spec_w = None
             module.init_quantizer(desc_in)
+        if spec_in.get("enabled") is False:  # weight-only (INT4)
+            module._input_quantizer.disable()
         device = _layer_device(module)
         for role, q in _quantizer_roles(module):
             spec = spec_in if role == "input" else spec_w
@@ -1024,7 +1053,8 @@ def quantize_model(
             if device is not None and device.type != "cpu":
                 q.to(device)
         report.quantized.append(path)
-        report.bits[path] = (spec_in["num_bits"], None if spec_w is None else spec_w["num_bits"])
+        bits_in = None if spec_in.get("enabled") is False else _bits(spec_in["num_bits"])
+        report.bits[path] = (bits_in, None if spec_w is None else _bits(spec_w["num_bits"]))
         if path in plan.defaulted:
             report.defaulted.append(path)
     name_quantizers(model)
@@ -1110,7 +1140,7 @@ def calibrate_from_config(
             if spec is None:
                 continue
             want = MaxCalibrator if spec["method"] == "max" else HistogramCalibrator
-            if q.num_bits != spec["num_bits"]:
+            if q.num_bits != _bits(spec["num_bits"]):
                 mismatches.append(f"{label}.num_bits: {spec['num_bits']} in the config, {q.num_bits} in {q.name}")
             if not isinstance(q.calibrator, want):
                 mismatches.append(f"{label}.method: {spec['method']!r} needs a {want.__name__}, {q.name} has "

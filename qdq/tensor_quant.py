@@ -56,6 +56,8 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
+from qdq import formats as _formats
+
 __all__ = [
     "AMAX_EPS",
     "CALIB_METHODS",
@@ -150,7 +152,8 @@ class QuantDescriptor:
     """How one tensor is quantized: validated, immutable data.
 
     Args:
-        num_bits: bits of the integer type, 2..16 (8 for TensorRT INT8).
+        num_bits: bits of the integer type, 2..16 (8 for TensorRT INT8), or ``(4, 3)`` for FP8 E4M3 (exponent and
+            mantissa bits; see :mod:`qdq.formats`).
         name: optional label, shown in logs and errors.
         fake_quant: ``True`` returns dequantized floats (QAT, export); ``False`` returns the integer values.
         axis: ``None`` for one amax for the whole tensor; an int or a tuple of ints for the dimensions that keep
@@ -158,6 +161,8 @@ class QuantDescriptor:
         amax: a fixed amax (number, or nested list matching the kept dimensions); ``None`` means "not calibrated".
         learn_amax: make amax a trainable parameter (its gradient comes from :func:`fake_tensor_quant`).
         scale_amax: multiply the calibrated amax by this factor.
+        block_size: quantize a 2-D weight in blocks of this many consecutive input features (its last dimension),
+            one amax per row and block (INT4 weight-only for Linear/MatMul: 32, 64 or 128); see :mod:`qdq.formats`.
         calib_method: ``"max"`` or ``"histogram"``; with ``"histogram"`` the search (entropy, mse, percentile) is
             chosen when amax is computed.
         unsigned: quantize to ``[0, 2**num_bits - 1]``; negative inputs are an error.
@@ -192,6 +197,7 @@ class QuantDescriptor:
         "unsigned",
         "narrow_range",
         "symmetric",
+        "block_size",
     )
     __slots__ = tuple("_" + f for f in _FIELDS)
     #: Version of the dict form written by :meth:`dict`.
@@ -203,10 +209,7 @@ class QuantDescriptor:
             raise TypeError(
                 f"QuantDescriptor got unknown keys {unknown}; valid keys are {', '.join(self._FIELDS)}"
             )
-        if isinstance(num_bits, bool) or not isinstance(num_bits, int):
-            raise TypeError(f"QuantDescriptor: num_bits must be an int, got {num_bits!r}")
-        if not MIN_BITS <= num_bits <= MAX_BITS:
-            raise ValueError(f"QuantDescriptor: num_bits must be in [{MIN_BITS}, {MAX_BITS}], got {num_bits}")
+        num_bits = _formats.check_num_bits(num_bits, MIN_BITS, MAX_BITS)
         if name is not None and not isinstance(name, str):
             raise TypeError(f"QuantDescriptor: name must be a str or None, got {name!r}")
         calib_method = kwargs.get("calib_method", "max")
@@ -235,7 +238,9 @@ class QuantDescriptor:
             "unsigned": _check_bool("unsigned", kwargs.get("unsigned", False)),
             "narrow_range": _check_bool("narrow_range", kwargs.get("narrow_range", False)),
             "symmetric": _check_bool("symmetric", kwargs.get("symmetric", True)),
+            "block_size": kwargs.get("block_size"),
         }
+        _check_format(values)
         if not values["symmetric"]:
             if calib_method != "max":
                 raise ValueError("QuantDescriptor: asymmetric quantization is calibrated with min/max "
@@ -265,6 +270,7 @@ class QuantDescriptor:
     unsigned = property(lambda self: self._unsigned)
     narrow_range = property(lambda self: self._narrow_range)
     symmetric = property(lambda self: self._symmetric)
+    block_size = property(lambda self: self._block_size)
 
     def dict(self) -> dict[str, Any]:
         """Every field, as plain Python values (``from_dict(d.dict()) == d``)."""
@@ -302,6 +308,27 @@ class QuantDescriptor:
         return (_descriptor_from_dict, (self.dict(),))
 
 
+def _check_format(values: dict) -> None:
+    """The FP8 and blocked-INT4 constraints of a descriptor (see :mod:`qdq.formats`)."""
+    block_size = values["block_size"]
+    if _formats.is_fp8(values["num_bits"]):
+        bad = [k for k in ("unsigned", "narrow_range", "learn_amax") if values[k]] + (
+            [] if values["symmetric"] else ["symmetric=False"])
+        if bad or block_size is not None:
+            raise ValueError(f"QuantDescriptor: FP8 E4M3 is symmetric and signed with a fixed amax; it does not take "
+                             f"{', '.join(bad + (['block_size'] if block_size is not None else []))}")
+    if block_size is None:
+        return
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"QuantDescriptor: block_size must be an int >= 1, got {block_size!r}")
+    if values["axis"] not in (None, 0):
+        raise ValueError(f"QuantDescriptor: block_size quantizes 2-D weights in blocks along their last dimension "
+                         f"(one amax per row and block); axis must be 0 or None, got {values['axis']!r}")
+    if values["calib_method"] != "max" or not values["symmetric"] or values["unsigned"]:
+        raise ValueError("QuantDescriptor: blocked quantization is symmetric, signed and max-calibrated "
+                         "(calib_method='max')")
+
+
 def _descriptor_from_dict(data: dict) -> QuantDescriptor:
     return QuantDescriptor.from_dict(data)
 
@@ -336,9 +363,11 @@ def _check_bits(num_bits: int) -> None:
 def maxbound(num_bits: int = 8, unsigned: bool = False) -> int:
     """The integer that amax maps to: ``2**(num_bits - 1 + unsigned) - 1`` (127 for signed 8 bit).
 
-    >>> maxbound(8), maxbound(8, unsigned=True), maxbound(4)
-    (127, 255, 7)
+    >>> maxbound(8), maxbound(8, unsigned=True), maxbound(4), maxbound((4, 3))
+    (127, 255, 7, 448)
     """
+    if _formats.is_fp8(num_bits):
+        return int(_formats.FP8_E4M3_MAX)
     _check_bits(num_bits)
     return 2 ** (num_bits - 1 + int(unsigned)) - 1
 
@@ -349,6 +378,8 @@ def quant_range(num_bits: int = 8, unsigned: bool = False, narrow_range: bool = 
     >>> quant_range(8), quant_range(8, narrow_range=True), quant_range(8, unsigned=True)
     ((-128, 127), (-127, 127), (0, 255))
     """
+    if _formats.is_fp8(num_bits):
+        return -int(_formats.FP8_E4M3_MAX), int(_formats.FP8_E4M3_MAX)
     qmax = maxbound(num_bits, unsigned)
     if unsigned:
         return 0, qmax
@@ -362,6 +393,8 @@ def amax_to_scale(amax: torch.Tensor, num_bits: int = 8, unsigned: bool = False)
     tensor([1.0000e+00, 4.6933e-10])
     """
     amax = torch.as_tensor(amax, dtype=torch.float32)
+    if _formats.is_fp8(num_bits):
+        return _formats.fp8_scale(amax)
     return amax.to(torch.float32).clamp(min=AMAX_EPS) / maxbound(num_bits, unsigned)
 
 
@@ -780,6 +813,8 @@ def fake_tensor_quant(
     >>> x.grad
     tensor([0., 1., 1., 1.])
     """
+    if _formats.is_fp8(num_bits):
+        return _formats.fake_fp8_quant(x, amax)
     if torch.is_grad_enabled() and (x.requires_grad or (isinstance(amax, torch.Tensor) and amax.requires_grad)):
         return FakeTensorQuantFunction.apply(x, amax, num_bits, unsigned, narrow_range)
     return _fake_tensor_quant_nograd(x, amax, num_bits, unsigned, narrow_range)
@@ -798,4 +833,8 @@ def tensor_quant(
     >>> q, scale
     (tensor([ 2., -8.]), tensor(0.2857))
     """
+    if _formats.is_fp8(num_bits):  # the FP8 values (as float32) and the scale
+        amax = torch.as_tensor(amax, dtype=torch.float32, device=x.device)
+        scale = _formats.fp8_scale(amax.detach())
+        return _formats.quantize_fp8(x, scale).float(), scale
     return TensorQuantFunction.apply(x, amax, num_bits, unsigned, narrow_range)

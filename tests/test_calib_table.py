@@ -341,3 +341,34 @@ def test_tensorrt_reader_errors_name_line(tmp_path, text, message):
 def test_tensorrt_reader_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nope\.cache does not exist"):
         read_tensorrt_cache(tmp_path / "nope.cache")
+
+
+def test_fp8_and_blocked_int4_round_trip(tmp_path):
+    """FP8 (num_bits [4, 3]) and blocked INT4 (block_size) entries are written, read back and checked."""
+    import json
+
+    import qdq
+    from qdq.layer_formats import set_layer_format
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+        qdq.replace_to_quantization_module(model)
+        set_layer_format(model, "0", "int4", block_size=32)
+        set_layer_format(model, "2", "fp8")
+        return model
+
+    model = build()
+    qdq.calibrate_model(model, [torch.randn(8, 64)], progress=False)
+    path = tmp_path / "t.json"
+    qdq.save_calib_table(model, path)
+    entries = json.loads(path.read_text())["quantizers"]
+    assert entries["0._weight_quantizer"]["block_size"] == 32 and entries["2._input_quantizer"]["num_bits"] == [4, 3]
+    fresh = build()
+    qdq.load_calib_table(fresh, path)
+    for (_, a), (_, b) in zip(qdq.quantizers(model), qdq.quantizers(fresh)):
+        assert (a.amax is None and b.amax is None) or torch.equal(a.amax, b.amax)
+    other = build()
+    set_layer_format(other, "0", "int4", block_size=64)
+    with pytest.raises(qdq.calib_table.CalibTableError, match="block_size is 32 in the table, 64 in the model"):
+        qdq.load_calib_table(other, path)

@@ -58,6 +58,26 @@ def test_ptq_end_to_end(tmp_path, capsys):
     assert json.loads((tmp_path / "table.json").read_text())["method"] == "percentile"
 
 
+@pytest.mark.parametrize("fmt, expected", [("fp8", "format fp8: 21 layers fp8"),
+                                           ("int4", "format int4: 20 layers int8, 1 layers int4")])
+def test_ptq_formats(tmp_path, capsys, fmt, expected):
+    import onnx
+    from onnx import TensorProto
+
+    _image_folder(tmp_path / "images", n=2)
+    weights = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), weights)
+    out = tmp_path / "r18.onnx"
+    code = main(["ptq", "--model", "resnet18", "--weights", str(weights), "--num-classes", "5", "--data",
+                 str(tmp_path / "images"), "--method", "max", "--num-batches", "1", "--batch-size", "2",
+                 "--format", fmt, "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert expected in text and "0 errors" in text
+    types = {i.data_type for i in onnx.load(str(out)).graph.initializer}
+    assert (TensorProto.FLOAT8E4M3FN if fmt == "fp8" else TensorProto.INT4) in types
+
+
 @pytest.mark.parametrize("argv,message", [
     (["ptq", "--model", "resnet18", "--data", "/nope", "--out", "x.onnx"], "--data /nope: no such folder"),
     (["ptq", "--model", "nonet", "--data", "{images}", "--out", "x.onnx"], "unknown model 'nonet'"),
@@ -65,6 +85,8 @@ def test_ptq_end_to_end(tmp_path, capsys):
     (["ptq", "--model", "resnet18", "--weights", "/nope.pth", "--data", "{images}", "--out", "x.onnx"],
      "--weights /nope.pth: no such file"),
     (["ptq", "--data", "{images}"], "ptq needs --model"),
+    (["ptq", "--model", "resnet18", "--data", "{images}", "--out", "x.onnx", "--format", "fp8", "--method", "entropy"],
+     "FP8 is calibrated with max, mse or percentile"),
 ])
 def test_ptq_user_errors_are_one_line(argv, message, tmp_path, capsys):
     _image_folder(tmp_path / "images")

@@ -559,3 +559,35 @@ def test_layers_the_conversion_cannot_quantize_are_named(caplog):
     assert "not listed in the config (cannot be quantized): 0:" in caplog.text
     with pytest.raises(QuantConfigError, match=r'layers\["0"\]: cannot be quantized: .*OwnForwardLSTM overrides'):
         quantize_model(model, {"version": 1, "layers": {"0": {}}})
+
+
+def test_fp8_and_int4_weight_only_layers_from_a_config(tmp_path):
+    """num_bits [4, 3] gives FP8 quantizers; weight block_size with input enabled: false gives INT4 weight-only."""
+    import qdq
+    from qdq.layer_formats import layer_formats
+    from qdq.onnx import export_onnx, verify
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    config = {"version": 1, "layers": {
+        "0": {"input": {"enabled": False}, "weight": {"num_bits": 4, "block_size": 32}},
+        "2": {"input": {"num_bits": [4, 3]}, "weight": {"num_bits": [4, 3]}},
+    }}
+    report = quantize_model(model, config)
+    assert report.bits == {"0": (None, 4), "2": ((4, 3), (4, 3))} and report.not_exportable == []
+    assert layer_formats(model) == {"0": "int4", "2": "fp8"}
+    assert model[0]._weight_quantizer.block_size == 32 and model[2]._weight_quantizer.axis == 0
+    calibrate_from_config(model, [torch.randn(8, 64)], report, progress=False)
+    info = export_onnx(model, torch.randn(1, 64), tmp_path / "m.onnx", dynamic_batch=True)
+    assert verify(model, info.path, torch.randn(4, 64)).ok
+
+
+def test_bad_format_keys_are_reported():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 4))
+    with pytest.raises(QuantConfigError) as err:
+        quantize_model(model, {"version": 1, "layers": {"0": {"input": {"num_bits": [5, 2], "enabled": 1},
+                                                              "weight": {"num_bits": 4, "block_size": 48}}}})
+    text = str(err.value)
+    assert 'layers["0"].input.num_bits: must be an int in 2..16 or [4, 3] (FP8 E4M3), got [5, 2]' in text
+    assert 'layers["0"].input.enabled: must be true or false, got 1' in text
+    assert 'layers["0"].weight.block_size: must be null or one of [32, 64, 128], got 48' in text

@@ -31,6 +31,7 @@ from typing import Callable
 
 import torch
 
+from qdq.formats import fake_quantize_fp8, is_fp8
 from qdq.tensor_quant import amax_to_scale, quant_range, quantize
 
 __all__ = [
@@ -186,7 +187,8 @@ def mse_amax(
     """The cut whose fake quantization of the bin centers has the least count-weighted squared error.
 
     The centers are fake-quantized with the arithmetic of :func:`qdq.tensor_quant.fake_tensor_quant`
-    (``quantize(x) * scale``), for every candidate at once.
+    (``quantize(x) * scale``), for every candidate at once; with ``num_bits=(4, 3)`` on the FP8 E4M3 grid
+    (:func:`qdq.formats.fake_quantize_fp8`).
 
     >>> c = torch.tensor([[0, 60, 50, 40, 30, 20, 10, 5] + [0] * 22 + [1, 1]])
     >>> e = torch.linspace(0, 32, 33)[None]
@@ -205,9 +207,11 @@ def mse_amax(
         errs = []
         for part in cand.split(chunk):
             scale = amax_to_scale(e[b, part].float(), num_bits, unsigned)[:, None]  # [K, 1]
-            # quantize(x) * scale, in place: the arithmetic of fake_quantize, without a [K, n] copy per step
-            err = quantize(centers[b][None, :], scale, 0, qmin, qmax)
-            err.mul_(scale).sub_(centers[b]).square_()
+            if is_fp8(num_bits):  # the FP8 grid of qdq.formats
+                err = fake_quantize_fp8(centers[b][None, :], scale).sub_(centers[b]).square_()
+            else:  # quantize(x) * scale, in place: the arithmetic of fake_quantize, without a [K, n] copy per step
+                err = quantize(centers[b][None, :], scale, 0, qmin, qmax)
+                err.mul_(scale).sub_(centers[b]).square_()
             errs.append(err @ c[b])
         best.append(_last_argmin(torch.cat(errs)[None].double()))
     return _pick(e, cand, torch.cat(best), lead)

@@ -203,7 +203,8 @@ class _Calibrator:
         ndim = len(dims) if len(dims) <= _META_DIMS else -1
         dims = (dims if ndim >= 0 else []) + [0] * (_META_DIMS - (len(dims) if ndim >= 0 else 0))
         kind = zlib.crc32(type(self).__name__.encode()) & 0x7FFFFFFF
-        values = [int(shape is not None), state, self.num_batches, self.num_nonfinite, kind, self._num_bits,
+        bits = self._num_bits if isinstance(self._num_bits, int) else 100 * self._num_bits[0] + self._num_bits[1]
+        values = [int(shape is not None), state, self.num_batches, self.num_nonfinite, kind, bits,
                   int(bool(self._unsigned)), self._meta_extra(), ndim] + dims
         return torch.tensor(values, dtype=torch.int64)
 

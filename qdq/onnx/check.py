@@ -37,9 +37,10 @@ rule                        severity  what it checks - why TensorRT cares
                                       nodes) - TensorRT needs them when it builds the engine.
 ``zero-point-missing``      error     A QuantizeLinear has a zero point - without one (and without the opset-21
                                       ``output_dtype``) it outputs uint8.
-``zero-point-dtype``        error,    Zero points are int8 - TensorRT's INT8 is signed. int4 zero points of a DQ on
-                            warning   constant weights are a warning: weight-only int4 needs TensorRT 10 and
-                                      MatMul/Gemm.
+``zero-point-dtype``        error,    Zero points are int8, or float8e4m3fn (FP8, opset >= 19) - TensorRT's INT8 is
+                            warning   signed. int4 zero points of a DQ on constant weights read by MatMul/Gemm are a
+                                      warning (weight-only int4 needs TensorRT 10); read by anything else (a
+                                      convolution) an error: TensorRT runs int4 weight-only on MatMul/Gemm only.
 ``zero-point-nonzero``      error     Zero points are all zero - TensorRT supports symmetric quantization only.
 ``scale-dtype``             warning,  Scales are float32; float16 or bfloat16 is a warning (TensorRT 10 takes them,
                             error     older versions need float32), any other type an error.
@@ -53,12 +54,15 @@ rule                        severity  what it checks - why TensorRT cares
                             warning   TensorRT's deconvolution kernels take C_in of the (C_in, C_out/group, k...) weight
                                       and reject axis 1); Gemm the output-feature axis of B (0 when transB=1, 1 when
                                       transB=0) and MatMul the last axis of its second input (warning).
-``blocked-quantization``    info      A Q/DQ with ``block_size`` (opset 21 blocked quantization) - TensorRT 10 takes it
-                                      for weight-only int4 DQ; its scale shape is not checked here.
+``blocked-quantization``    info,     A Q/DQ with ``block_size`` (opset 21 blocked quantization) - TensorRT 10 takes it
+                            error     for weight-only int4 DQ; a DQ of constant data whose scale does not have the
+                                      data's shape with ``ceil(n / block_size)`` along ``axis`` is an error.
 ``half-quantized``          error     A Conv, ConvTranspose, Gemm or MatMul with one of its two data/weight inputs from
                                       a DQ and the other not - TensorRT runs it in high precision and cannot fuse the
                                       Q/DQ. An int4 weight DQ on a float activation is weight-only quantization
                                       instead (see ``zero-point-dtype``).
+``format-mix``              error     Such a layer whose data and weight DQs have different types (int8 and
+                                      float8e4m3fn) - TensorRT runs a layer in INT8 or in FP8, both inputs alike.
 ``float-layer``             info      Such a layer with neither input from a DQ in a quantized model - it runs in
                                       float/fp16 (perhaps a layer skipped on purpose).
 ``scale-mismatch``          warning   The Q/DQ around a scale group (tensors joined by Concat, MaxPool, zero Pad, Slice,
@@ -167,6 +171,7 @@ RULES = (
     "per-channel-axis",
     "blocked-quantization",
     "half-quantized",
+    "format-mix",
     "float-layer",
     "scale-mismatch",
     "fanout-scale",
@@ -184,6 +189,8 @@ RULES = (
 SCALE_REL_TOL = 1e-6
 #: Lowest default-domain opset accepted: QuantizeLinear/DequantizeLinear take ``axis`` (per channel) from 13 on.
 MIN_OPSET = 13
+#: Lowest default-domain opset whose Q/DQ take float8e4m3fn (FP8 E4M3) zero points.
+FP8_MIN_OPSET = 19
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -679,7 +686,10 @@ def _check_zero_points(ix: _Index) -> Iterator[Finding]:
                           "outputs uint8; TensorRT needs an int8 zero point", (node.name,))
             continue
         dtype = _quantized_dtype(ix, node)
-        if dtype is not None and dtype != TensorProto.INT8:
+        if dtype == TensorProto.FLOAT8E4M3FN and ix.opset is not None and ix.opset < FP8_MIN_OPSET:
+            yield Finding("error", "zero-point-dtype", f"{node.label} quantizes to float8e4m3fn, which Q/DQ take "
+                          f"from opset {FP8_MIN_OPSET} on; the model uses opset {ix.opset}", (node.name,))
+        elif dtype is not None and dtype not in (TensorProto.INT8, TensorProto.FLOAT8E4M3FN):
             yield _zero_point_dtype_finding(ix, node, dtype)
         zero_point = ix.const(node.input(2))
         if zero_point is not None:
@@ -693,6 +703,12 @@ def _check_zero_points(ix: _Index) -> Iterator[Finding]:
 def _zero_point_dtype_finding(ix: _Index, node: _Node, dtype: int) -> Finding:
     name = _dtype_name(dtype)
     if dtype == TensorProto.INT4 and node.is_dq and node.input(0) in ix.constants:
+        others = sorted({reader.label for reader, _ in ix.consumers.get(node.output(0), [])
+                         if reader.op not in ("MatMul", "Gemm")})
+        if others:
+            return Finding("error", "zero-point-dtype", f"{node.label} dequantizes int4 weights '{node.input(0)}' for "
+                           f"{', '.join(others)}; TensorRT runs int4 weight-only quantization on MatMul/Gemm only "
+                           "(convolutions take INT8 or FP8)", (node.name,))
         return Finding("warning", "zero-point-dtype", f"{node.label} dequantizes int4 weights "
                        f"'{node.input(0)}': weight-only int4 needs TensorRT 10 and MatMul/Gemm", (node.name,))
     return Finding("error", "zero-point-dtype", f"{node.label} quantizes to {name}; TensorRT's explicit INT8 "
@@ -709,13 +725,34 @@ def _check_scales(ix: _Index) -> Iterator[Finding]:
         yield from _scale_dtype_findings(node, scale)
         yield from _scale_value_findings(node, scale)
         if ix.is_blocked(node):
-            yield Finding("info", "blocked-quantization", f"{node.label} uses blocked quantization (block_size="
-                          f"{node.attr('block_size')}); TensorRT 10 takes it for weight-only int4 DQ on MatMul/Gemm; "
-                          "its scale shape is not checked here", (node.name,))
+            problem = _blocked_shape_problem(ix, node, scale)
+            if problem:
+                yield Finding("error", "blocked-quantization", f"{node.label} blocked scale '{scale.name}' does not "
+                              f"fit: {problem}", (node.name,))
+            else:
+                yield Finding("info", "blocked-quantization", f"{node.label} uses blocked quantization (block_size="
+                              f"{node.attr('block_size')}); TensorRT 10 takes it for weight-only int4 DQ on "
+                              "MatMul/Gemm", (node.name,))
         elif scale.size > 1 and ix.weight_of(node) is None:
             yield Finding("error", "per-channel-activation", f"{node.label} quantizes the activation "
                           f"{ix.origin(node.input(0))} with {scale.size} scales (axis {node.attr('axis', 1)}); "
                           "TensorRT quantizes activations per tensor only", (node.name,))
+
+
+def _blocked_shape_problem(ix: _Index, node: _Node, scale: _Const) -> str:
+    """What is wrong with a blocked scale's shape (empty when it fits the data, or when the data is not constant)."""
+    data = ix.const(node.input(0)) if node.is_dq else None
+    if data is None:
+        return ""
+    shape, block = tuple(data.shape), int(node.attr("block_size"))
+    axis = _axis(node, len(shape))
+    if not 0 <= axis < len(shape):
+        return f"axis {axis} is outside the data's rank {len(shape)}"
+    want = tuple(-(-n // block) if d == axis else n for d, n in enumerate(shape))
+    if tuple(scale.shape) != want:
+        return (f"data {list(shape)} in blocks of {block} along axis {axis} needs a scale of shape {list(want)}, "
+                f"it is {list(scale.shape)}")
+    return ""
 
 
 def _scale_dtype_findings(node: _Node, scale: _Const) -> Iterator[Finding]:
@@ -804,6 +841,11 @@ def _check_compute_layers(ix: _Index) -> Iterator[Finding]:
         sources = (ix.dq_source(data), ix.dq_source(weight))
         if any(dq is not None and _is_weight_only(ix, dq) for dq in sources):
             continue  # int4 weight-only quantization: reported by zero-point-dtype
+        types = [_quantized_dtype(ix, dq) for dq in sources if dq is not None]
+        if len(types) == 2 and None not in types and types[0] != types[1]:
+            yield Finding("error", "format-mix", f"{node.label} reads {_dtype_name(types[0])} data and "
+                          f"{_dtype_name(types[1])} weights; TensorRT runs a layer in INT8 or in FP8 with both inputs "
+                          "in that type", (node.name,))
         if (sources[0] is None) != (sources[1] is None):
             quantized, plain = (data, weight) if sources[0] is not None else (weight, data)
             yield Finding("error", "half-quantized", f"{node.label} reads '{quantized}' from a DequantizeLinear but "

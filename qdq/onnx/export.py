@@ -50,11 +50,13 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import onnx
+import onnx.version_converter
 import torch
 from onnx import numpy_helper
 from torch import nn
 
 from qdq.distributed import run_on_rank0
+from qdq.onnx import export_formats
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
 from qdq.quant_modules import name_quantizers
 from qdq.switches import preserved_modes, quantizers
@@ -102,6 +104,7 @@ def check_exportable(model: nn.Module, allow_bits: Sequence[int] = (8,)) -> None
     """Raises :class:`ExportError` naming every enabled quantizer that cannot be exported."""
     name_quantizers(model)
     problems = []
+    layers = dict(model.named_modules())
     for name, q in quantizers(model):
         if not q.is_enabled:
             continue
@@ -111,7 +114,10 @@ def check_exportable(model: nn.Module, allow_bits: Sequence[int] = (8,)) -> None
             problems.append(f"{name}: enabled but not quantizing (disable_quant); disable() it to export it in float")
         if q.amax is None:
             problems.append(f"{name}: has no amax (calibrate the model, or disable this quantizer)")
-        if q.num_bits not in allow_bits:
+        fmt_problem = export_formats.format_problem(name, q, layers.get(name.rpartition(".")[0]))
+        if fmt_problem:
+            problems.append(fmt_problem)
+        elif q.num_bits not in allow_bits and export_formats.format_of(q) not in ("fp8", "int4"):
             problems.append(f"{name}: {q.num_bits}-bit; TensorRT's explicit quantization takes 8-bit Q/DQ only")
         if not q.fake_quant:
             problems.append(f"{name}: fake_quant=False (real quantization) cannot be exported as Q/DQ")
@@ -122,9 +128,10 @@ def check_exportable(model: nn.Module, allow_bits: Sequence[int] = (8,)) -> None
 
 
 @contextlib.contextmanager
-def export_mode(model: nn.Module, quantize: bool = True) -> Iterator[nn.Module]:
+def export_mode(model: nn.Module, quantize: bool = True, tags: dict[int, float] | None = None) -> Iterator[nn.Module]:
     """Eval mode and export-mode quantizers for the duration of the block (or every quantizer disabled when
-    ``quantize=False``); everything restored in ``finally``."""
+    ``quantize=False``); everything restored in ``finally``. ``tags`` maps ``id(quantizer)`` to the per-tensor scale
+    it exports with instead of its own (FP8/INT4 quantizers, rewritten afterwards: :mod:`qdq.onnx.export_formats`)."""
     qs = [q for _, q in quantizers(model)]
     saved = [(q, q.export_mode) for q in qs]
     with preserved_modes(model):
@@ -133,7 +140,11 @@ def export_mode(model: nn.Module, quantize: bool = True) -> Iterator[nn.Module]:
             for q in qs:
                 if not quantize:
                     q.disable()
-                elif q.is_enabled:  # a disabled quantizer passes its input through and exports nothing
+                elif not q.is_enabled:
+                    continue  # a disabled quantizer passes its input through and exports nothing
+                elif tags and id(q) in tags:
+                    q.set_export_mode(True, scale=tags[id(q)])
+                else:
                     q.export_mode = True
             yield model
         finally:
@@ -332,16 +343,27 @@ def export_onnx(
     if isinstance(args, torch.Tensor):
         args = (args,)
     exporter = "dynamo" if dynamo else "torchscript"
-    with export_mode(model, quantize=quantize), torch.no_grad(), _no_fused_attention():
+    tags, specs = _format_tags(model) if quantize else ({}, {})
+    needed = max((export_formats.MIN_OPSETS[s.format] for s in specs.values()), default=opset)
+    if needed > opset:
+        logger.info("FP8/INT4 Q/DQ need opset %d: exporting with opset %d instead of %d", needed, needed, opset)
+        opset = needed
+    # the TorchScript exporter writes opset <= 20; opset 21 (int4 Q/DQ) only adds types to the ops it changes
+    traced_opset = opset if dynamo else min(opset, 20)
+    with export_mode(model, quantize=quantize, tags=tags), torch.no_grad(), _no_fused_attention():
         try:
-            _torch_export(model, args, path, opset, input_names, output_names, dynamic_batch, dynamo, kwargs)
+            _torch_export(model, args, path, traced_opset, input_names, output_names, dynamic_batch, dynamo, kwargs)
         except ExportError:
             raise
         except Exception as err:
             raise ExportError(f"the {exporter} exporter failed on {type(model).__name__}: {err}") from err
     onnx_model = _constants_to_initializers(onnx.load(str(path)))
+    if traced_opset < opset:
+        onnx_model = onnx.version_converter.convert_version(onnx_model, opset)
     if simplify:
         onnx_model = _simplify(onnx_model)
+    if specs:
+        export_formats.rewrite_formats(onnx_model, specs, deploy=deploy)
     if deploy:
         onnx_model = to_deploy_form(onnx_model)
     onnx.save(onnx_model, str(path))
@@ -353,6 +375,34 @@ def export_onnx(
     logger.info("exported %s with the %s exporter: opset %d, %d Q/DQ pairs%s", path, exporter, opset_used, pairs,
                 " (deploy form)" if deploy else "")
     return info
+
+
+def _format_tags(model: nn.Module) -> tuple[dict[int, float], dict[float, "export_formats.FormatSpec"]]:
+    """Tag scales for the FP8/INT4 quantizers (``{id(q): tag}``) and what each tag becomes (``{tag: spec}``).
+
+    A tag is ``(1 + k + i) * TAG_STEP`` in float32, with ``k`` chosen so that no other quantizer exports with one of
+    those values as its per-tensor scale (so a tagged QuantizeLinear cannot be mistaken for another's).
+    """
+    special: dict[int, tuple[str, TensorQuantizer]] = {}
+    others: set[float] = set()
+    for name, q in quantizers(model):
+        if not q.is_enabled:
+            continue
+        if export_formats.format_of(q) in ("fp8", "int4"):
+            special.setdefault(id(q), (name, q))
+        elif q.scale is not None and q.scale.numel() == 1:
+            others.add(float(q.scale.float().reshape(())))
+    if not special:
+        return {}, {}
+    offset = 0
+    while any(float(np.float32((1 + offset + i) * TAG_STEP)) in others for i in range(len(special))):
+        offset += len(special)
+    tags, specs = {}, {}
+    for i, (key, (name, q)) in enumerate(special.items()):
+        tag = float(np.float32((1 + offset + i) * TAG_STEP))
+        tags[key] = tag
+        specs[tag] = export_formats.format_spec(name, q)
+    return tags, specs
 
 
 def export_onnx_distributed(

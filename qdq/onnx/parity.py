@@ -205,6 +205,12 @@ def _rounding_parity(onnx_model: onnx.ModelProto, args: tuple) -> RoundingParity
                              "not a constant (initializer or Constant node); verify cannot requantize its input")
         scale = consts[node.input[1]].astype(np.float32)
         zero_point = consts[node.input[2]] if len(node.input) > 2 else np.zeros((), np.uint8)
+        if zero_point.dtype.kind not in "iu":  # FP8 E4M3: compare positions on the FP8 grid
+            diff = _fp8_step_difference(x, q_ort, scale, node, zero_point)
+            parity.num_elements += diff.size
+            parity.num_differing += int((diff > 0).sum())
+            parity.max_step_difference = max(parity.max_step_difference, int(diff.max()) if diff.size else 0)
+            continue
         info = np.iinfo(zero_point.dtype)
         if scale.size > 1:  # per-channel activations are not expected; compare them too
             axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % x.ndim
@@ -218,6 +224,30 @@ def _rounding_parity(onnx_model: onnx.ModelProto, args: tuple) -> RoundingParity
         parity.num_differing += int((diff > 0).sum())
         parity.max_step_difference = max(parity.max_step_difference, int(diff.max()) if diff.size else 0)
     return parity
+
+
+def _fp8_ordinal(bits: np.ndarray) -> np.ndarray:
+    """Position of float8_e4m3fn bit patterns on the ordered FP8 grid (sign-magnitude to a signed integer)."""
+    bits = bits.astype(np.int64)
+    magnitude = bits & 0x7F
+    return np.where(bits & 0x80, -magnitude, magnitude)
+
+
+def _fp8_step_difference(x: np.ndarray, q_ort: np.ndarray, scale: np.ndarray, node, zero_point) -> np.ndarray:
+    """FP8 grid steps between ONNX Runtime's QuantizeLinear output and :func:`qdq.formats.quantize_fp8`."""
+    from qdq.formats import quantize_fp8
+
+    if str(zero_point.dtype) != "float8_e4m3fn":
+        raise ValueError(f"{node.name or 'a QuantizeLinear'}: zero point type {zero_point.dtype} is not compared "
+                         "(qdq exports int8, uint8 and float8e4m3fn)")
+    if scale.size > 1:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % x.ndim
+        shape = [1] * x.ndim
+        shape[axis] = scale.size
+        scale = scale.reshape(shape)
+    ref = quantize_fp8(torch.from_numpy(x.astype(np.float32)), torch.from_numpy(scale)).view(torch.uint8).numpy()
+    ort_bits = q_ort.view(np.uint8) if q_ort.dtype != np.uint8 else q_ort
+    return np.abs(_fp8_ordinal(ref) - _fp8_ordinal(ort_bits))
 
 
 def verify(

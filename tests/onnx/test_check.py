@@ -740,3 +740,47 @@ def test_split_outputs_keep_the_scale_of_its_input():
     finding = only(check_tensorrt(g.model({"x": [1, 4]}, ["qb_dq", "qa_dq"], opset=18)), "warning", "scale-mismatch")
     assert set(finding.nodes) == {"in_dq", "qa_q", "qb_q"}
     assert quantize_groups(g.model({"x": [1, 4]}, ["qb_dq", "qa_dq"], opset=18)) == [["in_q", "qa_q", "qb_q"]]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# FP8 and INT4 formats
+# ------------------------------------------------------------------------------------------------------------------
+def _fp8_zp():
+    return helper.make_tensor("zp", TensorProto.FLOAT8E4M3FN, [], [0.0])
+
+
+@pytest.mark.parametrize("opset, expected", [(19, []), (17, [("error", "zero-point-dtype")] * 2)])
+def test_fp8_zero_points_need_opset_19(opset, expected):
+    g = Graph()
+    w = g.init("w", np.ones((4, 3), np.float32))
+    g.op("MatMul", [g.qdq("x", 0.1, "x", zp=_fp8_zp()), g.qdq(w, 0.01, "w", zp=_fp8_zp())], "mm")
+    findings = check_tensorrt(g.model({"x": [2, 4]}, ["mm"], opset=opset))
+    assert kinds([f for f in findings if f.severity == "error"]) == expected
+    if expected:  # one for each QuantizeLinear (x_q, w_q)
+        assert [f.nodes for f in findings if f.severity == "error"] == [("x_q",), ("w_q",)]
+        assert "opset 19" in findings[0].message
+
+
+def test_fp8_data_and_int8_weights_are_a_format_mix():
+    g = Graph()
+    w = g.init("w", np.ones((4, 3), np.float32))
+    g.op("MatMul", [g.qdq("x", 0.1, "x", zp=_fp8_zp()), g.qdq(w, 0.01, "w")], "mm")
+    finding = only(check_tensorrt(g.model({"x": [2, 4]}, ["mm"], opset=19)), "error", "format-mix")
+    assert finding.nodes == ("mm",) and "float8e4m3fn" in finding.message and "int8" in finding.message
+
+
+def test_int4_weights_on_a_convolution_are_an_error():
+    g = Graph()
+    w = g.init("w", helper.make_tensor("w", TensorProto.INT4, [4, 4, 1, 1], [1] * 16))
+    zp = helper.make_tensor("zp", TensorProto.INT4, [4], [0] * 4)
+    g.op("Conv", ["x", g.dq(w, np.full(4, 0.1), "w_dq", zp=zp, axis=0)], "conv")
+    finding = only(check_tensorrt(g.model({"x": [1, 4, 2, 2]}, ["conv"], opset=21)), "error", "zero-point-dtype")
+    assert finding.nodes == ("w_dq",) and "MatMul/Gemm only" in finding.message and "Conv 'conv'" in finding.message
+
+
+def test_blocked_scale_of_the_wrong_shape_is_an_error():
+    g = Graph()
+    w = g.init("w", np.ones((8, 4), np.int8))
+    g.op("MatMul", [g.qdq("x", 0.1, "x"), g.dq(w, np.full((4, 4), 0.1), "w_dq", axis=0, block_size=4)], "mm")
+    finding = only(check_tensorrt(g.model({"x": [2, 8]}, ["mm"], opset=21)), "error", "blocked-quantization")
+    assert "needs a scale of shape [2, 4], it is [4, 4]" in finding.message

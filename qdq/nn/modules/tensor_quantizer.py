@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qdq import calib
+from qdq import calib, formats
 from qdq.calib.calibrator import NoDataCollectedError
 from qdq.tensor_quant import (
     QuantDescriptor,
@@ -92,6 +92,7 @@ class TensorQuantizer(nn.Module):
         self._unsigned = quant_desc.unsigned
         self._narrow_range = quant_desc.narrow_range
         self._symmetric = quant_desc.symmetric
+        self._block_size = quant_desc.block_size
         self.name: str | None = quant_desc.name
 
         self._disabled = bool(disabled)
@@ -111,7 +112,8 @@ class TensorQuantizer(nn.Module):
         if quant_desc.calib_method == "histogram":
             self._calibrator = calib.HistogramCalibrator(self._num_bits, self._axis, self._unsigned)
         else:  # an asymmetric unsigned quantizer takes negative data (its zero point moves), so calibrate signed
-            self._calibrator = calib.MaxCalibrator(self._num_bits, self._axis, self._unsigned and self._symmetric)
+            axis = (0, 1) if self._block_size else self._axis  # blocked: per (row, block) of formats.block_view
+            self._calibrator = calib.MaxCalibrator(self._num_bits, axis, self._unsigned and self._symmetric)
 
         if self._learn_amax and self._amax is not None:
             self.init_learn_amax()
@@ -128,6 +130,7 @@ class TensorQuantizer(nn.Module):
     fake_quant = property(lambda self: self._fake_quant)
     scale_amax = property(lambda self: self._scale_amax)
     learn_amax = property(lambda self: isinstance(self._amax, nn.Parameter))
+    block_size = property(lambda self: self._block_size)
 
     @property
     def maxbound(self) -> int:
@@ -231,6 +234,10 @@ class TensorQuantizer(nn.Module):
         if self._calibrator is None:
             raise RuntimeError(f"{self._label()} has no calibrator")
         try:
+            method = kwargs.get("method", args[0] if args else None)
+            if formats.is_fp8(self._num_bits) and method in ("entropy", "kld"):
+                raise ValueError(f"method {method!r} spreads the histogram over integer levels; FP8 is calibrated "
+                                 "with 'max', 'mse' (on the FP8 grid) or 'percentile'")
             if self._symmetric:
                 amax = self._calibrator.compute_amax(*args, **kwargs)
             else:
@@ -345,7 +352,7 @@ class TensorQuantizer(nn.Module):
             key = (id(x), x._version) if isinstance(x, nn.Parameter) else None
             if key is None or key != self._collected:
                 try:
-                    self._calibrator.collect(x)
+                    self._calibrator.collect(formats.block_view(x, self._block_size) if self._block_size else x)
                 except ValueError as err:  # negative data for an unsigned quantizer, an axis beyond x's dims
                     raise ValueError(f"{self._label()}: {err}") from None
                 self._collected = key
@@ -361,6 +368,8 @@ class TensorQuantizer(nn.Module):
             if not getattr(self, "_logged_dynamic", False):
                 self._logged_dynamic = True
                 _warn_dynamic(self._label())
+            if self._block_size:
+                return formats.blocked_amax(x, self._block_size)
             try:
                 return reduce_amax(x, self._axis, keepdims=True)
             except ValueError as err:  # an axis beyond x's dimensions
@@ -379,6 +388,8 @@ class TensorQuantizer(nn.Module):
             return self._affine_forward(x)
         amax = self._amax_for(x)
         try:
+            if self._block_size:
+                return formats.fake_blocked_quant(x, amax, self._num_bits, self._block_size, self._narrow_range)
             if self._fake_quant:
                 return fake_tensor_quant(x, amax, self._num_bits, self._unsigned, self._narrow_range)
             q, self._scale = tensor_quant(x, amax, self._num_bits, self._unsigned, self._narrow_range)
@@ -455,7 +466,10 @@ class TensorQuantizer(nn.Module):
         self._export_shape = tuple(scale_t.shape) if axis is not None else ()
         zp = torch.zeros_like(flat, dtype=torch.int32) if zero_point is None else (
             zero_point.reshape(flat.shape).to(torch.int32).clone())
-        self._export_qparams = (flat, zp, axis, self.quant_range)
+        # a scale override is a tag (only the graph's structure matters): the 8-bit range every exporter takes, also
+        # for FP8 and 4-bit quantizers, whose Q/DQ qdq.onnx.export_formats writes afterwards
+        qrange = self.quant_range if scale is None else ((0, 255) if self._unsigned else (-128, 127))
+        self._export_qparams = (flat, zp, axis, qrange)
         self._export_mode = True
 
     # ----------------------------------------------------------------------------------------------------------
@@ -501,7 +515,9 @@ class TensorQuantizer(nn.Module):
         return f"TensorQuantizer {self.name!r}" if self.name else "TensorQuantizer (unnamed)"
 
     def extra_repr(self) -> str:
-        parts = [f"{self._num_bits}bit"]
+        parts = [f"{self._num_bits}bit" if isinstance(self._num_bits, int) else formats.format_name(self._num_bits)]
+        if self._block_size:
+            parts.append(f"block={self._block_size}")
         if self._unsigned:
             parts.append("unsigned")
         if self._narrow_range:

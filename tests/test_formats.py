@@ -1,0 +1,173 @@
+"""FP8 E4M3 and blocked INT4 fake quantization against small NumPy references (qdq.formats)."""
+
+import numpy as np
+import pytest
+import torch
+
+from qdq import formats
+from qdq.nn import TensorQuantizer
+from qdq.tensor_quant import AMAX_EPS, QuantDescriptor, amax_to_scale, fake_tensor_quant, maxbound, quant_range
+
+
+def _fp8_grid() -> tuple[np.ndarray, np.ndarray]:
+    """Every finite float8_e4m3fn value (sorted) and its bit pattern, decoded by hand from the bits."""
+    bits = np.arange(256, dtype=np.int64)
+    sign = np.where(bits >> 7, -1.0, 1.0)
+    exp, man = (bits >> 3) & 0xF, bits & 0x7
+    value = np.where(exp == 0, man / 8.0 * 2.0**-6, (1 + man / 8.0) * 2.0 ** (exp - 7.0)) * sign
+    finite = ~((exp == 0xF) & (man == 0x7))  # S.1111.111 is NaN; e4m3fn has no infinities
+    value, bits = value[finite], bits[finite]
+    order = np.argsort(value, kind="stable")
+    value, bits = value[order], bits[order]
+    keep = np.concatenate([[True], np.diff(value) > 0])  # -0 and +0: keep one
+    return value[keep], bits[keep]
+
+
+def _fp8_reference(v: np.ndarray) -> np.ndarray:
+    """Round to the nearest E4M3 value, ties to the even mantissa, saturating at +-448."""
+    grid, bits = _fp8_grid()
+    v = np.clip(v.astype(np.float64), -448.0, 448.0)
+    hi = np.clip(np.searchsorted(grid, v), 1, grid.size - 1)
+    lo = hi - 1
+    d_lo, d_hi = v - grid[lo], grid[hi] - v
+    pick_hi = (d_hi < d_lo) | ((d_hi == d_lo) & (bits[hi] % 2 == 0))
+    return np.where(pick_hi, grid[hi], grid[lo])
+
+
+def test_fp8_grid_has_the_e4m3_values():
+    grid, _ = _fp8_grid()
+    assert grid.size == 253 and grid.max() == 448.0 and np.min(grid[grid > 0]) == 2.0**-9
+
+
+def test_torch_cast_matches_the_reference_including_ties():
+    grid, _ = _fp8_grid()
+    mids = (grid[1:] + grid[:-1]) / 2  # every tie
+    v = np.concatenate([grid, mids, np.nextafter(mids, np.inf), np.nextafter(mids, -np.inf), [500.0, -1e6]])
+    got = formats.quantize_fp8(torch.tensor(v, dtype=torch.float32), torch.tensor(1.0)).float().numpy()
+    np.testing.assert_array_equal(got, _fp8_reference(v.astype(np.float32)))
+
+
+@pytest.mark.parametrize("amax", [1.0, 3.7, 448.0, 1e-3])
+def test_fake_fp8_is_exact_against_the_reference(amax):
+    torch.manual_seed(0)
+    x = torch.randn(4096) * amax * 0.6
+    x[:3] = torch.tensor([amax * 2, -amax * 5, 0.0])
+    scale = np.float32(amax) / np.float32(448.0)
+    expected = (_fp8_reference(x.numpy() / scale) * scale).astype(np.float32)
+    out = formats.fake_fp8_quant(x, torch.tensor(amax))
+    np.testing.assert_array_equal(out.numpy(), expected)
+    assert out[0] == pytest.approx(amax) and out[1] == pytest.approx(-amax)  # saturation at amax
+
+
+def test_fp8_per_channel_and_dispatch_from_tensor_quant():
+    torch.manual_seed(1)
+    w = torch.randn(6, 3, 3, 3)
+    amax = w.abs().amax(dim=(1, 2, 3), keepdim=True)
+    out = fake_tensor_quant(w, amax, num_bits=(4, 3))
+    scale = (amax / 448.0).numpy()
+    np.testing.assert_array_equal(out.numpy(), (_fp8_reference(w.numpy() / scale) * scale).astype(np.float32))
+    assert maxbound((4, 3)) == 448 and quant_range((4, 3)) == (-448, 448)
+    assert torch.equal(amax_to_scale(torch.tensor(0.0), (4, 3)), torch.tensor(AMAX_EPS / 448.0))
+
+
+def test_fp8_straight_through_gradient():
+    x = torch.tensor([-3.0, -1.0, 0.2, 1.0, 2.5], requires_grad=True)
+    formats.fake_fp8_quant(x, torch.tensor(1.0)).mul(torch.arange(5.0)).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 2.0, 3.0, 0.0]
+
+
+def test_fp8_half_precision_returns_its_dtype():
+    x = torch.randn(64).half()
+    out = formats.fake_fp8_quant(x, torch.tensor(2.0))
+    assert out.dtype == torch.float16
+    assert torch.equal(out, formats.fake_fp8_quant(x.float(), torch.tensor(2.0)).half())
+
+
+def test_fp8_descriptor_checks():
+    assert QuantDescriptor(num_bits=[4, 3]).num_bits == (4, 3)
+    assert QuantDescriptor.from_dict(QuantDescriptor(num_bits=(4, 3), axis=0).dict()).num_bits == (4, 3)
+    with pytest.raises(ValueError, match="only floating-point format is FP8 E4M3"):
+        QuantDescriptor(num_bits=(5, 2))
+    with pytest.raises(ValueError, match="unsigned"):
+        QuantDescriptor(num_bits=(4, 3), unsigned=True)
+    with pytest.raises(ValueError, match="learn_amax"):
+        QuantDescriptor(num_bits=(4, 3), learn_amax=True)
+
+
+def test_fp8_mse_search_runs_on_the_fp8_grid():
+    """The mse search for FP8 must fake-quantize on the FP8 grid: with an 8-bit integer grid it picks another amax."""
+    from qdq.calib.amax_search import mse_amax
+
+    torch.manual_seed(0)
+    x = torch.randn(200_000).abs()
+    counts, edges = torch.histogram(x, bins=512, range=(0.0, float(x.max())))
+    counts, edges = counts.long()[None], edges[None]
+    amax_fp8 = mse_amax(counts, edges, num_bits=(4, 3))
+    centers = (edges[0, 1:] + edges[0, :-1]) / 2
+
+    def err(amax):
+        q = formats.fake_quantize_fp8(centers, formats.fp8_scale(torch.tensor(float(amax))))
+        return float(((q - centers) ** 2 * counts[0]).sum())
+
+    cands = edges[0, 128:]
+    errs = [err(a) for a in cands]
+    assert err(amax_fp8) <= min(errs) * (1 + 1e-6)
+    assert not torch.equal(amax_fp8, mse_amax(counts, edges, num_bits=8))
+
+
+def test_fp8_quantizer_calibrates_and_refuses_entropy():
+    q = TensorQuantizer(QuantDescriptor(num_bits=(4, 3), calib_method="histogram", name="act"))
+    q.disable_quant(), q.enable_calib()
+    q(torch.randn(5000))
+    with pytest.raises(ValueError, match="act.*'entropy'"):
+        q.load_calib_amax(method="entropy")
+    q.load_calib_amax(method="percentile", percentile=99.9)
+    q.enable_quant(), q.disable_calib()
+    x = torch.randn(100)
+    assert torch.equal(q(x), formats.fake_fp8_quant(x, q.amax))
+    assert "fp8_e4m3" in repr(q)
+
+
+# ---- blocked INT4 ---------------------------------------------------------------------------------------------------
+
+
+def _int4_blocked_reference(w: np.ndarray, block: int) -> np.ndarray:
+    rows, feats = w.shape
+    v = w.reshape(rows, feats // block, block).astype(np.float32)
+    amax = np.maximum(np.abs(v).max(axis=2, keepdims=True), np.float32(AMAX_EPS))
+    scale = (amax / np.float32(7)).astype(np.float32)
+    q = np.clip(np.rint(v * (np.float32(1) / scale)), -8, 7)  # np.rint rounds half to even
+    return (q * scale).astype(np.float32).reshape(rows, feats)
+
+
+@pytest.mark.parametrize("block", [32, 64, 128])
+def test_blocked_int4_matches_numpy(block):
+    torch.manual_seed(block)
+    w = torch.randn(12, 256)
+    w[3, :block] = 0.0  # a zero block
+    q = TensorQuantizer(QuantDescriptor(num_bits=4, axis=0, block_size=block))
+    q.enable_calib()
+    q(w)
+    q.load_calib_amax()
+    q.disable_calib()
+    assert tuple(q.amax.shape) == (12, 256 // block, 1)
+    np.testing.assert_array_equal(q(w).detach().numpy(), _int4_blocked_reference(w.numpy(), block))
+
+
+def test_blocked_int4_gradient_is_straight_through():
+    w = torch.randn(4, 64, requires_grad=True)
+    amax = formats.blocked_amax(w, 32) * 0.5
+    formats.fake_blocked_quant(w, amax, 4, 32).sum().backward()
+    inside = formats.block_view(w.detach().abs(), 32) <= amax
+    assert torch.equal(w.grad, inside.reshape(4, 64).float())
+
+
+def test_blocked_errors_are_clear():
+    with pytest.raises(ValueError, match="not a multiple of block_size 64"):
+        formats.block_view(torch.randn(2, 96), 64)
+    with pytest.raises(ValueError, match="2-D weights"):
+        formats.block_view(torch.randn(2, 3, 64), 32)
+    with pytest.raises(ValueError, match="max-calibrated"):
+        QuantDescriptor(num_bits=4, block_size=64, calib_method="histogram")
+    with pytest.raises(ValueError, match="axis must be 0 or None"):
+        QuantDescriptor(num_bits=4, block_size=64, axis=1)

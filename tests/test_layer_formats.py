@@ -1,0 +1,115 @@
+"""Per-layer formats and the format search (qdq.layer_formats)."""
+
+import math
+
+import pytest
+import torch
+
+import qdq
+from qdq.layer_formats import (FORMAT_COSTS, layer_flops, layer_formats, search_formats, set_layer_format,
+                               set_model_format)
+from qdq.onnx import check_tensorrt, export_onnx, verify
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64), torch.nn.ReLU(),
+                                torch.nn.Linear(64, 10))
+    qdq.replace_to_quantization_module(model)
+    return model
+
+
+def _cnn():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, 4))
+    qdq.replace_to_quantization_module(model)
+    return model
+
+
+def test_set_layer_format_and_read_it_back():
+    model = _mlp()
+    set_layer_format(model, "0", "fp8")
+    set_layer_format(model, "2", "int4", block_size=128)
+    set_layer_format(model, "4", "float")
+    assert layer_formats(model) == {"0": "fp8", "2": "int4", "4": "float"}
+    assert model[2]._weight_quantizer.block_size == 128 and not model[2]._input_quantizer.is_enabled
+    assert model[0]._weight_quantizer.axis == 0 and model[0]._weight_quantizer.num_bits == (4, 3)
+    assert model[0]._input_quantizer.name == "0._input_quantizer"
+
+
+def test_bad_formats_name_the_layer():
+    model = _cnn()
+    with pytest.raises(ValueError, match="layer '0' \\(QuantConv2d\\): INT4 weight-only is for Linear"):
+        set_layer_format(model, "0", "int4")
+    with pytest.raises(ValueError, match="layer '4': 8 input features are not a multiple of block_size 64"):
+        set_layer_format(model, "4", "int4")
+    with pytest.raises(ValueError, match="unknown format 'fp16'"):
+        set_layer_format(model, "4", "fp16")
+    with pytest.raises(ValueError, match="no layer 'nope'"):
+        set_layer_format(model, "nope", "fp8")
+
+
+def test_set_model_format_fp8_covers_pooling_and_exports(tmp_path):
+    model = _cnn()
+    assert set_model_format(model, "fp8") == {"0": "fp8", "4": "fp8"}
+    assert model[2]._input_quantizer.num_bits == (4, 3)  # the pool's input too
+    qdq.calibrate_model(model, [torch.randn(4, 3, 8, 8)], progress=False)
+    info = export_onnx(model, torch.randn(1, 3, 8, 8), tmp_path / "m.onnx", dynamic_batch=True)
+    assert verify(model, info.path, torch.randn(3, 3, 8, 8)).ok
+    assert [f for f in check_tensorrt(info.path) if f.severity == "error"] == []
+
+
+def test_set_model_format_int4_leaves_other_layers():
+    model = _cnn()
+    assert set_model_format(model, "int4", block_size=32) == {"0": "int8", "4": "int8"}  # 8 features: not divisible
+    model = _mlp()
+    assert set_model_format(model, "int4") == {"0": "int4", "2": "int4", "4": "int4"}
+
+
+def test_layer_flops_counts_multiply_adds():
+    model = _cnn()
+    flops = layer_flops(model, torch.randn(1, 3, 8, 8))
+    assert flops == {"0": 8 * 6 * 6 * 3 * 9, "4": 4 * 8}
+
+
+def _metric_for(model, x):
+    with torch.no_grad(), qdq.disable_quantization(model):
+        ref = model(x)
+
+    def metric(m):
+        with torch.no_grad():
+            return -float(((m(x) - ref) ** 2).mean())
+    return metric
+
+
+def test_search_meets_the_tolerance_at_lower_cost_than_float(tmp_path):
+    model = _mlp()
+    x = torch.randn(256, 64)
+    metric = _metric_for(model, x)
+    data = [x[i:i + 64] for i in range(0, 256, 64)]
+    loose = search_formats(model, data, metric, tolerance=math.inf, example_input=x[:1], progress=False)
+    assert loose.met and set(loose.formats.values()) <= {"int8", "fp8"}  # cheapest (0.5/FLOP) everywhere
+    assert loose.cost == pytest.approx(0.5)
+    # a budget below what the cheapest assignment reaches forces moves, each logged with its reason
+    tolerance = -loose.metric * 0.3
+    report = search_formats(model, data, metric, tolerance=tolerance, example_input=x[:1], progress=False)
+    assert report.met and report.float_metric - report.metric <= tolerance
+    assert metric(model) == pytest.approx(report.metric)  # the model is left in the chosen formats
+    assert len(report.steps) >= 2 and 0.5 < report.cost < 1.0
+    assert layer_formats(model) == report.formats
+    assert all(c.reason for c in report.choices) and "format search" in str(report)
+    info = export_onnx(model, x[:1], tmp_path / "m.onnx", dynamic_batch=True)
+    assert verify(model, info.path, x[:8]).ok
+
+
+def test_search_with_no_budget_keeps_everything_float():
+    model = _mlp(1)
+    x = torch.randn(64, 64)
+    report = search_formats(model, [x], _metric_for(model, x), tolerance=0.0, example_input=x[:1], progress=False)
+    assert report.met and set(report.formats.values()) == {"float"} and report.cost == pytest.approx(1.0)
+
+
+def test_cost_table_is_documented_for_every_format():
+    assert set(FORMAT_COSTS) == set(qdq.formats.FORMAT_NAMES)
+    assert FORMAT_COSTS["float"] == 1.0 and FORMAT_COSTS["int8"] == FORMAT_COSTS["fp8"] < FORMAT_COSTS["int4"] < 1
