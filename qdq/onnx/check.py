@@ -977,8 +977,12 @@ def _comes_from_conv(ix: _Index, tensor: str) -> bool:
 
 
 def _check_residual_adds(ix: _Index) -> Iterator[Finding]:
+    from qdq.onnx.check_attention import find_attentions
+
+    # the mask or bias added to attention scores is no residual add: TensorRT's fused attention takes it in float
+    scores = {node.name for att in find_attentions(ix) for node in att.between}
     for add in ix.nodes:
-        if add.op != "Add" or not add.in_default_domain or len(add.inputs) != 2:
+        if add.op != "Add" or not add.in_default_domain or len(add.inputs) != 2 or add.name in scores:
             continue
         a, b = add.inputs
         if a in ix.constants or b in ix.constants:
