@@ -16,6 +16,10 @@ switch                 effect on ``forward(x)``
 Calibration and quantization can run in the same forward. A quantizer with no amax quantizes each batch with its
 own abs-max (dynamic quantization).
 
+A weight (a ``Parameter``) quantized in a forward that records no gradient (eval, ``no_grad``) is fake-quantized
+once and reused while neither it nor amax changed, as seen from their version counters and storage (host-side
+metadata, no synchronisation); after writing a weight through ``.data``, call :meth:`TensorQuantizer.clear_cache`.
+
 Example:
     >>> import torch
     >>> from qdq.nn import TensorQuantizer
