@@ -18,7 +18,9 @@ Measured in one process, interleaved round by round (see ``_common.py``), torch 
   step, the QAT model quantized with the ResNet recipe and max-calibrated first;
 * **export** of the QDQ model (TorchScript exporter) over the export of the same float model: ResNet-50 at 224 and
   the YOLOv5-style model (size s) at 640;
-* the micro-measurements of ``benchmarks/core_ops.py`` (fake-quant and histogram collection on one tensor).
+* the micro-measurements of ``benchmarks/core_ops.py`` (fake-quant and histogram collection on one tensor);
+* the hot path of ``benchmarks/bench_hot_path.py``: fake-quant eval at batch 32, the QAT step eager and compiled,
+  histogram calibration, each over its float twin.
 
 Targets: histogram calibration under 1.3x fp32 inference and under 2 GB peak memory for 200 images at 224x224;
 QAT step under 1.25x fp32.
@@ -353,6 +355,7 @@ def run(ctx: Context) -> dict:
         ("qat_step", lambda: qat_step_cost(size["qat_batch"], size["qat_size"], repeat)),
         ("export", lambda: export_cost(ctx, repeat)),
         ("core_ops", lambda: _core_ops(ctx)),
+        ("hot_path", lambda: _hot_path(ctx)),
     ]
     for name, fn in steps:
         logger.info("cost: %s", name)
@@ -371,6 +374,12 @@ def _core_ops(ctx: Context) -> dict:
     from core_ops import measure
 
     return measure(batch=4 if ctx.quick else 32, repeat=3 if ctx.quick else 7)
+
+
+def _hot_path(ctx: Context) -> dict:
+    from bench_hot_path import measure
+
+    return measure(rounds=1 if ctx.quick else 5, calib_batches=1 if ctx.quick else 4, compile_=not ctx.quick)
 
 
 def _ratio(section: dict, name: str, baseline: str):
@@ -478,6 +487,13 @@ def tables(data: dict) -> list[Table]:
              f"{am['entropy']:.1f} / {am['mse']:.1f} / {am['percentile']:.2f}"],
         ]
         tables_.append(c)
+    hot = data.get("hot_path", {})
+    if not is_missing(hot) and hot:
+        from bench_hot_path import summary
+
+        h = Table("Hot path (benchmarks/bench_hot_path.py), ratios measured side by side in one run", ["measurement"])
+        h.rows += [[line] for line in summary(hot)]
+        tables_.append(h)
     return tables_
 
 

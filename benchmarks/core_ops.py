@@ -1,6 +1,7 @@
 """Cost of the core pieces, as ratios measured side by side in one process.
 
-* fake-quant forward+backward over a plain copy (forward+backward) of a large activation, per tensor and per channel;
+* fake-quant forward+backward over a plain copy (forward+backward) of a large activation, per tensor and per channel,
+  and the forward alone under ``no_grad`` (eval) over a copy;
 * histogram collect over the conv that produced the tensor;
 * compute_amax time of entropy, mse and percentile on one 2048-bin histogram.
 
@@ -40,10 +41,20 @@ def measure(batch: int = 32, repeat: int = 7) -> dict:
 
         return run
 
+    def fq_eval():  # no gradient recorded: no clipping mask is computed
+        with torch.no_grad():
+            fake_tensor_quant(x, amax_t)
+
+    def copy_f():
+        x.clone()
+
     t_copy = timeit(copy_fb, repeat=repeat)
     t_fq_t = timeit(fq_fb(amax_t), repeat=repeat)
     t_fq_c = timeit(fq_fb(amax_c), repeat=repeat)
+    t_copy_f = timeit(copy_f, repeat=repeat)
+    t_fq_eval = timeit(fq_eval, repeat=repeat)
     results["fake_quant"] = {
+        "per_tensor_eval_over_copy": t_fq_eval / t_copy_f,
         "tensor_shape": list(x.shape),
         "copy_fwd_bwd_ms": t_copy * 1e3,
         "per_tensor_fwd_bwd_ms": t_fq_t * 1e3,
@@ -88,7 +99,8 @@ def main() -> None:
     print(f"machine: {results['machine']['cpu']}, {results['machine']['torch_threads']} torch threads")
     fq = results["fake_quant"]
     print(f"fake-quant fwd+bwd over copy fwd+bwd, {tuple(x_shape)}: per-tensor {fq['per_tensor_over_copy']:.2f}x, "
-          f"per-channel {fq['per_channel_over_copy']:.2f}x  (copy {fq['copy_fwd_bwd_ms']:.1f} ms)")
+          f"per-channel {fq['per_channel_over_copy']:.2f}x  (copy {fq['copy_fwd_bwd_ms']:.1f} ms); "
+          f"forward under no_grad over a copy: {fq['per_tensor_eval_over_copy']:.2f}x")
     c = results["collect"]
     print(f"collect over the conv that produced the tensor: histogram {c['histogram_over_conv']:.3f}x, "
           f"max {c['max_over_conv']:.3f}x  (conv {c['conv_ms']:.1f} ms)")

@@ -35,6 +35,12 @@ Differences from pytorch_quantization, on purpose:
 * ``narrow_range`` defaults to ``False`` everywhere, in the functions as in the descriptor.
 * ``amax`` below :data:`AMAX_EPS` is raised to :data:`AMAX_EPS` instead of producing a zero scale, so the exported
   scale stays positive (TensorRT and ONNX Runtime require it) and PyTorch computes what the export computes.
+* The functions never read a tensor's value on the host (pytorch_quantization checked amax with
+  ``bool(tensor.any())`` on every call, a GPU synchronisation): amax is validated where it is set (the quantizer's
+  ``amax`` setter, calibration, ``load_state_dict``, export); a learned amax that goes negative quantizes as
+  ``AMAX_EPS``; unsigned quantization clamps negative data to 0. :func:`data_checks` turns per-call checks on for
+  debugging. So ``torch.compile(fullgraph=True)`` traces QAT whole, learned amax included.
+* Under ``no_grad`` (eval, calibration) fake quantization computes no clipping mask for the gradient.
 
 Example:
     >>> import torch

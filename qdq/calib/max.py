@@ -42,17 +42,26 @@ class MaxCalibrator(_Calibrator):
         self._calib_amax: torch.Tensor | None = None
         self._calib_min: torch.Tensor | None = None  # signed running min and max, for asymmetric quantization
         self._calib_max: torch.Tensor | None = None
+        self._skipped: torch.Tensor | None = None  # NaN/Inf values counted on a GPU, not yet reported
         self.amaxs: list[torch.Tensor] = []
 
     def collect(self, x: torch.Tensor) -> None:
         """Updates the running max with ``x``."""
         if x.numel() == 0:
             return
-        self._check_unsigned(x)
+        if x.device.type == "cpu":  # on a GPU no host read: compute_amax checks the running min instead
+            self._check_unsigned(x)
         rows = self._rows(x)
         low, high = rows.amin(dim=1).float(), rows.amax(dim=1).float()
-        if not bool(torch.isfinite(low).all() & torch.isfinite(high).all()):
-            clean = self._skip_nonfinite(rows.float().abs())  # -1 marks the skipped values
+        # reading a CPU tensor is no device synchronisation; elsewhere the NaN/Inf-safe path always runs
+        if x.device.type != "cpu" or not bool(torch.isfinite(low).all() & torch.isfinite(high).all()):
+            clean = rows.float().abs()
+            if x.device.type == "cpu":
+                clean = self._skip_nonfinite(clean)  # -1 marks the skipped values
+            else:  # counted without a host read; reported when amax is computed
+                bad = ~torch.isfinite(clean)
+                self._skipped = bad.sum() + (self._skipped if self._skipped is not None else 0)
+                clean = torch.where(bad, torch.full_like(clean, -1.0), clean)
             keep = clean >= 0
             big = torch.finfo(torch.float32).max
             low = torch.where(keep, rows.float(), big).amin(dim=1)
@@ -81,7 +90,7 @@ class MaxCalibrator(_Calibrator):
     def reset(self) -> None:
         """Forgets everything collected."""
         super().reset()
-        self._calib_amax = self._calib_min = self._calib_max = None
+        self._calib_amax = self._calib_min = self._calib_max = self._skipped = None
         self.amaxs = []
 
     def compute_amax(self, *args, **kwargs) -> torch.Tensor:
@@ -95,6 +104,15 @@ class MaxCalibrator(_Calibrator):
             raise ValueError(f"MaxCalibrator computes the max only, not {method!r}; use a histogram calibrator")
         if self._calib_amax is None:
             raise NoDataCollectedError("MaxCalibrator collected no data")
+        if self._skipped is not None:  # NaN/Inf counted on a GPU without a host read
+            skipped, self._skipped = int(self._skipped), None
+            if skipped:
+                self._warn_nonfinite(skipped, -1)
+        if self._unsigned and bool((self._calib_min < 0).any()):
+            raise ValueError(
+                f"MaxCalibrator: unsigned quantizer got negative data (min {self._calib_min.min().item():.6g}); "
+                "use a signed quantizer for this tensor"
+            )
         return self._calib_amax.clone()
 
     def _stats_shape(self) -> tuple[int, ...] | None:

@@ -227,3 +227,62 @@ def test_weights_are_collected_once_per_version():
     for _ in range(3):
         q(torch.randn(3, 4))  # activations: every batch counts
     assert q.calibrator.num_batches == 4
+
+
+def _cached(q):
+    return q.__dict__.get("_weight_cache")
+
+
+def test_weight_cache_reused_and_invalidated():
+    """In eval (no gradient recorded) a weight is fake-quantized once while neither it nor amax changes; every kind
+    of change is seen: in-place writes, a new amax, an amax copied in place, a device/dtype move, a new Parameter."""
+    q = TensorQuantizer(QuantDescriptor(axis=0, amax=[[1.0], [2.0]]))
+    w = nn.Parameter(torch.randn(2, 5))
+
+    def fresh():
+        return TensorQuantizer(QuantDescriptor(axis=0, amax=q.amax.tolist()))(w.detach())
+
+    with torch.no_grad():
+        first = q(w)
+        assert q(w) is first and torch.equal(first, fresh())
+        w.mul_(0.5)  # an optimizer step
+        second = q(w)
+        assert second is not first and torch.equal(second, fresh())
+        q.amax = torch.tensor([[0.5], [0.5]])  # a new amax tensor
+        assert torch.equal(q(w), fresh())
+        q._amax.copy_(torch.tensor([[3.0], [3.0]]))  # amax written in place (load_state_dict does this)
+        assert torch.equal(q(w), fresh())
+        q.load_state_dict({"_amax": torch.tensor([[0.25], [4.0]])})
+        assert torch.equal(q(w), fresh())
+        out = q(w.double().float())  # not a Parameter: never cached
+        assert torch.equal(out, fresh())
+        w.data = torch.randn(2, 5)  # new storage
+        assert torch.equal(q(w), fresh())
+        other = nn.Parameter(w.detach().clone() * 2)
+        assert torch.equal(q(other), TensorQuantizer(QuantDescriptor(axis=0, amax=q.amax.tolist()))(other.detach()))
+        q.enable_clip()
+        assert torch.equal(q(w), fresh().clamp(-q.amax, q.amax))
+        q.disable_clip()
+    # when a gradient is recorded the weight goes through the autograd function every time
+    out = q(w)
+    assert out.grad_fn is not None
+    out.sum().backward()
+    assert w.grad is not None
+    q.half()
+    assert _cached(q) is None  # moves forget the cache
+    import pickle
+    with torch.no_grad():
+        q.float()(w)
+    assert _cached(q) is not None and "_weight_cache" not in pickle.loads(pickle.dumps(q)).__dict__
+    q.clear_cache()
+    assert _cached(q) is None
+
+
+def test_weight_cache_inference_mode_kept_apart():
+    q = TensorQuantizer(QuantDescriptor(amax=1.0))
+    w = nn.Parameter(torch.randn(4))
+    with torch.inference_mode():
+        a = q(w)
+    with torch.no_grad():
+        b = q(w)
+    assert a.is_inference() and not b.is_inference() and torch.equal(a, b)

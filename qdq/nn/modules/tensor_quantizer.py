@@ -16,6 +16,10 @@ switch                 effect on ``forward(x)``
 Calibration and quantization can run in the same forward. A quantizer with no amax quantizes each batch with its
 own abs-max (dynamic quantization).
 
+A weight (a ``Parameter``) quantized in a forward that records no gradient (eval, ``no_grad``) is fake-quantized
+once and reused while neither it nor amax changed, as seen from their version counters and storage (host-side
+metadata, no synchronisation); after writing a weight through ``.data``, call :meth:`TensorQuantizer.clear_cache`.
+
 Example:
     >>> import torch
     >>> from qdq.nn import TensorQuantizer
@@ -356,11 +360,52 @@ class TensorQuantizer(nn.Module):
                 except ValueError as err:  # negative data for an unsigned quantizer, an axis beyond x's dims
                     raise ValueError(f"{self._label()}: {err}") from None
                 self._collected = key
+        if self._if_quant and isinstance(x, nn.Parameter) and self._cacheable(x):
+            return self._cached_quant_forward(x)
         if self._if_clip:
             x = self._clip(x)
         if self._if_quant:
             x = self._quant_forward(x)
         return x
+
+    # a weight seen again unchanged, in a forward that records no gradient, is fake-quantized once ------------------
+    def _cacheable(self, x: torch.Tensor) -> bool:
+        amax = self._amax
+        return not (
+            amax is None
+            or not self._symmetric
+            or not self._fake_quant
+            or torch.compiler.is_compiling()
+            or (torch.is_grad_enabled() and (x.requires_grad or amax.requires_grad))
+        )
+
+    def _cached_quant_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The fake-quantized weight, reused while neither the weight nor amax changed.
+
+        Changes are seen through the tensors' version counters (bumped by every in-place write: optimizer steps,
+        ``copy_``, ``load_state_dict``), their storage (``.to()``, ``.half()``, ``param.data = ...``) and identity,
+        all host-side metadata: no synchronisation. Writes through ``param.data`` (``w.data.mul_(2)``) bypass the
+        version counter; :meth:`clear_cache` forgets the cached weight after such a write.
+        """
+        amax = self._amax
+        key = (x._version, x.data_ptr(), x.dtype, x.device, amax._version, amax.data_ptr(), amax.device,
+               torch.is_inference_mode_enabled(), self._if_clip, self._num_bits, self._unsigned, self._narrow_range,
+               self._axis, self._scale_amax)
+        cache = self.__dict__.get("_weight_cache")
+        if cache is not None and cache[0] is x and cache[1] is amax and cache[2] == key:
+            return cache[3]
+        out = self._quant_forward(self._clip(x) if self._if_clip else x)
+        self.__dict__["_weight_cache"] = (x, amax, key, out)
+        return out
+
+    def clear_cache(self) -> None:
+        """Forgets the cached fake-quantized weight (needed only after writing a weight through ``.data``)."""
+        self.__dict__.pop("_weight_cache", None)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_weight_cache", None)
+        return state
 
     def _amax_for(self, x: torch.Tensor) -> torch.Tensor:
         amax = self.effective_amax()
@@ -476,6 +521,7 @@ class TensorQuantizer(nn.Module):
     # device and state_dict
     # ----------------------------------------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
+        self.clear_cache()
         self._device = fn(torch.empty(0, device=self._device)).device
         out = super()._apply(fn, recurse)
         if self._amax is not None and self._amax.dtype != torch.float32:  # amax stays float32 under .half()

