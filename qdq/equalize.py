@@ -173,8 +173,10 @@ def _find_pairs(model: nn.Module, graph: fx.Graph) -> tuple[list[tuple[str, str,
         second = nxt.target
         l1, l2 = modules[first], modules[second]
         why = None
-        if calls[first] > 1 or calls[second] > 1 or (act_path and calls[act_path] > 1):
-            why = "a layer or the activation is called more than once in forward"
+        if calls[first] > 1 or calls[second] > 1:
+            why = "a layer is called more than once in forward"
+        elif act_path and calls[act_path] > 1 and kind in ("relu6", "clamp"):  # a stateless ReLU may be reused
+            why = f"the {kind} activation {act_path!r} is called more than once in forward (its bound is per call)"
         elif _out_channels(l1) != _in_channels(l2):
             why = f"{_out_channels(l1)} output channels feed {_in_channels(l2)} input channels"
         elif len(nxt.all_input_nodes) != 1:
