@@ -163,7 +163,7 @@ class _SiteMode(TorchFunctionMode):
         if record is not None:
             inputs = _tensor_inputs(kind, args, kwargs)
             if inputs:
-                record(owner, key, "add" if kind == "add_" else kind, len(inputs))
+                record(owner, key, "add" if kind == "add_" else kind, len(inputs), inputs[0].device)
         sites = owner.__dict__.get(_SITES_ATTR)
         site = sites.get(key) if sites else None
         if site is None:
@@ -211,20 +211,27 @@ def _remove_hooks(module: nn.Module) -> None:
 
 
 def record_sites(model: nn.Module, args: Any = None, kwargs: dict | None = None,
-                 run: Callable[[], Any] | None = None) -> list[OpSite]:
+                 run: Callable[[], Any] | None = None,
+                 on_site: Callable[[OpSite, nn.Module, torch.device], None] | None = None) -> list[OpSite]:
     """Runs ``model(*args)`` once (eval mode, no grad, every quantizer disabled; all restored), or ``run()`` when
     given (an export, say, left to set modes itself), and returns the op sites of ``model``'s modules it called, in
-    first-call order."""
+    first-call order.
+
+    ``on_site(site, owner, device)`` is called when a site is first met, before the op runs: quantizers it places
+    on the site (:func:`set_site_quantizer`) apply to that very call.
+    """
     paths = {id(m): p for p, m in model.named_modules()}
     found: dict[tuple[int, tuple], OpSite] = {}
     counts: dict[tuple[int, str], int] = {}
 
-    def record(owner: nn.Module, key: tuple, kind: str, num_inputs: int) -> None:
+    def record(owner: nn.Module, key: tuple, kind: str, num_inputs: int, device: torch.device) -> None:
         if id(owner) not in paths or (id(owner), key) in found:
             return
         index = counts.get((id(owner), kind), 0)
         counts[(id(owner), kind)] = index + 1
-        found[(id(owner), key)] = OpSite(paths[id(owner)], key, kind, index, num_inputs)
+        site = found[(id(owner), key)] = OpSite(paths[id(owner)], key, kind, index, num_inputs)
+        if on_site is not None:
+            on_site(site, owner, device)
 
     if isinstance(args, torch.Tensor):
         args = (args,)

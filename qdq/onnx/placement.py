@@ -6,13 +6,14 @@ and inserts reformat layers around them. :func:`place_quantizers` decides where 
 model-specific code, and inserts the quantizers into the PyTorch model (so QAT trains with the quantization the
 exported file has):
 
-1. **Find the op sites.** One forward (or an export) under :mod:`qdq.op_sites` lists every inline add, concat and
-   average pooling, by module and call instruction. Nothing is traced symbolically, so models torch.fx cannot
-   trace work the same; what is needed is that the model exports to ONNX.
-2. **Probe.** Every input of every site gets a temporary quantizer, and the model is exported once with every
-   quantizer tagged by a distinct scale (:func:`~qdq.onnx.export.export_with_quantizer_tags`): each probe's
-   QuantizeLinear says which site input it is, whatever the exporter names things. The probes are then taken out
-   of the graph again, which leaves the graph the model has without placement, each site input labelled.
+1. **Find and probe the op sites**, in one export. The model is exported with every quantizer tagged by a
+   distinct scale (:func:`~qdq.onnx.export.export_with_quantizer_tags`) while :mod:`qdq.op_sites` watches the
+   forward: each inline add, concat and average pooling met (by module and call instruction) gets a temporary
+   *probe* quantizer with a tag of its own on every input, so each probe's QuantizeLinear says which site input it
+   is, whatever the exporter names things. Nothing is traced symbolically, so models torch.fx cannot trace work the
+   same; what is needed is that the model exports to ONNX.
+2. **Take the probes out** of the graph again, which leaves the graph the model has without placement, each site
+   input labelled.
 3. **Decide**, on that graph, TensorRT's fusion rules:
 
    * **residual Add** (two activations): when one input comes from a quantized Conv/ConvTranspose/Gemm (through
@@ -76,10 +77,13 @@ from torch import nn
 from qdq.distributed import run_on_rank0
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
 from qdq.onnx.check import _Index
-from qdq.onnx.export import export_with_quantizer_tags
+import numpy as np
+
+from qdq.onnx.export import TAG_STEP, _constant_values, export_with_quantizer_tags
 from qdq.onnx.fusion import _feeds_q, _fusible
 from qdq.op_sites import OpSite, record_sites, remove_site_quantizers, set_site_quantizer, site_quantizers
 from qdq.quant_modules import name_quantizers
+from qdq.switches import quantizers
 from qdq.tensor_quant import QuantDescriptor
 
 if TYPE_CHECKING:
@@ -263,35 +267,57 @@ def _analyse(model: nn.Module, example_inputs: Any, export_fn: Callable | None, 
              skip: Sequence[str]) -> tuple[int, list[tuple[str, tuple, str, int, int, str, str]]]:
     """Records the sites, probes them in a tagged export and decides; returns ``(number of sites, decisions)``
     where each decision is ``(owner, key, kind, index, slot, reason, shares)`` (plain data, for a broadcast)."""
+    skip = tuple(skip)
+    placed = _placed_slots(model)
+    probes: dict[str, tuple[OpSite, int]] = {}
+    attrs: set[str] = set()
+    tag_of: dict[int, str] = {}
+    first_tag = 1 + len({id(q) for _, q in quantizers(model) if q.is_enabled})  # after the real quantizers' tags
+
+    def probe(site: OpSite, owner: nn.Module, device: torch.device) -> None:
+        """Puts a tagged probe on every input of a site met during the export (so one trace finds and probes)."""
+        if any(fnmatch(site.owner, pattern) for pattern in skip):
+            return
+        for slot in range(site.num_inputs if site.kind != "pool" else 1):
+            if (site.owner, _attr(site, slot)) in placed:
+                continue
+            attr = f"{_PROBE}{len(attrs)}"
+            quantizer = TensorQuantizer().to(device)
+            tag = first_tag + len(attrs)
+            quantizer.set_export_mode(True, scale=tag * TAG_STEP)
+            set_site_quantizer(owner, site.key, site.kind, slot, attr, quantizer)
+            attrs.add(attr)
+            name = f"{site.owner}.{attr}" if site.owner else attr
+            probes[name] = (site, slot)
+            tag_of[tag] = name
+
     with tempfile.TemporaryDirectory(prefix="qdq-placement-") as tmp:
         path = Path(tmp) / "placement.onnx"
-        if example_inputs is not None:
-            sites = record_sites(model, example_inputs)
-        else:
-            sites = record_sites(model, run=lambda: export_with_quantizer_tags(model, None, path, export_fn=export_fn))
-        sites = [s for s in sites if not any(fnmatch(s.owner, pattern) for pattern in skip)]
-        placed = _placed_slots(model)
-        probes: dict[str, tuple[OpSite, int]] = {}
-        attrs = set()
+        box: dict[str, dict[str, str]] = {}
+
+        def export() -> None:
+            box["q_names"] = export_with_quantizer_tags(model, example_inputs, path, dynamo=dynamo,
+                                                        export_fn=export_fn)
+
         try:
-            for site in sites:
-                owner = model.get_submodule(site.owner)
-                for slot in range(site.num_inputs if site.kind != "pool" else 1):
-                    if (site.owner, _attr(site, slot)) in placed:
-                        continue
-                    attr = f"{_PROBE}{len(attrs)}"
-                    set_site_quantizer(owner, site.key, site.kind, slot, attr, TensorQuantizer())
-                    attrs.add(attr)
-                    probes[f"{site.owner}.{attr}" if site.owner else attr] = (site, slot)
-            q_names = export_with_quantizer_tags(model, example_inputs, path, dynamo=dynamo, export_fn=export_fn)
+            sites = record_sites(model, run=export, on_site=probe)
             onnx_model = onnx.load(str(path), load_external_data=False)
         finally:
             remove_site_quantizers(model, attrs)
+    q_names = dict(box["q_names"])
+    consts = _constant_values(onnx_model)
+    for index, node in enumerate(onnx_model.graph.node):
+        if node.op_type == "QuantizeLinear" and node.input[1] in consts:
+            scale = float(consts[node.input[1]].reshape(-1)[0])
+            tag = int(round(scale / TAG_STEP))
+            if tag in tag_of and scale == float(np.float32(tag * TAG_STEP)):
+                q_names[node.name or f"<QuantizeLinear #{index}>"] = tag_of[tag]
+    sites = [s for s in sites if not any(fnmatch(s.owner, pattern) for pattern in skip)]
     probe_of = {node: name for node, name in q_names.items() if name in probes}
     real = {node: name for node, name in q_names.items() if name not in probes}
     decisions = []
-    for probe, reason, shares in decide_placement(onnx_model, probe_of, real):
-        site, slot = probes[probe]
+    for name, reason, shares in decide_placement(onnx_model, probe_of, real):
+        site, slot = probes[name]
         decisions.append((site.owner, site.key, site.kind, site.index, slot, reason, shares))
     return len(sites), decisions
 
