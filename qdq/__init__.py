@@ -78,6 +78,7 @@ _EXPORTS = {
     "set_layer_format": "qdq.layer_formats",
     "set_model_format": "qdq.layer_formats",
     "search_formats": "qdq.layer_formats",
+    "quantize_attention": "qdq.attention",
 }
 
 __all__ = ["__version__", *_EXPORTS]

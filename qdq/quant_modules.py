@@ -377,7 +377,8 @@ def quantizable_layers(model: nn.Module, quant_map: Mapping[type, type] | Iterab
     """Every module of ``model`` the module map concerns, in module order, without changing anything.
 
     A module reachable under several paths is listed once (with all its paths). This is the list
-    :func:`replace_to_quantization_module` works from.
+    :func:`replace_to_quantization_module` works from. A mapped layer whose parent hands its weight to a function
+    instead of calling it (:mod:`qdq.functional_weights`) is ``"unsupported"``, with the reason.
     """
     mapping = _build_map(quant_map)
     paths: dict[int, list[str]] = {}
@@ -388,11 +389,6 @@ def quantizable_layers(model: nn.Module, quant_map: Mapping[type, type] | Iterab
     layers = []
     for key, module in modules.items():
         where = paths[key]
-        if not is_quantized(module) and _quant_class_for(type(module), mapping) is not None:
-            reason = _functional_use(model, where, mapping)
-            if reason:
-                layers.append(QuantizableLayer(where[0], where, module, "unsupported", reason=reason))
-                continue
         if is_quantized(module):
             layers.append(QuantizableLayer(where[0], where, module, "quantized", type(module)))
             continue
@@ -401,7 +397,10 @@ def quantizable_layers(model: nn.Module, quant_map: Mapping[type, type] | Iterab
         except NotImplementedError as err:
             layers.append(QuantizableLayer(where[0], where, module, "unsupported", reason=str(err)))
             continue
-        if quant_cls is not None:
+        reason = _functional_use(model, where, mapping) if quant_cls is not None else ""
+        if reason:
+            layers.append(QuantizableLayer(where[0], where, module, "unsupported", reason=reason))
+        elif quant_cls is not None:
             layers.append(QuantizableLayer(where[0], where, module, "quantizable", quant_cls))
     return layers
 

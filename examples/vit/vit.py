@@ -22,7 +22,7 @@ Example:
     >>> model(torch.randn(2, 3, 32, 32)).shape
     torch.Size([2, 10])
     >>> sum(p.numel() for p in model.parameters())
-    540682
+    546186
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float, weight_d
     return losses
 
 
-def quantize(model: nn.Module, example_input: torch.Tensor) -> tuple[nn.Module, qdq.ReplacementReport]:
+def quantize(model: nn.Module, example_input: torch.Tensor) -> tuple[nn.Module, "qdq.quant_modules.ReplacementReport"]:
     """A quantized (uncalibrated) deep copy: the README flow (replace, then the scale-sharing rules step)."""
     qmodel = copy.deepcopy(model).eval()
     report = qdq.replace_to_quantization_module(qmodel)
