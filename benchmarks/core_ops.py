@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from _common import machine, timeit, write_json
 from qdq import calib
-from qdq.tensor_quant import fake_tensor_quant
+from qdq.tensor_quant import fake_quantize_by_amax
 
 
 def measure(batch: int = 32, repeat: int = 7) -> dict:
@@ -36,7 +36,7 @@ def measure(batch: int = 32, repeat: int = 7) -> dict:
     def fq_fb(amax):
         def run():
             xr = x.detach().requires_grad_(True)
-            fake_tensor_quant(xr, amax).backward(grad)
+            fake_quantize_by_amax(xr, amax).backward(grad)
 
         return run
 

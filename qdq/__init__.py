@@ -32,6 +32,7 @@ from qdq.tensor_quant import QuantDescriptor, ScaledQuantDescriptor
 from qdq.nn import TensorQuantizer
 from qdq import quant_modules
 from qdq.quant_modules import replace_to_quantization_module
+from qdq.quant_modules import deactivate, enable_onnx_export, initialize  # pytorch_quantization's top-level names
 from qdq.calibrate import calibrate_model, collect_stats, compute_amax
 from qdq.switches import disable_quantization, enable_quantization, have_quantizer, quantizers
 from qdq.sensitivity import auto_skip_sensitive_layers, build_sensitivity_profile
@@ -76,4 +77,7 @@ __all__ = [
     "verify",
     "check_tensorrt",
     "apply_custom_rules_to_quantizer",
+    "initialize",
+    "deactivate",
+    "enable_onnx_export",
 ]
