@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from _common import machine, timeit, write_json
 from qdq import calib
-from qdq.tensor_quant import fake_tensor_quant
+from qdq.tensor_quant import fake_quantize_by_amax
 
 
 def measure(batch: int = 32, repeat: int = 7) -> dict:
@@ -37,13 +37,13 @@ def measure(batch: int = 32, repeat: int = 7) -> dict:
     def fq_fb(amax):
         def run():
             xr = x.detach().requires_grad_(True)
-            fake_tensor_quant(xr, amax).backward(grad)
+            fake_quantize_by_amax(xr, amax).backward(grad)
 
         return run
 
     def fq_eval():  # no gradient recorded: no clipping mask is computed
         with torch.no_grad():
-            fake_tensor_quant(x, amax_t)
+            fake_quantize_by_amax(x, amax_t)
 
     def copy_f():
         x.clone()

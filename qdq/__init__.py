@@ -79,6 +79,9 @@ _EXPORTS = {
     "set_model_format": "qdq.layer_formats",
     "search_formats": "qdq.layer_formats",
     "quantize_attention": "qdq.attention",
+    "initialize": "qdq.quant_modules",
+    "deactivate": "qdq.quant_modules",
+    "enable_onnx_export": "qdq.quant_modules",
 }
 
 __all__ = ["__version__", *_EXPORTS]

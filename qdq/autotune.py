@@ -26,7 +26,7 @@ How, for one layer ``L`` with input quantizer ``q``:
 3. The candidates are ``candidates`` values evenly spaced from the initial amax (``q.calibrator.compute_amax
    (method_init)``, the KLD threshold by default) to the largest magnitude the calibrator saw
    (``compute_amax("max")``), both ends included.
-4. For each candidate ``a``: ``y = L(fake_tensor_quant(x, a))`` - only this layer, its input quantizer disabled, its
+4. For each candidate ``a``: ``y = L(fake_quantize_by_amax(x, a))`` - only this layer, its input quantizer disabled, its
    weight quantizer on - and the distance ``||y - ref||_2``, summed in square over the tuning batches.
 5. The candidate with the smallest distance wins (ties go to the smaller amax, the one nearer the initial value).
 
@@ -95,7 +95,7 @@ from qdq.feeding import feed, model_device
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
 from qdq.quant_modules import name_quantizers
 from qdq.switches import preserved_modes, quantizers
-from qdq.tensor_quant import fake_tensor_quant
+from qdq.tensor_quant import fake_quantize_by_amax
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -328,7 +328,7 @@ class _Tuner:
             self.busy = True
             try:
                 for amax in entry.grid_on(x.device):
-                    xq = fake_tensor_quant(x, amax * scale, q.num_bits, q.unsigned, q.narrow_range)
+                    xq = fake_quantize_by_amax(x, amax * scale, q.num_bits, q.unsigned, q.narrow_range)
                     y = module(xq, *args[1:], **kwargs)
                     del xq
                     diff = y - output

@@ -232,13 +232,13 @@ def fake_blocked_quant(
     """Fake-quantizes a 2-D weight with one amax per ``(row, block)`` (shape ``(rows, features / block, 1)``).
 
     The integer arithmetic and the gradients (straight-through for ``x``, LSQ-style for a learned amax) are those of
-    :func:`qdq.tensor_quant.fake_tensor_quant`.
+    :func:`qdq.tensor_quant.fake_quantize_by_amax`.
 
     >>> w = torch.tensor([[0.7, -0.1, 0.05, 0.02]])
     >>> fake_blocked_quant(w, blocked_amax(w, 2), 4, 2)
     tensor([[ 0.7000, -0.1000,  0.0500,  0.0214]])
     """
-    from qdq.tensor_quant import fake_tensor_quant
+    from qdq.tensor_quant import fake_quantize_by_amax
 
     view = block_view(x, block_size)
-    return fake_tensor_quant(view, amax, num_bits, False, narrow_range).reshape(x.shape)
+    return fake_quantize_by_amax(view, amax, num_bits, False, narrow_range).reshape(x.shape)

@@ -59,6 +59,7 @@ __all__ = [
     "is_quantized",
     "module_device",
     "unmatched_ignore_patterns",
+    "QuantModuleReplacementHelper",
 ]
 
 logger = logging.getLogger(__name__)
@@ -543,12 +544,58 @@ def deactivate() -> None:
         setattr(module, name, original)
 
 
+class QuantModuleReplacementHelper:
+    """pytorch_quantization's state holder of :func:`initialize`: which ``torch.nn`` attributes get which quantized
+    class, and the originals to put back.
+
+    ``prepare_state(float_module_list, custom_map)`` fills ``quant_map`` (default entries not named in
+    ``float_module_list``, plus the ``(module, name, quantized class)`` triples of ``custom_map``) and
+    ``orginal_func_map`` (the same entries with the current attribute, spelt as in pytorch_quantization);
+    ``apply_quant_modules()`` patches, ``restore_float_modules()`` restores.
+
+    >>> import torch
+    >>> from qdq import nn as quant_nn
+    >>> helper = QuantModuleReplacementHelper()
+    >>> helper.prepare_state(float_module_list=["Linear"])
+    >>> sorted(e.mod_name for e in helper.quant_map)[:3]
+    ['AdaptiveAvgPool1d', 'AdaptiveAvgPool2d', 'AdaptiveAvgPool3d']
+    >>> helper.apply_quant_modules(); patched = torch.nn.Conv2d; helper.restore_float_modules()
+    >>> patched is quant_nn.QuantConv2d, torch.nn.Conv2d is quant_nn.QuantConv2d
+    (True, False)
+    """
+
+    def __init__(self):
+        self.orginal_func_map: set = set()
+        self.default_quant_map = _DEFAULT_QUANT_MAP
+        self.quant_map: set = set()
+
+    def prepare_state(self, float_module_list: Iterable[str] | None = None, custom_map: Iterable | None = None) -> None:
+        skip = set(float_module_list or ())
+        entries = [e for e in self.default_quant_map if e.mod_name not in skip]
+        entries += [_quant_entry(*item) for item in (custom_map or ())]
+        for entry in entries:
+            self.quant_map.add(entry)
+            self.orginal_func_map.add(_quant_entry(entry.orig_mod, entry.mod_name, getattr(entry.orig_mod, entry.mod_name)))
+
+    def apply_quant_modules(self) -> None:
+        for entry in self.quant_map:
+            setattr(entry.orig_mod, entry.mod_name, entry.replace_mod)
+
+    def restore_float_modules(self) -> None:
+        for entry in self.orginal_func_map:
+            setattr(entry.orig_mod, entry.mod_name, entry.replace_mod)
+
+
 class enable_onnx_export:
-    """pytorch_quantization's export switch; qdq's export (:func:`qdq.export_onnx`) needs none. Kept as a no-op
-    context manager so old export scripts run."""
+    """pytorch_quantization's export switch, for scripts that call ``torch.onnx.export`` themselves: inside it every
+    TensorQuantizer runs its export forward (as with ``TensorQuantizer.use_fb_fake_quant = True``), so either of
+    torch's exporters writes QuantizeLinear/DequantizeLinear. :func:`qdq.export_onnx` needs no switch."""
 
     def __enter__(self):
+        self._saved = quant_nn.TensorQuantizer._enable_onnx_export
+        quant_nn.TensorQuantizer._enable_onnx_export = True
         return self
 
     def __exit__(self, *exc):
+        quant_nn.TensorQuantizer._enable_onnx_export = self._saved
         return False

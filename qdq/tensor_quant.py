@@ -30,9 +30,9 @@ the step, not bit for bit.
 
 Differences from pytorch_quantization, on purpose:
 
-* ``scale`` is the step size ``amax / maxbound`` (ONNX's ``y_scale``), not its reciprocal. ``tensor_quant`` returns
-  it, and ``q * scale`` dequantizes.
-* ``narrow_range`` defaults to ``False`` everywhere, in the functions as in the descriptor.
+* ``scale`` is the step size ``amax / maxbound`` (ONNX's ``y_scale``), not its reciprocal. :func:`quantize_by_amax`
+  returns it, and ``q * scale`` dequantizes.
+* ``narrow_range`` defaults to ``False`` everywhere, in qdq's functions as in the descriptor.
 * ``amax`` below :data:`AMAX_EPS` is raised to :data:`AMAX_EPS` instead of producing a zero scale, so the exported
   scale stays positive (TensorRT and ONNX Runtime require it) and PyTorch computes what the export computes.
 * The functions never read a tensor's value on the host (pytorch_quantization checked amax with
@@ -44,12 +44,12 @@ Differences from pytorch_quantization, on purpose:
 
 Example:
     >>> import torch
-    >>> from qdq.tensor_quant import fake_tensor_quant, tensor_quant
+    >>> from qdq.tensor_quant import fake_quantize_by_amax, quantize_by_amax
     >>> x = torch.tensor([-1.0, -0.004, 0.5, 2.0])
-    >>> q, scale = tensor_quant(x, torch.tensor(1.0))
+    >>> q, scale = quantize_by_amax(x, torch.tensor(1.0))
     >>> q
     tensor([-127.,   -1.,   64.,  127.])
-    >>> torch.equal(fake_tensor_quant(x, torch.tensor(1.0)), q * scale)
+    >>> torch.equal(fake_quantize_by_amax(x, torch.tensor(1.0)), q * scale)
     True
 """
 
@@ -95,6 +95,11 @@ __all__ = [
     "fake_affine_quant",
     "data_checks",
     "data_checks_enabled",
+    "quantize_by_amax",
+    "fake_quantize_by_amax",
+    "legacy_fake_tensor_quant",
+    "fake_affine_tensor_quant",
+    "scaled_e4m3",
 ]
 
 logger = logging.getLogger(__name__)
@@ -165,7 +170,7 @@ class QuantDescriptor:
         axis: ``None`` for one amax for the whole tensor; an int or a tuple of ints for the dimensions that keep
             their own amax (``axis=0`` is per output channel for a conv weight), as in pytorch_quantization.
         amax: a fixed amax (number, or nested list matching the kept dimensions); ``None`` means "not calibrated".
-        learn_amax: make amax a trainable parameter (its gradient comes from :func:`fake_tensor_quant`).
+        learn_amax: make amax a trainable parameter (its gradient comes from :func:`fake_quantize_by_amax`).
         scale_amax: multiply the calibrated amax by this factor.
         block_size: quantize a 2-D weight in blocks of this many consecutive input features (its last dimension),
             one amax per row and block (INT4 weight-only for Linear/MatMul: 32, 64 or 128); see :mod:`qdq.formats`.
@@ -801,7 +806,7 @@ class TensorQuantFunction(torch.autograd.Function):
         return torch.where(inside, grad_q, torch.zeros((), dtype=grad_q.dtype, device=grad_q.device)), None, None, None, None
 
 
-def fake_tensor_quant(
+def fake_quantize_by_amax(
     x: torch.Tensor,
     amax: torch.Tensor,
     num_bits: int = 8,
@@ -814,7 +819,7 @@ def fake_tensor_quant(
     for the gradients.
 
     >>> x = torch.tensor([-2.0, -1.0, 0.3, 1.0], requires_grad=True)
-    >>> y = fake_tensor_quant(x, torch.tensor(1.0))
+    >>> y = fake_quantize_by_amax(x, torch.tensor(1.0))
     >>> y.sum().backward()
     >>> x.grad
     tensor([0., 1., 1., 1.])
@@ -826,7 +831,7 @@ def fake_tensor_quant(
     return _fake_tensor_quant_nograd(x, amax, num_bits, unsigned, narrow_range)
 
 
-def tensor_quant(
+def quantize_by_amax(
     x: torch.Tensor,
     amax: torch.Tensor,
     num_bits: int = 8,
@@ -835,7 +840,7 @@ def tensor_quant(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantizes ``x``: returns the integer values (in a float tensor) and the float32 step ``scale``.
 
-    >>> q, scale = tensor_quant(torch.tensor([0.5, -3.0]), torch.tensor(2.0), num_bits=4)
+    >>> q, scale = quantize_by_amax(torch.tensor([0.5, -3.0]), torch.tensor(2.0), num_bits=4)
     >>> q, scale
     (tensor([ 2., -8.]), tensor(0.2857))
     """
@@ -844,3 +849,131 @@ def tensor_quant(
         scale = _formats.fp8_scale(amax.detach())
         return _formats.quantize_fp8(x, scale).float(), scale
     return TensorQuantFunction.apply(x, amax, num_bits, unsigned, narrow_range)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# pytorch_quantization's functions, under their names, with their arguments and results
+# --------------------------------------------------------------------------------------------------------------------
+# Code written for pytorch_quantization calls these; qdq itself calls quantize_by_amax / fake_quantize_by_amax. The
+# numbers come from the same helpers; what differs is pytorch_quantization's conventions: narrow_range=True by
+# default, the scale returned as maxbound / amax (``q / scale`` dequantizes), amax <= 2**-24 quantizing to exactly 0
+# (scale 1), TypeError for negative unsigned data, ValueError when a half tensor's scale overflows fp16.
+# docs/pytorch_quantization.md lists every difference.
+
+_PQ_EPS = 2.0**-24
+
+
+def _pq_check(inputs: torch.Tensor, amax, unsigned: bool) -> torch.Tensor:
+    if not isinstance(amax, torch.Tensor):
+        amax = torch.tensor(amax, dtype=torch.float32, device=inputs.device)
+    if unsigned and inputs.numel() and bool(inputs.detach().min() < 0):
+        raise TypeError("Negative values encountered in unsigned quantization.")
+    if amax.numel() and bool(amax.detach().min() < 0):
+        raise ValueError("Negative values in amax")
+    return amax
+
+
+def fake_tensor_quant(inputs: torch.Tensor, amax, num_bits: int = 8, unsigned: bool = False,
+                      narrow_range: bool = True) -> torch.Tensor:
+    """pytorch_quantization's ``fake_tensor_quant``: ``narrow_range=True`` by default, amax <= 2**-24 gives 0.
+
+    The numbers are those of :func:`fake_quantize_by_amax` (round half to even, computed in float32, returned in the
+    input's dtype), on every device; the straight-through gradient for ``inputs`` is the same, and amax gets none
+    (qdq's learned amax uses :func:`fake_quantize_by_amax`).
+
+    >>> x = torch.tensor([-2.0, -1.0, 0.5, 1.0])
+    >>> fake_tensor_quant(x, torch.tensor(1.0)).tolist()[0]       # narrow range: clipped to -127 steps
+    -1.0
+    >>> fake_tensor_quant(x, torch.tensor(0.0)).tolist()
+    [0.0, 0.0, 0.0, 0.0]
+    """
+    amax = _pq_check(inputs, amax, unsigned).detach()  # as in pytorch_quantization, amax gets no gradient here
+    out = fake_quantize_by_amax(inputs, amax, num_bits, unsigned, narrow_range)
+    tiny = amax.detach() <= _PQ_EPS
+    return torch.where(tiny.to(out.device), torch.zeros((), dtype=out.dtype, device=out.device), out)
+
+
+#: pytorch_quantization's CPU reference of :func:`fake_tensor_quant`; the same function here.
+legacy_fake_tensor_quant = fake_tensor_quant
+
+
+def tensor_quant(inputs: torch.Tensor, amax, num_bits: int = 8, unsigned: bool = False,
+                 narrow_range: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """pytorch_quantization's ``tensor_quant``: ``(q, scale)`` with ``scale = maxbound / amax`` in the input's
+    dtype (``q / scale`` dequantizes) and q in the input's dtype; ``narrow_range=True`` by default.
+
+    qdq's own :func:`quantize_by_amax` returns the step ``amax / maxbound`` instead (ONNX's ``y_scale``).
+
+    >>> q, scale = tensor_quant(torch.tensor([0.5, -3.0]), torch.tensor(2.0), num_bits=4)
+    >>> q.tolist(), round(scale.item(), 4)
+    ([2.0, -7.0], 3.5)
+    """
+    amax = _pq_check(inputs, amax, unsigned).detach()
+    q, _ = quantize_by_amax(inputs, amax, num_bits, unsigned, narrow_range)
+    amax_f = amax.detach().float().to(q.device)
+    tiny = amax_f <= _PQ_EPS
+    scale = torch.where(tiny, torch.ones((), device=q.device), maxbound(num_bits, unsigned) / amax_f.clamp_min(_PQ_EPS))
+    q = torch.where(tiny, torch.zeros((), dtype=q.dtype, device=q.device), q)
+    if inputs.dtype == torch.half and bool(scale.max() > 65504):
+        raise ValueError(f"scale is too large for FP16 with amax={amax}")
+    return q.to(inputs.dtype), scale.to(inputs.dtype)
+
+
+class _FakeAffineTensorQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, inputs, min_range, max_range, num_bits=8):
+        ctx.save_for_backward(inputs, min_range, max_range)
+        step = (max_range - min_range) / (2.0**num_bits - 1)
+        min_bound, max_bound = -(2.0 ** (num_bits - 1)), 2.0 ** (num_bits - 1) - 1
+        quant_zero = torch.round(min_range / step) - min_bound
+        quantized = torch.clamp(torch.round(inputs / step) - quant_zero, min_bound, max_bound)
+        return (quantized + quant_zero) * step
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        inputs, min_range, max_range = ctx.saved_tensors
+        inside = (inputs <= max_range) & (inputs >= min_range)
+        return torch.where(inside, grad_out, torch.zeros((), dtype=grad_out.dtype, device=grad_out.device)), None, None, None
+
+
+def fake_affine_tensor_quant(inputs: torch.Tensor, min_range: torch.Tensor, max_range: torch.Tensor,
+                             num_bits: int = 8) -> torch.Tensor:
+    """pytorch_quantization's gemmlowp-style affine fake quantization (per tensor, scalar ``min_range``/``max_range``).
+
+    qdq's own asymmetric quantization is :func:`fake_affine_quant` (zero point from :func:`affine_qparams`).
+
+    >>> x = torch.tensor([0.0, 0.5, 1.0])
+    >>> [round(v * 255, 3) for v in fake_affine_tensor_quant(x, x.min(), x.max()).tolist()]
+    [0.0, 127.0, 255.0]
+    """
+    return _FakeAffineTensorQuant.apply(inputs, min_range, max_range, num_bits)
+
+
+class _ScaledE4M3(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, inputs, amax=None, E=4, M=3):
+        if (E, M) != (4, 3):
+            raise NotImplementedError(f"scaled_e4m3: only E=4, M=3 is supported, got E={E}, M={M}")
+        bound = torch.tensor(448.0, device=inputs.device)
+        amax_t = bound if amax is None else torch.as_tensor(amax, dtype=torch.float32, device=inputs.device)
+        ctx.save_for_backward(inputs, amax_t)
+        scale = 448.0 / amax_t
+        x = inputs.float() * scale
+        y = x.clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float() / scale
+        return torch.where(inputs.abs() < _PQ_EPS, torch.zeros((), device=inputs.device), y).to(inputs.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        inputs, amax = ctx.saved_tensors
+        inside = inputs.abs() <= amax
+        return torch.where(inside, grad_out, torch.zeros((), dtype=grad_out.dtype, device=grad_out.device)), None, None, None
+
+
+def scaled_e4m3(inputs: torch.Tensor, amax: torch.Tensor | None = None, E: int = 4, M: int = 3) -> torch.Tensor:
+    """pytorch_quantization's ``scaled_e4m3``: fake FP8 E4M3 with ``amax`` mapped to 448 (``None``: no scaling),
+    saturating at +-448, magnitudes below 2**-24 set to 0; torch's float8_e4m3fn cast does the rounding.
+
+    >>> scaled_e4m3(torch.tensor([0.3, 500.0, -1e-9])).tolist()
+    [0.3125, 448.0, 0.0]
+    """
+    return _ScaledE4M3.apply(inputs, amax, E, M)

@@ -11,7 +11,7 @@ from torch import nn
 from qdq import calibrate_model, quant_modules
 from qdq.autotune import TuneResult, autotune, tunable_layers
 from qdq.switches import quantizers
-from qdq.tensor_quant import fake_tensor_quant
+from qdq.tensor_quant import fake_quantize_by_amax
 
 
 class Net(nn.Module):
@@ -95,7 +95,7 @@ def _distances(model, layer_name, batches, amaxes):
             for a in amaxes:
                 total = 0.0
                 for x, ref in captured:
-                    y = layer(fake_tensor_quant(x, torch.tensor(a), iq.num_bits, iq.unsigned, iq.narrow_range))
+                    y = layer(fake_quantize_by_amax(x, torch.tensor(a), iq.num_bits, iq.unsigned, iq.narrow_range))
                     total += float(((y.double() - ref.double()) ** 2).sum())
                 out.append(math.sqrt(total))
     finally:

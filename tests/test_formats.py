@@ -6,7 +6,7 @@ import torch
 
 from qdq import formats
 from qdq.nn import TensorQuantizer
-from qdq.tensor_quant import AMAX_EPS, QuantDescriptor, amax_to_scale, fake_tensor_quant, maxbound, quant_range
+from qdq.tensor_quant import AMAX_EPS, QuantDescriptor, amax_to_scale, fake_quantize_by_amax, maxbound, quant_range
 
 
 def _fp8_grid() -> tuple[np.ndarray, np.ndarray]:
@@ -63,7 +63,7 @@ def test_fp8_per_channel_and_dispatch_from_tensor_quant():
     torch.manual_seed(1)
     w = torch.randn(6, 3, 3, 3)
     amax = w.abs().amax(dim=(1, 2, 3), keepdim=True)
-    out = fake_tensor_quant(w, amax, num_bits=(4, 3))
+    out = fake_quantize_by_amax(w, amax, num_bits=(4, 3))
     scale = (amax / 448.0).numpy()
     np.testing.assert_array_equal(out.numpy(), (_fp8_reference(w.numpy() / scale) * scale).astype(np.float32))
     assert maxbound((4, 3)) == 448 and quant_range((4, 3)) == (-448, 448)

@@ -113,11 +113,11 @@ def test_fake_tensor_quant_matches_reference(num_bits, unsigned, narrow_range, a
     if unsigned:
         x = np.abs(x)
     amax = _amax_for(x, axis if axis is None else axis % x.ndim, rng)
-    got = tq.fake_tensor_quant(torch.from_numpy(x), torch.from_numpy(np.asarray(amax)), num_bits, unsigned,
+    got = tq.fake_quantize_by_amax(torch.from_numpy(x), torch.from_numpy(np.asarray(amax)), num_bits, unsigned,
                                narrow_range)
     expected = ref.fake_quant(x, amax, num_bits, unsigned, narrow_range)
     np.testing.assert_array_equal(got.numpy(), expected)
-    q, s = tq.tensor_quant(torch.from_numpy(x), torch.from_numpy(np.asarray(amax)), num_bits, unsigned, narrow_range)
+    q, s = tq.quantize_by_amax(torch.from_numpy(x), torch.from_numpy(np.asarray(amax)), num_bits, unsigned, narrow_range)
     rq, rs = ref.quantize(x, amax, num_bits, unsigned, narrow_range)
     np.testing.assert_array_equal(q.numpy(), rq)
     np.testing.assert_array_equal(s.numpy(), rs)
@@ -127,14 +127,14 @@ def test_large_random_tensor_exact():
     """Millions of values: the fused kernel and the reference agree on every element, ties included."""
     x = (torch.randn(2_000_000) * 3).numpy()
     x[:1000] = (np.arange(1000) - 500) * np.float32(2.5 / 127) / 2  # exact half steps: round half to even
-    got = tq.fake_tensor_quant(torch.from_numpy(x), torch.tensor(2.5))
+    got = tq.fake_quantize_by_amax(torch.from_numpy(x), torch.tensor(2.5))
     np.testing.assert_array_equal(got.numpy(), ref.fake_quant(x, np.float32(2.5)))
 
 
 def test_round_half_to_even():
     s = 1.0 / 127  # amax 1 -> scale 1/127
     x = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5]) * torch.tensor(s, dtype=torch.float32)
-    q, _ = tq.tensor_quant(x, torch.tensor(1.0))
+    q, _ = tq.quantize_by_amax(x, torch.tensor(1.0))
     ref_q, _ = ref.quantize(x.numpy(), np.float32(1.0))
     np.testing.assert_array_equal(q.numpy(), ref_q)
     np.testing.assert_array_equal(np.abs(ref_q) % 2, 0)  # ties went to even
@@ -144,7 +144,7 @@ def test_round_half_to_even():
 def test_half_inputs_computed_in_fp32(dtype):
     x = (torch.randn(4, 16) * 4).to(dtype)
     amax = torch.tensor(3.0)
-    got = tq.fake_tensor_quant(x, amax)
+    got = tq.fake_quantize_by_amax(x, amax)
     assert got.dtype == dtype
     expected = torch.from_numpy(ref.fake_quant(x.float().numpy(), np.float32(3.0))).to(dtype)
     assert torch.equal(got, expected)
@@ -154,7 +154,7 @@ def test_half_inputs_computed_in_fp32(dtype):
 def test_fp16_overflow_region(amax):
     """x / scale overflows fp16 for large x and small amax; the math runs in fp32, so nothing becomes inf or NaN."""
     x = torch.tensor([60000.0, -65504.0, 1.0, -3e-4, 0.0], dtype=torch.float16)
-    got = tq.fake_tensor_quant(x, torch.tensor(amax))
+    got = tq.fake_quantize_by_amax(x, torch.tensor(amax))
     assert torch.isfinite(got).all()
     assert torch.equal(got, torch.from_numpy(ref.fake_quant(x.float().numpy(), np.float32(amax))).half())
 
@@ -166,7 +166,7 @@ def test_non_contiguous(axis):
     assert not x.is_contiguous()
     amax = torch.rand([n if i == axis else 1 for i, n in enumerate(x.shape)]) + 0.1 if axis is not None \
         else torch.tensor(1.3)
-    got = tq.fake_tensor_quant(x, amax)
+    got = tq.fake_quantize_by_amax(x, amax)
     np.testing.assert_array_equal(got.numpy(), ref.fake_quant(x.contiguous().numpy(), amax.numpy()))
 
 
@@ -175,7 +175,7 @@ def test_multi_axis_plain_path_matches_and_logs(caplog):
     amax = torch.rand(3, 4, 1) + 0.2
     with caplog.at_level("INFO", logger="qdq.tensor_quant"):
         tq._logged_plain_paths.clear()
-        got = tq.fake_tensor_quant(x, amax)
+        got = tq.fake_quantize_by_amax(x, amax)
     np.testing.assert_array_equal(got.numpy(), ref.fake_quant(x.numpy(), amax.numpy()))
     assert "plain tensor math" in caplog.text
 
@@ -186,18 +186,18 @@ def test_fake_quant_is_dequantize_of_quantize():
         s = tq.amax_to_scale(amax)
         composed = tq.dequantize(tq.quantize(x, s), s)
         assert torch.equal(tq.fake_quantize(x, s), composed)
-        assert torch.equal(tq.fake_tensor_quant(x, amax), composed)
+        assert torch.equal(tq.fake_quantize_by_amax(x, amax), composed)
 
 
 def test_zero_amax_is_eps():
     x = torch.tensor([0.0, 1.0, -1.0])
-    got = tq.fake_tensor_quant(x, torch.tensor(0.0))
+    got = tq.fake_quantize_by_amax(x, torch.tensor(0.0))
     np.testing.assert_array_equal(got.numpy(), ref.fake_quant(x.numpy(), np.float32(0.0)))
     assert got[0] == 0 and got.abs().max() <= 2.0**-24 * 128 / 127
     # per channel: an all-zero channel stays exactly zero
     w = torch.randn(3, 4)
     w[1] = 0
-    out = tq.fake_tensor_quant(w, tq.reduce_amax(w, axis=0))
+    out = tq.fake_quantize_by_amax(w, tq.reduce_amax(w, axis=0))
     assert torch.equal(out[1], torch.zeros(4))
 
 
@@ -211,7 +211,7 @@ def test_straight_through_gradient(unsigned):
         x = x.abs()
     x.requires_grad_(True)
     amax = torch.tensor(1.7)
-    tq.fake_tensor_quant(x, amax, unsigned=unsigned).backward(torch.full_like(x, 2.0))
+    tq.fake_quantize_by_amax(x, amax, unsigned=unsigned).backward(torch.full_like(x, 2.0))
     expected = torch.where(x.detach().abs() <= amax, 2.0, 0.0)
     assert torch.equal(x.grad, expected)
 
@@ -225,7 +225,7 @@ def test_amax_gradient_matches_reference(axis, num_bits):
     g = rng.standard_normal(x.shape).astype(np.float32)
     amax_t = torch.tensor(np.asarray(amax), requires_grad=True)
     xt = torch.tensor(x, requires_grad=True)
-    tq.fake_tensor_quant(xt, amax_t, num_bits).backward(torch.from_numpy(g))
+    tq.fake_quantize_by_amax(xt, amax_t, num_bits).backward(torch.from_numpy(g))
     expected = ref.amax_grad(x, amax, g, num_bits)
     np.testing.assert_allclose(amax_t.grad.numpy(), expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(xt.grad, torch.from_numpy(g) * (xt.detach().abs() <= amax_t.detach()))
@@ -239,7 +239,7 @@ def test_learned_amax_descends():
     losses = []
     for _ in range(60):
         opt.zero_grad()
-        loss = ((tq.fake_tensor_quant(x, amax, 4) - x) ** 2).mean()
+        loss = ((tq.fake_quantize_by_amax(x, amax, 4) - x) ** 2).mean()
         loss.backward()
         opt.step()
         losses.append(loss.item())
@@ -253,34 +253,34 @@ def test_learned_amax_descends():
 def test_bad_amax_function(amax):
     """A Python number is checked on the host always; a tensor amax when data checks are on (a sync per call)."""
     with pytest.raises(ValueError, match="finite and >= 0"):
-        tq.fake_tensor_quant(torch.randn(4), amax)
+        tq.fake_quantize_by_amax(torch.randn(4), amax)
     with tq.data_checks(), pytest.raises(ValueError, match="finite and >= 0"):
-        tq.fake_tensor_quant(torch.randn(4), torch.tensor(amax))
+        tq.fake_quantize_by_amax(torch.randn(4), torch.tensor(amax))
     assert not tq.data_checks_enabled()  # restored on the way out of the exception
 
 
 def test_negative_amax_tensor_quantizes_as_eps_without_checks():
     """The hot path never reads amax on the host: a negative amax clamps to AMAX_EPS, as a zero one does."""
     x = torch.tensor([0.0, 1e-9, -1.0])
-    assert torch.equal(tq.fake_tensor_quant(x, torch.tensor(-1.0)), tq.fake_tensor_quant(x, torch.tensor(0.0)))
+    assert torch.equal(tq.fake_quantize_by_amax(x, torch.tensor(-1.0)), tq.fake_quantize_by_amax(x, torch.tensor(0.0)))
 
 
 def test_unsigned_negative_data():
     with tq.data_checks(), pytest.raises(ValueError, match="unsigned quantization of negative data"):
-        tq.fake_tensor_quant(torch.tensor([1.0, -0.5]), torch.tensor(1.0), unsigned=True)
+        tq.fake_quantize_by_amax(torch.tensor([1.0, -0.5]), torch.tensor(1.0), unsigned=True)
     # without the checks (the default: no host sync per call) negative values clamp to 0
-    assert tq.fake_tensor_quant(torch.tensor([1.0, -0.5]), torch.tensor(1.0), unsigned=True).tolist() == [1.0, 0.0]
+    assert tq.fake_quantize_by_amax(torch.tensor([1.0, -0.5]), torch.tensor(1.0), unsigned=True).tolist() == [1.0, 0.0]
 
 
 def test_per_channel_shape_mismatch():
     with pytest.raises(ValueError, match=r"amax of shape \(5, 1\) does not match the tensor of shape \(4, 3\)"):
-        tq.fake_tensor_quant(torch.randn(4, 3), torch.ones(5, 1))
+        tq.fake_quantize_by_amax(torch.randn(4, 3), torch.ones(5, 1))
 
 
 @pytest.mark.parametrize("bits", [1, 17])
 def test_bits_out_of_range(bits):
     with pytest.raises(ValueError, match="num_bits"):
-        tq.fake_tensor_quant(torch.randn(4), torch.tensor(1.0), bits)
+        tq.fake_quantize_by_amax(torch.randn(4), torch.tensor(1.0), bits)
 
 
 def test_ranges():

@@ -21,6 +21,7 @@ from qdq.calib.calibrator import NoDataCollectedError, NonFiniteWarning, StatsMi
 from qdq.calib.histogram import HistogramCalibrator, rebin
 from qdq.calib.kld import kld_amax, kld_cuts, kld_divergence
 from qdq.calib.max import MaxCalibrator
+from qdq.calib.weights import calibrate_weights
 
 __all__ = [
     "MaxCalibrator",
@@ -40,4 +41,5 @@ __all__ = [
     "register_search",
     "get_search",
     "search_names",
+    "calibrate_weights",
 ]

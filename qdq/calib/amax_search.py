@@ -186,7 +186,7 @@ def mse_amax(
 ) -> torch.Tensor:
     """The cut whose fake quantization of the bin centers has the least count-weighted squared error.
 
-    The centers are fake-quantized with the arithmetic of :func:`qdq.tensor_quant.fake_tensor_quant`
+    The centers are fake-quantized with the arithmetic of :func:`qdq.tensor_quant.fake_quantize_by_amax`
     (``quantize(x) * scale``), for every candidate at once; with ``num_bits=(4, 3)`` on the FP8 E4M3 grid
     (:func:`qdq.formats.fake_quantize_fp8`).
 
@@ -231,7 +231,7 @@ def percentile_amax(
     tensor([2.])
     """
     if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 < percentile <= 100:
-        raise ValueError(f"percentile must be a number in (0, 100], got {percentile!r}")
+        raise ValueError(f"percentile must be a number in the range (0, 100], got {percentile!r}")
     c, e, lead = _as_2d(counts, edges)
     cum = c.double().cumsum(1)
     # the share is decimal (99.9 %); forgive its binary rounding so an exact share counts as reached

@@ -14,6 +14,8 @@ from qdq.nn.modules.quant_pooling import *  # noqa: F401,F403
 from qdq.nn.modules.quant_pooling import __all__ as _pool_all
 from qdq.nn.modules.quant_rnn import LSTM, LSTMCell, QuantLSTM, QuantLSTMCell
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
+from qdq.nn.modules.clip import Clip
+from qdq.nn.modules.quant_instancenorm import QuantInstanceNorm1d, QuantInstanceNorm2d, QuantInstanceNorm3d
 
 __all__ = [
     "TensorQuantizer",
@@ -32,4 +34,8 @@ __all__ = [
     "QuantMultiheadAttention",
     "QuantMatMul",
     "QuantScaledDotProductAttention",
+    "Clip",
+    "QuantInstanceNorm1d",
+    "QuantInstanceNorm2d",
+    "QuantInstanceNorm3d",
 ]

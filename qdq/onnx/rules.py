@@ -173,7 +173,9 @@ def apply_custom_rules_to_quantizer(
 
     Args:
         model: a model with quantizers (calibrated or not; see the module docstring for the order).
-        example_inputs: an input for the export (a tensor or a tuple); not needed when ``export_fn`` is given.
+        example_inputs: an input for the export (a tensor or a tuple); not needed when ``export_fn`` is given. A
+            callable here is taken as ``export_fn`` (pytorch_quantization-era scripts call
+            ``apply_custom_rules_to_quantizer(model, export_onnx)``).
         export_fn: ``export_fn(model, path)`` running ``torch.onnx.export`` itself, for models that need special
             export arguments (the quantizers are already in export mode when it is called).
         extra_pairs: manual ``(major, sub)`` module paths, applied after the graph's pairs.
@@ -185,6 +187,8 @@ def apply_custom_rules_to_quantizer(
     Returns:
         The ``(major, sub)`` quantizer names that were made to share (the same on every rank).
     """
+    if callable(example_inputs) and export_fn is None:  # the seed scripts' signature: (model, export_onnx)
+        example_inputs, export_fn = None, example_inputs
     if example_inputs is None and export_fn is None:
         raise ValueError("apply_custom_rules_to_quantizer needs example_inputs (or an export_fn) to export the model")
     if placement:

@@ -18,7 +18,7 @@ from torch import nn
 import qdq
 from qdq import calib
 from qdq.nn import TensorQuantizer
-from qdq.tensor_quant import QuantDescriptor, fake_tensor_quant
+from qdq.tensor_quant import QuantDescriptor, fake_quantize_by_amax
 
 
 def _model(learn: bool = True) -> nn.Module:
@@ -144,9 +144,9 @@ def test_low_precision_input_has_the_float32_integers(dtype, axis):
     the float32 result rounded once to the input's dtype."""
     x32 = (torch.randn(4, 6, 5, 5) * 3).to(dtype).float()  # values the low-precision type holds exactly
     amax = torch.tensor(2.5) if axis is None else torch.rand(1, 6, 1, 1) + 1.0
-    ref = fake_tensor_quant(x32, amax)
+    ref = fake_quantize_by_amax(x32, amax)
     x = x32.to(dtype).requires_grad_()
-    out = fake_tensor_quant(x, amax)
+    out = fake_quantize_by_amax(x, amax)
     assert out.dtype == dtype
     assert torch.equal(out, ref.to(dtype))
     assert torch.equal(_grid(out, amax), _grid(ref, amax))

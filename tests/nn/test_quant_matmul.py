@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from qdq import nn as quant_nn
 from qdq.nn.modules.quant_matmul import additive_mask
-from qdq.tensor_quant import fake_tensor_quant
+from qdq.tensor_quant import fake_quantize_by_amax
 
 
 def _disable(module):
@@ -52,7 +52,7 @@ def test_sdpa_quantizes_the_four_matmul_inputs_exactly():
     amax = {"q": 2.5, "k": 3.0, "p": 1.0, "v": 2.0}
     attn.q_bmm_quantizer.amax, attn.k_bmm_quantizer.amax = amax["q"], amax["k"]
     attn.softmax_quantizer.amax, attn.v_bmm_quantizer.amax = amax["p"], amax["v"]
-    fq = lambda x, a: fake_tensor_quant(x, torch.tensor(a), 8, False, False)  # noqa: E731
+    fq = lambda x, a: fake_quantize_by_amax(x, torch.tensor(a), 8, False, False)  # noqa: E731
     scores = fq(q, amax["q"]) @ fq(k.transpose(-2, -1), amax["k"]) / 4.0
     expected = fq(torch.softmax(scores, -1), amax["p"]) @ fq(v, amax["v"])
     assert torch.equal(attn(q, k, v), expected)
@@ -91,7 +91,7 @@ def test_quant_matmul():
     mm = quant_nn.QuantMatMul()
     a, b = torch.randn(3, 5, 8), torch.randn(3, 8, 4)
     mm.input_quantizer.amax, mm.other_quantizer.amax = 2.0, 3.0
-    expected = fake_tensor_quant(a, torch.tensor(2.0), 8, False, False) @ fake_tensor_quant(b, torch.tensor(3.0), 8, False, False)
+    expected = fake_quantize_by_amax(a, torch.tensor(2.0), 8, False, False) @ fake_quantize_by_amax(b, torch.tensor(3.0), 8, False, False)
     assert torch.equal(mm(a, b), expected)
     with pytest.raises(TypeError, match="QuantDescriptor"):
         quant_nn.QuantMatMul(quant_desc_input="8bit")

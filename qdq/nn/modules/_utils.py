@@ -37,6 +37,12 @@ def _check_desc(value: Any, what: str) -> QuantDescriptor:
     return value
 
 
+def _check_fake(cls: type, *descs: QuantDescriptor) -> None:
+    if any(not d.fake_quant for d in descs):
+        raise ValueError(f"{cls.__name__}: Only fake quantization is supported in quantized layers (a descriptor has "
+                         "fake_quant=False); use a TensorQuantizer alone for real quantization")
+
+
 class QuantInputMixin:
     """Gives a layer one input quantizer, ``_input_quantizer``."""
 
@@ -50,6 +56,7 @@ class QuantInputMixin:
     def init_quantizer(self, quant_desc_input: QuantDescriptor) -> None:
         """Creates ``_input_quantizer`` (call it in ``__init__``, or on an instance being converted)."""
         _check_desc(quant_desc_input, "quant_desc_input")
+        _check_fake(type(self), quant_desc_input)
         self._input_quantizer = TensorQuantizer(quant_desc_input)
 
     @property
@@ -83,6 +90,7 @@ class QuantMixin:
         """Creates the quantizers: one pair, or ``num_layers`` of each in ``nn.ModuleList``s."""
         _check_desc(quant_desc_input, "quant_desc_input")
         _check_desc(quant_desc_weight, "quant_desc_weight")
+        _check_fake(type(self), quant_desc_input, quant_desc_weight)
         if num_layers is None:
             self._input_quantizer = TensorQuantizer(quant_desc_input)
             self._weight_quantizer = TensorQuantizer(quant_desc_weight)

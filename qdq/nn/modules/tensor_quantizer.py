@@ -1,7 +1,7 @@
 """TensorQuantizer: the module that holds a quantizer's state and calls the math and the calibrator.
 
 State: the ``_amax`` buffer (``None`` until calibrated or given; a ``Parameter`` when learned), the descriptor's
-settings and four public switches. Work: :func:`qdq.tensor_quant.fake_tensor_quant` for the numbers and a
+settings and four public switches. Work: :func:`qdq.tensor_quant.fake_quantize_by_amax` for the numbers and a
 calibrator from :mod:`qdq.calib` for the statistics.
 
 =====================  ===========================================================================
@@ -50,12 +50,12 @@ from qdq.tensor_quant import (
     fake_affine_quant,
     reduce_range,
     check_amax,
-    fake_tensor_quant,
+    fake_quantize_by_amax,
     maxbound,
     amax_to_scale,
     quant_range,
     reduce_amax,
-    tensor_quant,
+    quantize_by_amax,
 )
 
 __all__ = ["TensorQuantizer"]
@@ -126,15 +126,29 @@ class TensorQuantizer(nn.Module):
     # read-only settings
     # ----------------------------------------------------------------------------------------------------------
     quant_desc = property(lambda self: self._quant_desc)
-    num_bits = property(lambda self: self._num_bits)
-    unsigned = property(lambda self: self._unsigned)
-    narrow_range = property(lambda self: self._narrow_range)
+    num_bits = property(lambda self: self._num_bits, lambda self, v: self._set_setting("num_bits", v))
+    unsigned = property(lambda self: self._unsigned, lambda self, v: self._set_setting("unsigned", v))
+    narrow_range = property(lambda self: self._narrow_range, lambda self, v: self._set_setting("narrow_range", v))
     symmetric = property(lambda self: self._symmetric)
     axis = property(lambda self: self._axis)
     fake_quant = property(lambda self: self._fake_quant)
     scale_amax = property(lambda self: self._scale_amax)
     learn_amax = property(lambda self: isinstance(self._amax, nn.Parameter))
     block_size = property(lambda self: self._block_size)
+
+    #: pytorch_quantization's class-wide export switch: while True (set on the class, as the YOLOv5 and BEVFusion
+    #: export scripts do), ``forward`` is the export forward with each quantizer's own amax, which both of torch's
+    #: ONNX exporters write as QuantizeLinear/DequantizeLinear. A quantizer without amax then raises, as
+    #: :func:`qdq.export_onnx` does (inside the rules step every quantizer carries its tag scale instead).
+    use_fb_fake_quant = False
+    _enable_onnx_export = False  # set by qdq.quant_modules.enable_onnx_export(), the same effect
+
+    def _set_setting(self, key: str, value) -> None:
+        """pytorch_quantization's setters of num_bits / unsigned / narrow_range: the descriptor follows."""
+        self._quant_desc = self._quant_desc.replace(**{key: value})  # validates the value
+        setattr(self, "_" + key, getattr(self._quant_desc, key))
+        if self._calibrator is not None and hasattr(self._calibrator, "_" + key):
+            setattr(self._calibrator, "_" + key, getattr(self._quant_desc, key))
 
     @property
     def maxbound(self) -> int:
@@ -351,6 +365,8 @@ class TensorQuantizer(nn.Module):
             return x
         if self._export_mode:
             return self._export_forward(x)
+        if TensorQuantizer.use_fb_fake_quant or TensorQuantizer._enable_onnx_export:
+            return self._fb_fake_quant_forward(x)
         if self._if_calib:
             # a weight (a Parameter) seen again unchanged adds nothing: collect it once per version
             key = (id(x), x._version) if isinstance(x, nn.Parameter) else None
@@ -436,8 +452,8 @@ class TensorQuantizer(nn.Module):
             if self._block_size:
                 return formats.fake_blocked_quant(x, amax, self._num_bits, self._block_size, self._narrow_range)
             if self._fake_quant:
-                return fake_tensor_quant(x, amax, self._num_bits, self._unsigned, self._narrow_range)
-            q, self._scale = tensor_quant(x, amax, self._num_bits, self._unsigned, self._narrow_range)
+                return fake_quantize_by_amax(x, amax, self._num_bits, self._unsigned, self._narrow_range)
+            q, self._scale = quantize_by_amax(x, amax, self._num_bits, self._unsigned, self._narrow_range)
             return q
         except ValueError as err:
             raise ValueError(f"{self._label()}: {err}") from None
@@ -452,6 +468,16 @@ class TensorQuantizer(nn.Module):
             return fake_affine_quant(x, amin, amax, self._num_bits, self._unsigned)
         except ValueError as err:
             raise ValueError(f"{self._label()}: {err}") from None
+
+    def _fb_fake_quant_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``use_fb_fake_quant``: the export forward with this quantizer's amax (no calibration, no clip)."""
+        if not self._if_quant:
+            return x
+        self.set_export_mode(True)
+        try:
+            return self._export_forward(x)
+        finally:
+            self.set_export_mode(False)
 
     def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The forward traced by the ONNX export: the fused fake-quant op alone, no custom gradient.
