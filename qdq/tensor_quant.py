@@ -690,10 +690,10 @@ def data_checks(enabled: bool = True) -> Iterator[None]:
     ``torch.compile(fullgraph=True)``. Without the checks a negative amax quantizes as ``AMAX_EPS`` and unsigned
     quantization clamps negative values to 0.
 
-    >>> fake_tensor_quant(torch.tensor([-0.5, 1.0]), torch.tensor(1.0), unsigned=True)
+    >>> fake_quantize_by_amax(torch.tensor([-0.5, 1.0]), torch.tensor(1.0), unsigned=True)
     tensor([0., 1.])
     >>> with data_checks():
-    ...     fake_tensor_quant(torch.tensor([-0.5, 1.0]), torch.tensor(1.0), unsigned=True)
+    ...     fake_quantize_by_amax(torch.tensor([-0.5, 1.0]), torch.tensor(1.0), unsigned=True)
     Traceback (most recent call last):
     ...
     ValueError: unsigned quantization of negative data (min -0.5); use a signed quantizer for this tensor

@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 import qdq
-from qdq.equalize import ChannelClamp
+from qdq.ptq.equalize import ChannelClamp
 
 
 def _randomize_bn(model):

@@ -66,11 +66,11 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from qdq.capture import call_order, run_until
+from qdq.ptq.capture import call_order, run_until
 from qdq.distributed import all_reduce_tensors, broadcast_tensors
 from qdq.quant_modules import name_quantizers
 from qdq.switches import disable_quantization
-from qdq.weight_layers import check_reiterable, output_channel_dim, quantized_layers, weight_grid
+from qdq.ptq.weight_layers import check_reiterable, output_channel_dim, quantized_layers, weight_grid
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup

@@ -1,6 +1,6 @@
 """What one module sees on calibration data: its inputs and outputs, captured by feeding the model up to it.
 
-The PTQ algorithms (:mod:`qdq.bias_correction`, :mod:`qdq.adaround`) work layer by layer in forward order. For each
+The PTQ algorithms (:mod:`qdq.ptq.bias_correction`, :mod:`qdq.ptq.adaround`) work layer by layer in forward order. For each
 layer they need what reaches it on calibration data - with the layers before it already quantized (and corrected),
 or in float - and nothing beyond it. :func:`run_until` feeds the batches through :func:`qdq.feeding.feed` (the
 batch conventions of :func:`qdq.calibrate_model`) and stops every batch as soon as the module has run, so the rest of

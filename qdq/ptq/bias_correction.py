@@ -38,12 +38,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qdq.capture import call_order, run_until
+from qdq.ptq.capture import call_order, run_until
 from qdq.distributed import all_reduce_tensors
 from qdq.feeding import feed, model_device
 from qdq.quant_modules import name_quantizers
 from qdq.switches import disable_quantization
-from qdq.weight_layers import check_reiterable, output_channel_dim, quantized_layers
+from qdq.ptq.weight_layers import check_reiterable, output_channel_dim, quantized_layers
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
