@@ -34,6 +34,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import qdq  # noqa: E402
+import qdq.zoo  # noqa: E402
 from qdq.evaluate import collect_logits, top1_accuracy, top1_agreement  # noqa: E402
 from qdq.tensor_quant import QuantDescriptor  # noqa: E402
 

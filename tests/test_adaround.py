@@ -76,6 +76,7 @@ def test_calibrate_model_keeps_the_frozen_weight_amax():
         model[0].weight_quantizer.enable_calib()
 
 
+@pytest.mark.slow
 def test_blocks_are_reconstructed_together():
     model, data = _model(), _data()
     qdq.calibrate_model(model, data, progress=False)
@@ -100,6 +101,7 @@ def test_errors_name_the_problem():
         qdq.adaround(model, data, layers=["nope"], progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("deploy", [False, True], ids=["float-weights", "int8-weights"])
 def test_export_gives_the_chosen_integers_in_onnxruntime(deploy, tmp_path):
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()

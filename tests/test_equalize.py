@@ -97,3 +97,17 @@ def test_quantized_model_before_calibration():
     assert qdq.equalize(model).pairs == [("0", "1", "2")]
     with qdq.disable_quantization(model), torch.no_grad():
         assert torch.allclose(model(x), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_resnet_basic_blocks_with_a_reused_relu_stay_equal():
+    """torchvision's BasicBlock calls one ReLU module twice; its conv1 -> relu -> conv2 pairs are still equalized."""
+    model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    _randomize_bn(model)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    report = qdq.equalize(model, absorb_high_bias=False)
+    assert ("layer1.0.conv1", "layer1.0.relu", "layer1.0.conv2") in report.pairs and len(report.pairs) == 8
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,46 @@
+"""AdaRound and bias correction under torch.distributed (2 gloo ranks, each with its own shard): the ranks end with
+the same weights and biases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import qdq
+from test_distributed import _launch, _save, _shard
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 1)).eval()
+    qdq.replace_to_quantization_module(model)
+    return model
+
+
+def _data() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return [torch.randn(4, 3, 6, 6, generator=g) for _ in range(4)]
+
+
+def _ptq_worker(rank: int, world: int, out: Path) -> None:
+    model = _model()
+    data = _shard(_data(), rank, world)
+    qdq.calibrate_model(model, data, progress=False)
+    qdq.adaround(model, data, iterations=15, batch_size=4, progress=False)
+    qdq.bias_correction(model, data, progress=False)
+    _save(out, rank, {k: v.detach().clone() for k, v in model.state_dict().items()})
+
+
+@pytest.mark.slow
+def test_ranks_agree_after_adaround_and_bias_correction(tmp_path):
+    ranks = _launch(_ptq_worker, 2, tmp_path)
+    assert ranks[0].keys() == ranks[1].keys()
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+    # the union of the data decides: the bias correction of one process on all batches adds the same shift
+    single = _model()
+    qdq.calibrate_model(single, _data(), progress=False)
+    assert torch.equal(single[0].weight_quantizer.amax, ranks[0]["0._weight_quantizer._amax"])
