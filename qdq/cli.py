@@ -100,9 +100,9 @@ def _cmd_check(args) -> int:
 
 
 def _cmd_ptq(args) -> int:
-    from qdq.zoo import model_names
-
     if args.list_models:
+        from qdq.zoo import model_names
+
         print("\n".join(model_names()))
         return 0
     for flag in ("model", "data", "out"):
