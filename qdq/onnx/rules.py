@@ -180,6 +180,8 @@ def apply_custom_rules_to_quantizer(
     Returns:
         The ``(major, sub)`` quantizer names that were made to share (the same on every rank).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"apply_custom_rules_to_quantizer takes an nn.Module, got {type(model).__name__}")
     if example_inputs is None and export_fn is None:
         raise ValueError("apply_custom_rules_to_quantizer needs example_inputs (or an export_fn) to export the model")
     pairs = run_on_rank0(
