@@ -11,6 +11,8 @@ __all__ = ["write_atomically"]
 
 def write_atomically(path: Path, text: str) -> None:
     """Writes ``text`` to a temporary file next to ``path``, then renames it over ``path`` (never half a file)."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give the path of the file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -215,6 +215,9 @@ def save_calib_table(model: nn.Module, path: str | os.PathLike, method: str | No
     lines += ["  }", "}", ""]
     write_atomically(path, "\n".join(lines))
     without = sum(e["amax"] is None for e in entries.values())
+    if without == len(entries):  # a table of nulls: almost surely saved before calibration
+        logger.warning("save_calib_table: none of the %d quantizers has an amax (calibrate the model first); the "
+                       "table %s lists them all with amax null", len(entries), path)
     logger.info("saved %d quantizers (%d without amax) to %s", len(entries), without, path)
     return table
 

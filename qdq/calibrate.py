@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from qdq.calib import HistogramCalibrator, MaxCalibrator, search_names
+from qdq.calib.amax_search import check_search_keywords
 from qdq.calib.calibrator import rank_label
 from qdq.distributed import SyncReport, gather_objects, is_distributed, sync_calibrators
 from qdq.feeding import feed, model_device, model_inputs
@@ -207,6 +208,7 @@ def compute_amax(
     same collection) does not combine twice.
     """
     _check_method(method)
+    check_search_keywords(kwargs, what="compute_amax: ")
     name_quantizers(model)
     report = CalibrationReport(method=method)
     t0 = time.perf_counter()
@@ -272,6 +274,7 @@ def calibrate_model(
     """
     if autotune and method == "max":
         raise ValueError("autotune=True refines histogram thresholds; use a histogram method such as method='kld'")
+    check_search_keywords(search_kwargs, "calibrate_model: ")  # before the data is collected, not after
     t0 = time.perf_counter()
     fed = collect_stats(model, data, device, num_batches, method=method, preprocess=preprocess, progress=progress,
                         group=group)

@@ -6,7 +6,9 @@
             [--format int8|fp8|int4] [--block-size 64]
                                              post-training quantization of a classifier to a QDQ ONNX file
 
-User mistakes (a missing file, an unknown model or method) end with a one-line message and exit code 2.
+User mistakes (a missing or unreadable file, an unknown model or method, a count below 1) end with a one-line
+message on stderr and exit code 2. ``qdq ptq`` exits 1 when the TensorRT check finds errors or when ONNX Runtime and
+PyTorch differ beyond ``--tolerance-steps`` (``--allow-mismatch`` keeps exit 0 then).
 """
 
 from __future__ import annotations
@@ -24,10 +26,57 @@ class UserError(Exception):
     """A mistake in the command line: reported in one line, exit code 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors (a missing value, ``--num-batches abc``) are one line on stderr and exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 100], got {text!r}") from None
+    if not 0 < value <= 100:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 100], got {text}")
+    return value
+
+
+def _steps(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     from qdq import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="qdq",
         description="Fake quantization for PyTorch: PTQ/QAT to QDQ ONNX models for TensorRT.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -35,14 +84,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"qdq {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (INFO level)")
-    sub = parser.add_subparsers(dest="command", metavar="command")
+    sub = parser.add_subparsers(dest="command", metavar="command", parser_class=_Parser)
 
     demo = sub.add_parser("demo", help="train, quantize (PTQ and QAT), export and check a digits CNN, ~1 minute",
                           description="The whole journey on scikit-learn's bundled digits: no download.")
     demo.add_argument("--out", default="qdq-demo", help="folder for the ONNX file, plots and JSON (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--epochs", type=int, default=30, help="fp32 training epochs (default: %(default)s)")
-    demo.add_argument("--qat-epochs", type=int, default=6, help="QAT epochs (default: %(default)s)")
+    demo.add_argument("--epochs", type=_positive_int, default=30, help="fp32 training epochs (default: %(default)s)")
+    demo.add_argument("--qat-epochs", type=_count, default=6, help="QAT epochs (default: %(default)s)")
 
     check = sub.add_parser("check", help="TensorRT rule check of a QDQ ONNX file",
                            description="Checks a QDQ ONNX file against TensorRT's explicit-quantization rules. "
@@ -58,12 +107,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     ptq.add_argument("--model", help="efficientnet_lite0 or a torchvision classifier name (see --list-models)")
     ptq.add_argument("--weights", help="state_dict file for torchvision models")
-    ptq.add_argument("--num-classes", type=int, default=1000, help="classes of the torchvision model (default 1000)")
+    ptq.add_argument("--num-classes", type=_positive_int, default=1000, help="classes of the torchvision model (default 1000)")
     ptq.add_argument("--data", help="calibration images: an ImageFolder or a folder of images")
     ptq.add_argument("--method", default="mse", help="max, entropy, mse, percentile or kld (default: %(default)s)")
-    ptq.add_argument("--percentile", type=float, default=99.99)
-    ptq.add_argument("--num-batches", type=int, default=8, help="calibration batches (default: %(default)s)")
-    ptq.add_argument("--batch-size", type=int, default=16, help="calibration batch size (default: %(default)s)")
+    ptq.add_argument("--percentile", type=_percent, default=99.99, help="for --method percentile, in (0, 100]")
+    ptq.add_argument("--num-batches", type=_positive_int, default=8, help="calibration batches (default: %(default)s)")
+    ptq.add_argument("--batch-size", type=_positive_int, default=16, help="calibration batch size (default: %(default)s)")
     ptq.add_argument("--ignore", action="append", default=[], help="layer path or regex to keep float (repeatable)")
     ptq.add_argument("--out", help="the QDQ ONNX file to write")
     ptq.add_argument("--calib-table", help="also write the calibration table (JSON) here")
@@ -75,6 +124,11 @@ def _parser() -> argparse.ArgumentParser:
     ptq.add_argument("--block-size", type=int, default=64, choices=(32, 64, 128),
                      help="INT4 block size along the input features (default: %(default)s)")
     ptq.add_argument("--list-models", action="store_true", help="list the model names and exit")
+    ptq.add_argument("--tolerance-steps", type=_steps, default=4.0,
+                     help="ONNX Runtime vs PyTorch output tolerance, in output quantization steps: one-step rounding "
+                          "flips compound with depth (default: %(default)s, as the examples)")
+    ptq.add_argument("--allow-mismatch", action="store_true",
+                     help="exit 0 even when ONNX Runtime and PyTorch differ beyond the tolerance")
     return parser
 
 
@@ -113,6 +167,11 @@ def _cmd_ptq(args) -> int:
         raise UserError(f"--data {data}: no such folder")
     if args.weights and not Path(args.weights).is_file():
         raise UserError(f"--weights {args.weights}: no such file")
+    out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a folder; give the .onnx file to write")
+    if args.calib_table and Path(args.calib_table).is_dir():
+        raise UserError(f"--calib-table {args.calib_table}: is a folder; give the .json file to write")
 
     import torch
 
@@ -129,13 +188,19 @@ def _cmd_ptq(args) -> int:
     try:
         model, preprocess = build_model(args.model, args.weights, args.num_classes)
     except (ValueError, ImportError, FileNotFoundError) as err:
-        raise UserError(str(err)) from None
+        raise UserError(f"--weights {err}" if args.weights and str(args.weights) in str(err) else str(err)) from None
     try:
         source = ImageFolderSource(data, preprocess, batch_size=args.batch_size,
                                    limit=args.batch_size * args.num_batches)
     except (DataSourceError, OSError) as err:
         raise UserError(f"--data {data}: {err}") from None
-    report = qdq.replace_to_quantization_module(model, ignore_policy=args.ignore or None)
+    try:
+        report = qdq.replace_to_quantization_module(model, ignore_policy=args.ignore or None)
+    except ValueError as err:  # an --ignore that is not a valid regular expression
+        raise UserError(f"--ignore: {err}") from None
+    if report.unmatched_ignore:
+        raise UserError(f"--ignore {report.unmatched_ignore[0]!r} matches no quantizable layer of {args.model} "
+                        "(layer paths such as 'layer4' or regular expressions such as 'layer4\\..*')")
     print(f"quantized {len(report.replaced)} layers of {args.model} ({len(report.ignored)} ignored)")
     if args.format != "int8":
         from qdq.layer_formats import set_model_format
@@ -154,12 +219,21 @@ def _cmd_ptq(args) -> int:
     info = qdq.export_onnx(model, example, args.out, dynamic_batch=args.dynamic_batch, dynamo=args.dynamo)
     print(f"wrote {info.path} ({info.num_qdq_pairs} Q/DQ pairs, opset {info.opset}, {info.exporter} exporter)")
     with torch.no_grad():
-        print(qdq.verify(model, info.path, example))
+        parity = qdq.verify(model, info.path, example, output_tolerance_steps=args.tolerance_steps)
+    print(parity)
     from qdq.onnx.check import format_findings
 
     findings = qdq.check_tensorrt(info.path)
     print(format_findings(findings, show_info=False))
-    return 1 if any(f.severity == "error" for f in findings) else 0
+    code = 1 if any(f.severity == "error" for f in findings) else 0
+    if not parity.ok:
+        if args.allow_mismatch:
+            print("ONNX Runtime and PyTorch differ beyond the tolerance (--allow-mismatch: exit code unchanged)")
+        else:
+            print(f"qdq ptq: error: ONNX Runtime and PyTorch differ beyond {args.tolerance_steps:g} output step(s); "
+                  "see above (--tolerance-steps to widen, --allow-mismatch to accept)", file=sys.stderr)
+            code = 1
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

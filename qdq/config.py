@@ -899,6 +899,9 @@ def create_quant_config(
     """
     if isinstance(skip_layers, str):
         skip_layers = [skip_layers]
+    if not isinstance(skip_layers, Iterable):
+        raise TypeError(f"create_quant_config: skip_layers must be a list of layer names or patterns, got "
+                        f"{skip_layers!r}")
     weight_bits = num_bits if weight_num_bits is None else weight_num_bits
 
     def section(role: str, method: Any, bits: Any) -> dict[str, Any]:

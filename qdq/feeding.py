@@ -113,6 +113,9 @@ def feed(
             before_batch()
         data(model)
         return 1
+    if not hasattr(data, "__iter__"):
+        raise TypeError(f"data must be an iterable of batches (a DataLoader, a list) or a forward loop (a callable "
+                        f"taking the model), got {type(data).__name__}")
     total = num_batches
     if hasattr(data, "__len__"):
         total = len(data) if num_batches is None else min(num_batches, len(data))

@@ -91,6 +91,9 @@ def apply_patch(model: nn.Module, patch: ForwardPatch) -> list[str]:
     Returns the paths patched. A module already carrying another patch that replaced its forward is an error:
     two forward rewrites of one module cannot both hold.
     """
+    if not isinstance(model, nn.Module) or not isinstance(patch, ForwardPatch):
+        raise TypeError(f"apply_patch takes an nn.Module and a ForwardPatch, got {type(model).__name__} and "
+                        f"{type(patch).__name__}")
     done = []
     for path, module in list(model.named_modules()):
         if not patch.matches(path, module):

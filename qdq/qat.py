@@ -73,7 +73,7 @@ def freeze_bn_stats(model: nn.Module) -> int:
 
 def qat_learning_rate(original_lr: float, fraction: float = 0.01) -> float:
     """The usual starting learning rate for QAT fine-tuning: ``fraction`` (1%) of the original initial rate."""
-    if original_lr <= 0 or not 0 < fraction <= 1:
+    if not original_lr > 0 or original_lr == float("inf") or not 0 < fraction <= 1:  # NaN fails both tests
         raise ValueError(f"need original_lr > 0 and 0 < fraction <= 1, got {original_lr}, {fraction}")
     return original_lr * fraction
 
@@ -113,6 +113,11 @@ class Distiller:
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.mse_loss,
         weights: Sequence[float] | None = None,
     ):
+        if not isinstance(student, nn.Module) or not (teacher is None or isinstance(teacher, nn.Module)):
+            raise TypeError(f"Distiller takes nn.Module student and teacher, got {type(student).__name__} and "
+                            f"{type(teacher).__name__}")
+        if isinstance(layers, str):
+            raise TypeError(f"layers must be a list of module paths, got the string {layers!r} (write [{layers!r}])")
         self.student = student
         self.teacher = teacher if teacher is not None else make_teacher(student)
         self.layers = list(layers)

@@ -113,6 +113,9 @@ def _build_map(quant_map) -> dict[type, type]:
     mapping = {_FLOAT_CLASSES.get(e, getattr(e.orig_mod, e.mod_name)): e.replace_mod for e in _DEFAULT_QUANT_MAP}
     if quant_map is None:
         return mapping
+    if not isinstance(quant_map, (Mapping, Iterable)) or isinstance(quant_map, (str, bytes)):
+        raise TypeError(f"quant_map must be a mapping {{float class: quantized class}} or a list of pairs, got "
+                        f"{quant_map!r}")
     pairs = quant_map.items() if isinstance(quant_map, Mapping) else quant_map
     for item in pairs:
         if isinstance(item, _quant_entry):
@@ -431,6 +434,8 @@ def replace_to_quantization_module(
     Returns:
         A :class:`ReplacementReport`; its summary is also logged.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"replace_to_quantization_module takes an nn.Module, got {type(model).__name__}")
     ignore = compile_ignore_policy(ignore_policy)
     report = ReplacementReport()
     if isinstance(model, torch.jit.ScriptModule):

@@ -141,6 +141,8 @@ def build_sensitivity_profile(
         higher_is_better: the metric's direction (``False`` for a loss).
         layers: restrict the profile to these layer paths.
     """
+    if not callable(eval_fn):
+        raise TypeError(f"eval_fn must be a callable model -> metric, got {eval_fn!r}")
     if mode not in ("disable_one", "enable_one"):
         raise ValueError(f"mode must be 'disable_one' or 'enable_one', got {mode!r}")
     name_quantizers(model)

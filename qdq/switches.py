@@ -37,6 +37,8 @@ __all__ = [
 
 def quantizers(module: nn.Module) -> Iterator[tuple[str, TensorQuantizer]]:
     """``(dotted name, quantizer)`` for every TensorQuantizer in ``module`` (each shared quantizer once)."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"expected an nn.Module (a model or a layer), got {type(module).__name__}")
     for name, m in module.named_modules():
         if isinstance(m, TensorQuantizer):
             yield name, m
@@ -88,6 +90,8 @@ class _Switch:
     _enable = True
 
     def __init__(self, module: nn.Module):
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"{type(self).__name__} takes an nn.Module (a model or a layer), got {type(module).__name__}")
         self.module = module
         self._saved: dict | None = None
 

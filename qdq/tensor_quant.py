@@ -292,6 +292,8 @@ class QuantDescriptor:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "QuantDescriptor":
         """Builds a descriptor from :meth:`dict` output; unknown keys raise ``TypeError``."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"QuantDescriptor.from_dict takes a mapping of fields, got {type(data).__name__}")
         data = dict(data)
         version = data.pop("version", cls.VERSION)
         if version != cls.VERSION:

@@ -71,3 +71,19 @@ def test_duplicate_top_level_key_in_a_table_is_an_error(tmp_path):
     path.write_text('{"version": 1, ' + json.dumps(table)[1:])
     with pytest.raises(CalibTableError, match=r"key 'version' appears more than once"):
         load_calib_table(model, path)
+
+
+def test_writing_to_a_folder_is_a_clear_error(tmp_path):
+    """Regression: the error named the temporary file (``.x.abc.tmp -> folder``), not the mistake."""
+    with pytest.raises(IsADirectoryError, match=r"is a folder; give the path of the file to write"):
+        save_calib_table(_model(), tmp_path)
+    with pytest.raises(IsADirectoryError, match=r"is a folder; give the path of the file to write"):
+        write_tensorrt_cache({"t": 1.0}, tmp_path)
+
+
+def test_saving_a_table_before_calibration_warns(tmp_path, caplog):
+    model = nn.Sequential(nn.Linear(4, 2))
+    replace_to_quantization_module(model)
+    with caplog.at_level("WARNING", logger="qdq.calib_table"):
+        save_calib_table(model, tmp_path / "t.json")
+    assert "none of the 2 quantizers has an amax (calibrate the model first)" in caplog.text

@@ -23,3 +23,12 @@ def test_a_config_without_duplicates_still_loads(tmp_path):
     path = tmp_path / "c.json"
     path.write_text('{"version": 1, "layers": {"fc": {"enabled": false}, "conv": {}}}')
     assert set(load_quant_config(path)["layers"]) == {"fc", "conv"}
+
+
+def test_create_quant_config_skip_layers_of_a_wrong_type():
+    import torch
+
+    from qdq.config import create_quant_config
+
+    with pytest.raises(TypeError, match=r"skip_layers must be a list of layer names or patterns, got 5"):
+        create_quant_config(None, torch.nn.Sequential(torch.nn.Linear(2, 2)), skip_layers=5)

@@ -74,3 +74,16 @@ def test_a_scripted_submodule_is_reported_unsupported(caplog):
     assert report.replaced == ["0"]
     assert [p for p, _ in report.unsupported] == ["2"] and "TorchScript" in report.unsupported[0][1]
     assert "not quantized: 2: a TorchScript module" in caplog.text
+
+
+@pytest.mark.parametrize("model", [None, "resnet18", 5])
+def test_replace_on_a_non_module(model):
+    with pytest.raises(TypeError, match=r"replace_to_quantization_module takes an nn.Module"):
+        qdq.replace_to_quantization_module(model)
+
+
+@pytest.mark.parametrize("quant_map", [5, "Linear"])
+def test_quant_map_of_a_wrong_type(quant_map):
+    """Regression: quant_map=5 gave "'int' object is not iterable"."""
+    with pytest.raises(TypeError, match=r"quant_map must be a mapping \{float class: quantized class\}"):
+        qdq.replace_to_quantization_module(_model(), quant_map=quant_map)

@@ -84,3 +84,8 @@ def test_auto_skip_nan_after_disabling_names_the_layer():
 
     with pytest.raises(ValueError, match=r"eval_fn returned NaN with layer '.' disabled"):
         auto_skip_sensitive_layers(_model(), eval_fn, 0.01, progress=False)
+
+
+def test_eval_fn_must_be_callable():
+    with pytest.raises(TypeError, match=r"eval_fn must be a callable model -> metric, got None"):
+        build_sensitivity_profile(_model(), None, print_table=False, progress=False)

@@ -41,3 +41,11 @@ def test_inverted_range_is_an_error():
 def test_num_bits_out_of_range_is_an_error():
     with pytest.raises(ValueError, match="num_bits must be an int in"):
         quantize(torch.ones(2), torch.tensor(1.0), num_bits=1)
+
+
+@pytest.mark.parametrize("data", [5, "num_bits=8", [("num_bits", 8)]])
+def test_descriptor_from_dict_of_a_non_mapping(data):
+    from qdq.tensor_quant import QuantDescriptor
+
+    with pytest.raises(TypeError, match=r"QuantDescriptor.from_dict takes a mapping of fields"):
+        QuantDescriptor.from_dict(data)

@@ -27,7 +27,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -42,6 +42,8 @@ __all__ = [
     "register_search",
     "get_search",
     "search_names",
+    "search_keywords",
+    "check_search_keywords",
 ]
 
 _SEARCHES: dict[str, Callable[..., torch.Tensor]] = {}
@@ -62,6 +64,39 @@ def register_search(name: str, fn: Callable[..., torch.Tensor] | None = None):
 def search_names() -> tuple[str, ...]:
     """Names of the registered searches."""
     return tuple(_SEARCHES)
+
+
+def search_keywords(name: str | None = None) -> tuple[str, ...]:
+    """The keyword arguments the search ``name`` declares (of every registered search when ``None``), besides
+    ``num_bits`` and ``unsigned``, which the calibrator passes itself.
+
+    >>> search_keywords("percentile"), search_keywords("mse")
+    (('percentile',), ('start_bin', 'stride'))
+    """
+    import inspect
+
+    keys: list[str] = []
+    for fn in ([get_search(name)] if name is not None else list(_SEARCHES.values())):
+        for p in inspect.signature(fn).parameters.values():
+            if p.kind is p.KEYWORD_ONLY and p.name not in ("num_bits", "unsigned") and p.name not in keys:
+                keys.append(p.name)
+    return tuple(keys)
+
+
+def check_search_keywords(given: Iterable[str], what: str = "") -> None:
+    """``TypeError`` naming keyword arguments that no registered search takes: a misspelt ``percentil=`` would
+    otherwise be ignored in silence (every search takes ``**_`` to share one signature).
+
+    >>> check_search_keywords(["percentil"])
+    Traceback (most recent call last):
+    ...
+    TypeError: unknown keyword arguments ['percentil'] for the amax search; the searches take percentile, start_bin, stride
+    """
+    known = set(search_keywords(None)) | {"percentile", "start_bin", "stride"}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise TypeError(f"{what}unknown keyword arguments {unknown} for the amax search; the searches take "
+                        f"{', '.join(sorted(known))}")
 
 
 def get_search(name: str) -> Callable[..., torch.Tensor]:

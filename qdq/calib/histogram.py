@@ -42,7 +42,7 @@ import warnings
 
 import torch
 
-from qdq.calib.amax_search import get_search, search_names
+from qdq.calib.amax_search import check_search_keywords, get_search, search_names
 from qdq.calib.calibrator import NoDataCollectedError, NonFiniteWarning, _Calibrator
 
 __all__ = ["HistogramCalibrator", "rebin", "merge_bins", "bin_exponent"]
@@ -395,6 +395,7 @@ class HistogramCalibrator(_Calibrator):
                 "HistogramCalibrator.compute_amax needs a method: one of " + ", ".join(repr(m) for m in search_names())
             )
         search = get_search(method)
+        check_search_keywords(params, "HistogramCalibrator.compute_amax: ")
         if self._counts is None:
             raise NoDataCollectedError("HistogramCalibrator collected no data")
         self._check_low()

@@ -334,9 +334,13 @@ def export_onnx(
         quantize: ``False`` exports the float model (all quantizers off), e.g. as the fp32 baseline.
         kwargs: passed to ``torch.onnx.export``.
     """
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise TypeError(f"opset must be an int, got {opset!r}")
     if opset < 13:
         raise ValueError(f"opset {opset} cannot express per-channel Q/DQ; use opset >= 13")
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"export_onnx: {path} is a folder; give the path of the .onnx file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     if quantize:
         check_exportable(model)

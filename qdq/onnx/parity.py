@@ -263,6 +263,10 @@ def verify(
             not output_tolerance_steps >= 0:
         raise ValueError(f"verify: output_tolerance_steps must be a number >= 0, got {output_tolerance_steps!r}")
     onnx_model = path_or_model if isinstance(path_or_model, onnx.ModelProto) else _read_model(path_or_model)
+    if not onnx_model.HasField("graph"):
+        from qdq.onnx.check import ModelReadError
+
+        raise ModelReadError("verify: the onnx.ModelProto has no graph")
     args = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
     with preserved_modes(model, quantizer_states=False), torch.no_grad():
         model.eval()

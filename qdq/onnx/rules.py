@@ -187,6 +187,8 @@ def apply_custom_rules_to_quantizer(
     Returns:
         The ``(major, sub)`` quantizer names that were made to share (the same on every rank).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"apply_custom_rules_to_quantizer takes an nn.Module, got {type(model).__name__}")
     if callable(example_inputs) and export_fn is None:  # the seed scripts' signature: (model, export_onnx)
         example_inputs, export_fn = None, example_inputs
     if example_inputs is None and export_fn is None:

@@ -108,3 +108,25 @@ def test_torch_jit_trace_of_a_quantized_model_still_works():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, x, check_trace=False)
     assert torch.equal(traced(x), model(x))
+
+
+def test_amin_of_a_wrong_type_names_the_quantizer():
+    q = _q(symmetric=False)
+    with pytest.raises(TypeError, match=r"'block.q': amin must be a number"):
+        q.amin = "x"
+
+
+@pytest.mark.parametrize("scale", [float("nan"), -1.0, 0.0, float("inf"), "a", True])
+def test_a_bad_export_scale_is_refused(scale):
+    """Regression: set_export_mode(True, scale=nan) (or -1) was accepted and would write that scale."""
+    q = _q()
+    with pytest.raises(ValueError, match=r"'block.q': an export scale must be a finite number > 0"):
+        q.set_export_mode(True, scale=scale)
+    assert not q.export_mode
+
+
+def test_set_state_with_missing_switches_names_them():
+    q = _q()
+    with pytest.raises(KeyError, match=r"'block.q': the saved state lacks \['if_quant', 'if_calib', 'if_clip'\]"):
+        q.set_state({"disabled": True})
+    assert q.is_enabled  # nothing changed

@@ -58,3 +58,15 @@ def test_report_prints_mismatch():
     report = VerifyReport(outputs=[OutputParity("y", 0.5, 0.1, 5.0, 10, 3)], output_tolerance_steps=4)
     assert not report.ok
     assert str(report).startswith("MISMATCH: ONNX Runtime against PyTorch, tolerance 4 output step(s)")
+
+
+def test_verify_of_a_model_proto_without_graph():
+    import onnx
+
+    with pytest.raises(ModelReadError, match=r"the onnx.ModelProto has no graph"):
+        verify(_model(), onnx.ModelProto(), torch.randn(1, 8))
+
+
+def test_custom_rules_on_a_non_module():
+    with pytest.raises(TypeError, match=r"apply_custom_rules_to_quantizer takes an nn.Module, got NoneType"):
+        qdq.apply_custom_rules_to_quantizer(None, torch.randn(1, 8))

@@ -215,7 +215,7 @@ class TensorQuantizer(nn.Module):
             return
         if self._symmetric:
             raise ValueError(f"{self._label()}: amin is for asymmetric quantizers (QuantDescriptor(symmetric=False))")
-        value = torch.as_tensor(value, dtype=torch.float32).detach()
+        value = _amax_tensor(value, self._label(), "amin")
         if not bool(torch.isfinite(value).all()):
             raise ValueError(f"{self._label()}: amin must be finite")
         self._amin = value.to(device=self._device, dtype=torch.float32).clone()
@@ -352,6 +352,9 @@ class TensorQuantizer(nn.Module):
 
     def set_state(self, state: dict[str, bool]) -> None:
         """Restores switches saved by :meth:`state`."""
+        missing = [k for k in ("disabled", "if_quant", "if_calib", "if_clip") if k not in state]
+        if missing:
+            raise KeyError(f"{self._label()}: the saved state lacks {missing} (save it with state())")
         self._disabled = bool(state["disabled"])
         self._if_quant = bool(state["if_quant"])
         self._if_calib = bool(state["if_calib"])
@@ -519,6 +522,8 @@ class TensorQuantizer(nn.Module):
             return
         zero_point = None
         if scale is not None:
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+                raise ValueError(f"{self._label()}: an export scale must be a finite number > 0, got {scale!r}")
             scale_t = torch.tensor(float(scale), dtype=torch.float32, device=self._device)
         else:
             amax = self.effective_amax()
@@ -631,7 +636,7 @@ class TensorQuantizer(nn.Module):
         )
 
 
-def _amax_tensor(value: Any, label: str) -> torch.Tensor:
+def _amax_tensor(value: Any, label: str, what: str = "amax") -> torch.Tensor:
     """A user's amax (number, nested list, array, tensor) as a float32 tensor; ``TypeError`` naming the quantizer."""
     bad = isinstance(value, (str, bytes, bool)) or (isinstance(value, torch.Tensor) and (
         value.dtype == torch.bool or value.is_complex()))
@@ -641,9 +646,9 @@ def _amax_tensor(value: Any, label: str) -> torch.Tensor:
         except (TypeError, ValueError, RuntimeError):
             bad = True
     if bad:
-        raise TypeError(f"{label}: amax must be a number, a nested list of numbers or a real tensor, got {value!r}")
+        raise TypeError(f"{label}: {what} must be a number, a nested list of numbers or a real tensor, got {value!r}")
     if value.numel() == 0:
-        raise ValueError(f"{label}: amax is empty (shape {tuple(value.shape)}); set None for no amax")
+        raise ValueError(f"{label}: {what} is empty (shape {tuple(value.shape)}); set None for no {what}")
     return value
 
 
