@@ -367,6 +367,9 @@ class _Index:
                 const = _constant_node_tensor(node.output(0), node.attrs, base_dir)
                 if const is not None:
                     self.constants[node.output(0)] = const
+        for node in self.nodes:  # the TorchScript exporter passes shared parameters through Identity nodes
+            if node.op == "Identity" and node.in_default_domain and node.input(0) in self.constants and node.output(0):
+                self.constants.setdefault(node.output(0), self.constants[node.input(0)])
         self.qs = [n for n in self.nodes if n.is_q]
         self.dqs = [n for n in self.nodes if n.is_dq]
         self.quantized = bool(self.qs or self.dqs)

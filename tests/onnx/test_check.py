@@ -740,3 +740,11 @@ def test_split_outputs_keep_the_scale_of_its_input():
     finding = only(check_tensorrt(g.model({"x": [1, 4]}, ["qb_dq", "qa_dq"], opset=18)), "warning", "scale-mismatch")
     assert set(finding.nodes) == {"in_dq", "qa_q", "qb_q"}
     assert quantize_groups(g.model({"x": [1, 4]}, ["qb_dq", "qa_dq"], opset=18)) == [["in_q", "qa_q", "qb_q"]]
+
+
+def test_bias_through_identity_is_a_constant():
+    """Regression: TorchScript writes a shared bias as Identity(initializer); its Add was taken for a float residual add."""
+    g = Graph()
+    bias = g.op("Identity", [g.init("b", np.ones((1, 4, 1, 1), np.float32))], "bias")
+    g.op("Add", [g.int8_conv("x", "conv"), bias], "add")
+    assert check_tensorrt(g.model({"x": [1, 4, 2, 2]}, ["add"])) == []
