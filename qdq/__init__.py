@@ -40,6 +40,7 @@ from qdq.fold_batchnorm import fold_bn
 from qdq.calib_table import load_calib_table, save_calib_table, write_tensorrt_cache
 from qdq.config import calibrate_from_config, create_quant_config, quantize_model
 from qdq.onnx import apply_custom_rules_to_quantizer, check_tensorrt, export_onnx, verify
+from qdq.onnx import place_quantizers
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -76,4 +77,5 @@ __all__ = [
     "verify",
     "check_tensorrt",
     "apply_custom_rules_to_quantizer",
+    "place_quantizers",
 ]
