@@ -82,6 +82,7 @@ _EXPORTS = {
     "initialize": "qdq.quant_modules",
     "deactivate": "qdq.quant_modules",
     "enable_onnx_export": "qdq.quant_modules",
+    "place_quantizers": "qdq.onnx",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -2,6 +2,7 @@
 
     qdq demo [--out DIR]                     the whole journey on bundled data, in about a minute
     qdq check model.onnx [--quiet]           TensorRT rule check of a QDQ ONNX file (exit 1 on errors)
+    qdq check model.onnx --fusion | --json   ... with the TensorRT fusion prediction (per-layer precision)
     qdq ptq --model NAME --data DIR --out model.onnx [--weights FILE] [--method mse] [--num-batches 8]
             [--format int8|fp8|int4] [--block-size 64]
                                              post-training quantization of a classifier to a QDQ ONNX file
@@ -98,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
                                        "Exit code 1 when there are errors.")
     check.add_argument("model", help="the .onnx file")
     check.add_argument("-q", "--quiet", action="store_true", help="hide info findings")
+    check.add_argument("--fusion", action="store_true", help="also print the TensorRT fusion prediction per layer "
+                       "(precision, FLOPs, precision transitions)")
+    check.add_argument("--json", action="store_true", help="print findings and the fusion prediction as JSON")
 
     ptq = sub.add_parser(
         "ptq", help="post-training quantization of a classifier to a QDQ ONNX file",
@@ -149,6 +153,18 @@ def _cmd_check(args) -> int:
         findings = check_tensorrt(path)
     except (ModelReadError, OSError) as err:
         raise UserError(str(err)) from None
+    if getattr(args, "json", False) or getattr(args, "fusion", False):
+        from qdq.onnx.fusion import format_fusion, predict_fusion
+
+        fusion = predict_fusion(path)
+        if args.json:
+            import dataclasses
+            import json
+
+            print(json.dumps({"findings": [dataclasses.asdict(f) for f in findings],
+                              "fusion": json.loads(fusion.to_json())}, indent=1))
+            return 1 if any(f.severity == "error" for f in findings) else 0
+        print(format_fusion(fusion))
     print(format_findings(findings, show_info=not args.quiet))
     return 1 if any(f.severity == "error" for f in findings) else 0
 

@@ -43,6 +43,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from dataclasses import dataclass
@@ -77,6 +78,8 @@ SITE_KINDS = ("add", "cat", "pool")
 
 _SITES_ATTR = "_qdq_sites"  # {key: (kind, {slot: attribute})} on the owning module
 _MAX_DEPTH = 12  # frames walked from the op up to its module's forward
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_TORCH_NN_DIR = os.path.join(_TORCH_DIR, "nn") + os.sep
 _MODULE_FILE = nn.Module.__call__.__code__.co_filename if hasattr(nn.Module.__call__, "__code__") else ""
 
 
@@ -101,9 +104,17 @@ class OpSite:
 
 def _call_site(frame) -> tuple[nn.Module | None, tuple | None]:
     chain = []
-    while frame is not None and len(chain) < _MAX_DEPTH:
+    for _ in range(4 * _MAX_DEPTH):
+        if frame is None or len(chain) >= _MAX_DEPTH:
+            break
         code = frame.f_code
-        chain.append((code.co_filename, code.co_firstlineno, code.co_name, frame.f_lasti))
+        # torch's dispatch plumbing (overrides, export/fx/dynamo handlers) differs between eager runs and exports:
+        # it is not part of a call site (torch.nn's functional and module code is)
+        entry = (code.co_filename, code.co_firstlineno, code.co_name, frame.f_lasti)
+        # ... and a functional re-entered once per active torch-function mode (exports stack them) is one frame
+        if not (code.co_filename.startswith(_TORCH_DIR) and not code.co_filename.startswith(_TORCH_NN_DIR)) and (
+                not chain or chain[-1] != entry):
+            chain.append(entry)
         owner = frame.f_locals.get("self")
         if isinstance(owner, nn.Module):
             # a helper method of the same module, called from its forward: the caller's frames tell the calls apart

@@ -83,3 +83,16 @@ def test_an_exception_in_forward_leaves_no_mode_active():
     from torch.overrides import _get_current_function_mode_stack
 
     assert not _get_current_function_mode_stack()
+
+
+def test_site_keys_do_not_depend_on_other_torch_function_modes():
+    """Regression: under the dynamo exporter's own modes a functional re-entered itself once per mode and the site
+    keys found during the export matched no eager call (its quantizer then never saw data)."""
+    model, x = Sites(), torch.randn(1, 2, 3, 3)
+    eager = [s.key for s in record_sites(model, x)]
+
+    def run():
+        with torch.device("cpu"), torch.device("cpu"), torch.no_grad():  # two torch-function modes of torch's own
+            model(x)
+
+    assert [s.key for s in record_sites(model, run=run)] == eager

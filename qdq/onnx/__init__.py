@@ -36,6 +36,12 @@ __all__ = [
     "apply_custom_rules_to_quantizer",
     "find_quantizer_pairs",
     "share_quantizer",
+    "place_quantizers",
+    "remove_placement",
+    "predict_fusion",
+    "format_fusion",
+    "write_model_tensorrt_cache",
+    "qdq_to_float_and_cache",
 ]
 
 _LAZY = {
@@ -46,6 +52,12 @@ _LAZY = {
     "apply_custom_rules_to_quantizer": "qdq.onnx.rules",
     "find_quantizer_pairs": "qdq.onnx.rules",
     "share_quantizer": "qdq.onnx.rules",
+    "place_quantizers": "qdq.onnx.placement",
+    "remove_placement": "qdq.onnx.placement",
+    "predict_fusion": "qdq.onnx.fusion",
+    "format_fusion": "qdq.onnx.fusion",
+    "write_model_tensorrt_cache": "qdq.onnx.trt_cache",
+    "qdq_to_float_and_cache": "qdq.onnx.trt_cache",
 }
 
 

@@ -408,6 +408,9 @@ class _Index:
             elif node.op == "Transpose" and node.in_default_domain and node.input(0) in self.constants:
                 self.constants[node.output(0)] = _TransposedConst(node.output(0), self.constants[node.input(0)],
                                                                   node.attr("perm"))
+        for node in self.nodes:  # the TorchScript exporter passes shared parameters through Identity nodes
+            if node.op == "Identity" and node.in_default_domain and node.input(0) in self.constants and node.output(0):
+                self.constants.setdefault(node.output(0), self.constants[node.input(0)])
         self.model = model
         self.qs = [n for n in self.nodes if n.is_q]
         self.dqs = [n for n in self.nodes if n.is_dq]

@@ -784,3 +784,11 @@ def test_blocked_scale_of_the_wrong_shape_is_an_error():
     g.op("MatMul", [g.qdq("x", 0.1, "x"), g.dq(w, np.full((4, 4), 0.1), "w_dq", axis=0, block_size=4)], "mm")
     finding = only(check_tensorrt(g.model({"x": [2, 8]}, ["mm"], opset=21)), "error", "blocked-quantization")
     assert "needs a scale of shape [2, 4], it is [4, 4]" in finding.message
+
+
+def test_bias_through_identity_is_a_constant():
+    """Regression: TorchScript writes a shared bias as Identity(initializer); its Add was taken for a float residual add."""
+    g = Graph()
+    bias = g.op("Identity", [g.init("b", np.ones((1, 4, 1, 1), np.float32))], "bias")
+    g.op("Add", [g.int8_conv("x", "conv"), bias], "add")
+    assert check_tensorrt(g.model({"x": [1, 4, 2, 2]}, ["add"])) == []
