@@ -45,6 +45,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import sys
@@ -106,7 +107,12 @@ def _known_classes() -> tuple[type, ...]:
 
 
 def _is_transformers_attention(module: nn.Module) -> bool:
-    cls = type(module)
+    return _dispatches_attention(type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _dispatches_attention(cls: type) -> bool:
+    """A HuggingFace class whose forward calls the attention function of its config (ALL_ATTENTION_FUNCTIONS)."""
     if not cls.__module__.startswith("transformers."):
         return False
     try:

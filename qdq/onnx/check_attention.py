@@ -19,7 +19,7 @@ rule                severity  what it checks - why TensorRT cares
 ==================  ========  =======================================================================================
 
 The attention is found from each Softmax: BMM1 is the MatMul reached backwards through Mul, Div, Add, Sub, Where,
-Cast and Q/DQ nodes, BMM2 the MatMul reading the Softmax output (through Dropout, Cast and Q/DQ) as its first input.
+Cast, Reshape, Unsqueeze, Squeeze and Q/DQ nodes (Swin reshapes the scores around its shifted-window mask), BMM2 the MatMul reading the Softmax output (through Dropout, Cast and Q/DQ) as its first input.
 A quantized MatMul is one whose two inputs come from DequantizeLinear nodes, directly or through the ops TensorRT
 moves a DQ across (Transpose of K included). Shapes come from ONNX shape inference; unknown (dynamic) dimensions
 are not judged.
@@ -44,7 +44,9 @@ logger = logging.getLogger(__name__)
 #: The attention rule ids, in the order of the table.
 ATTENTION_RULES = ("attention-pair", "attention-mask", "attention-shape")
 
-_SCORE_OPS = ("Mul", "Div", "Add", "Sub", "Where", "Cast", "QuantizeLinear", "DequantizeLinear")
+_SCORE_OPS = ("Mul", "Div", "Add", "Sub", "Where", "Cast", "Reshape", "Unsqueeze", "Squeeze", "QuantizeLinear",
+              "DequantizeLinear")
+_DATA_ONLY = ("QuantizeLinear", "DequantizeLinear", "Cast", "Reshape", "Unsqueeze", "Squeeze")
 _PROB_OPS = ("Dropout", "Cast", "QuantizeLinear", "DequantizeLinear", "Identity")
 _MAX_HOPS = 8
 MAX_LENGTH = 512
@@ -72,7 +74,7 @@ def _bmm1_of(ix, softmax) -> tuple[object, tuple] | None:
         if node.op == "MatMul":
             return node, path
         if node.op in _SCORE_OPS:
-            inputs = node.inputs[:1] if node.op in ("QuantizeLinear", "DequantizeLinear", "Cast") else node.inputs
+            inputs = node.inputs[:1] if node.op in _DATA_ONLY else node.inputs
             stack.extend((t, path + (node,)) for t in inputs if t and t not in ix.constants)
     return None
 

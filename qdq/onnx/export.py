@@ -207,38 +207,26 @@ def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     """Moves tensor-valued Constant nodes into initializers (the TorchScript exporter writes Q/DQ scales as
-    Constant nodes; initializers are what tools and readers expect)."""
-    graph = model.graph
-    keep = []
-    for node in graph.node:
-        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
-            tensor = onnx.TensorProto()
-            tensor.CopyFrom(node.attribute[0].t)
-            tensor.name = node.output[0]
-            graph.initializer.append(tensor)
-        else:
-            keep.append(node)
-    del graph.node[:]
-    graph.node.extend(keep)
-    return _identities_to_initializers(model)
-
-
-def _identities_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Replaces ``Identity`` nodes of initializers by copies of them: the TorchScript exporter writes parameters
-    with equal values (the layers of ``nn.TransformerEncoder`` start as copies of one layer) once and the others as
-    Identity nodes of it, which hides that a weight is constant from TensorRT-rule readers."""
+    Constant nodes; initializers are what tools and readers expect), and replaces Identity nodes of initializers by
+    copies (the TorchScript exporter writes parameters with equal values - the layers of ``nn.TransformerEncoder``
+    start as copies of one layer - once and the others as Identity nodes, which hides that they are constant)."""
     graph = model.graph
     inits = {init.name: init for init in graph.initializer}
     outputs = {o.name for o in graph.output}
     keep = []
     for node in graph.node:
-        if node.op_type == "Identity" and node.input[0] in inits and node.output[0] not in outputs:
-            tensor = onnx.TensorProto()
-            tensor.CopyFrom(inits[node.input[0]])
-            tensor.name = node.output[0]
-            graph.initializer.append(tensor)
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            source = node.attribute[0].t
+        elif node.op_type == "Identity" and node.input[0] in inits and node.output[0] not in outputs:
+            source = inits[node.input[0]]
         else:
             keep.append(node)
+            continue
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(source)
+        tensor.name = node.output[0]
+        graph.initializer.append(tensor)
+        inits[tensor.name] = tensor
     del graph.node[:]
     graph.node.extend(keep)
     return model
