@@ -197,3 +197,9 @@ def test_fp8_max_calibrated_quantizer_is_exact_per_channel():
     q.disable_calib()
     scale = (q.amax / 448.0).numpy()
     np.testing.assert_array_equal(q(w).numpy(), (_fp8_reference(w.numpy() / scale) * scale).astype(np.float32))
+
+
+def test_dequantize_fp8_never_writes_into_its_input():
+    q = torch.tensor([1.0, 2.0])
+    formats.dequantize_fp8(q, torch.tensor(0.5))
+    assert q.tolist() == [1.0, 2.0]

@@ -196,6 +196,7 @@ def rewrite_formats(model: onnx.ModelProto, tags: dict[float, FormatSpec], deplo
             dq.input.extend([stored.name, s.name, z.name])
             _set_axis(dq, axis, spec.block_size)
             if transpose is not None:
+                retyped.append(dq.output[0])  # its shape changed: let ONNX infer it
                 for reader in consumers.get(transpose.output[0], []):
                     for i, name in enumerate(reader.input):
                         if name == transpose.output[0]:
