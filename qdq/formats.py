@@ -143,7 +143,8 @@ def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     tensor([  1.,  16., 448.])
     """
     scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
-    return torch.clamp(x.float() / scale, -FP8_E4M3_MAX, FP8_E4M3_MAX).to(_FP8_DTYPE)
+    y = torch.div(x if x.dtype == torch.float32 else x.float(), scale)  # a new tensor: clamped in place
+    return y.clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(_FP8_DTYPE)
 
 
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -152,7 +153,7 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     >>> dequantize_fp8(torch.tensor([2.0, 448.0]).to(torch.float8_e4m3fn), torch.tensor(0.5))
     tensor([  1., 224.])
     """
-    return q.float() * torch.as_tensor(scale, dtype=torch.float32, device=q.device)
+    return q.to(torch.float32, copy=True).mul_(torch.as_tensor(scale, dtype=torch.float32, device=q.device))
 
 
 def fake_quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

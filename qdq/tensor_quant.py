@@ -28,6 +28,9 @@ numbers. ONNX defines QuantizeLinear with a division, which can differ from the 
 on an exact rounding tie, by one quantization step: that is why exported models are compared with ONNX Runtime to
 the step, not bit for bit.
 
+FP8 E4M3 (``num_bits=(4, 3)``) and blocked INT4 (``block_size``) have their arithmetic in :mod:`qdq.formats`;
+the functions here dispatch to it (``fake_tensor_quant(x, amax, num_bits=(4, 3))``).
+
 Differences from pytorch_quantization, on purpose:
 
 * ``scale`` is the step size ``amax / maxbound`` (ONNX's ``y_scale``), not its reciprocal. :func:`quantize_by_amax`

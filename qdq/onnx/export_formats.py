@@ -196,6 +196,7 @@ def rewrite_formats(model: onnx.ModelProto, tags: dict[float, FormatSpec], deplo
             dq.input.extend([stored.name, s.name, z.name])
             _set_axis(dq, axis, spec.block_size)
             if transpose is not None:
+                retyped.append(dq.output[0])  # its shape changed: let ONNX infer it
                 for reader in consumers.get(transpose.output[0], []):
                     for i, name in enumerate(reader.input):
                         if name == transpose.output[0]:
@@ -246,6 +247,10 @@ def format_problem(name: str, quantizer, layer) -> str | None:
         kind = type(layer).__name__ if layer is not None else "an unknown layer"
         return (f"{name}: 4-bit weights of {kind}; INT4 weight-only runs on MatMul/Gemm (Linear layers) in TensorRT, "
                 "not on convolutions: use INT8 or FP8 for it")
+    iq = getattr(layer, "_input_quantizer", None)
+    if iq is not None and iq.is_enabled:
+        return (f"{name}: 4-bit weights with a quantized input; TensorRT runs INT4 weight-only, the activation in "
+                "float: disable the layer's input quantizer (qdq.set_layer_format(model, layer, 'int4'))")
     if quantizer.block_size is None and quantizer.axis not in (None, 0):
         return f"{name}: per-channel INT4 weights are quantized along the output features (axis 0)"
     return None

