@@ -7,6 +7,7 @@ attributes they touch and call sequences.
 
 import re
 
+import pytest
 import torch
 from torch import nn
 
@@ -279,3 +280,107 @@ def test_same_flow_with_qdq_helpers():
         if qdq.have_quantizer(layer):
             qdq.disable_quantization(layer).apply()
             qdq.enable_quantization(layer).apply()
+
+
+# --- seed 001's cmd_quantize and sensitivity loop, on the YOLOv5-shaped model of examples/yolov5 --------------------
+@pytest.mark.slow
+def test_seed_cmd_quantize_on_yolov5(tmp_path, caplog):
+    """Seed 001's ``cmd_quantize`` and ``cmd_sensitive_analysis`` bodies as written, with qdq's own
+    ``apply_custom_rules_to_quantizer(model, export_onnx)`` (the user's callable in second position, before
+    calibration: pytorch_quantization exports an uncalibrated model there) and ``calibrate_model(model, loader,
+    device)``; the seed's helpers above stand for its ``quantize.`` module. Regression: the callable used to be taken
+    for ``example_inputs`` and the export of uncalibrated quantizers refused."""
+    import logging
+    import types
+
+    import onnx
+
+    import qdq
+    from examples.yolov5 import model as yolo
+
+    saved = {c: c.default_quant_desc_input for c in (quant_nn.QuantConv2d, quant_nn.QuantMaxPool2d,
+                                                      quant_nn.QuantLinear)}
+    original_forward = yolo.Bottleneck.forward
+    quantize = types.SimpleNamespace(
+        initialize=initialize, replace_bottleneck_forward=replace_bottleneck_forward,
+        replace_to_quantization_module=replace_to_quantization_module,
+        apply_custom_rules_to_quantizer=qdq.apply_custom_rules_to_quantizer,
+        calibrate_model=lambda model, loader, device: qdq.calibrate_model(
+            model, loader, device, method="mse", progress=False),
+        have_quantizer=qdq.have_quantizer, disable_quantization=qdq.disable_quantization,
+        enable_quantization=qdq.enable_quantization,
+    )
+    exported = []
+
+    def export_onnx(model, file):  # the user's export function: (model, file), pytorch_quantization's switch
+        quant_nn.TensorQuantizer.use_fb_fake_quant = True
+        model.eval()
+        with torch.no_grad():
+            torch.onnx.export(model, torch.zeros(1, 3, 64, 64), file, opset_version=13, input_names=["images"],
+                              dynamo=False)
+        quant_nn.TensorQuantizer.use_fb_fake_quant = False
+        exported.append(file)
+
+    def load_yolov5s_model(weight, device):
+        return yolo.yolov5_tiny(nc=3).to(device)
+
+    def create_coco_train_dataloader(cocodir):
+        g = torch.Generator().manual_seed(1)
+        return [torch.rand(2, 3, 64, 64, generator=g) for _ in range(4)]
+
+    create_coco_val_dataloader = create_coco_train_dataloader
+
+    def evaluate_coco(model, val_dataloader):
+        with torch.no_grad():
+            return float(sum(o.float().abs().mean() for o in model(val_dataloader[0])))
+
+    weight, cocodir, device, ignore_policy = None, None, "cpu", None
+    try:
+        with caplog.at_level(logging.WARNING, logger="qdq"):
+            # ---- cmd_quantize, as in the seed ----
+            quantize.initialize()
+
+            model = load_yolov5s_model(weight, device)
+            train_dataloader = create_coco_train_dataloader(cocodir)
+            val_dataloader = create_coco_val_dataloader(cocodir)
+            quantize.replace_bottleneck_forward(model)
+            quantize.replace_to_quantization_module(model, ignore_policy=ignore_policy)
+            quantize.apply_custom_rules_to_quantizer(model, export_onnx)
+            quantize.calibrate_model(model, train_dataloader, device)
+        assert len(exported) == 1
+        assert quant_nn.TensorQuantizer.use_fb_fake_quant is False
+        assert "has no amax" not in caplog.text  # the rules step quantized nothing per batch
+        adds = [m for m in model.modules() if isinstance(m, QuantAdd)]
+        assert adds and all(a._input0_quantizer is a._input1_quantizer for a in adds)  # the rules shared them
+        quantizers = [m for m in model.modules() if isinstance(m, quant_nn.TensorQuantizer)]
+        assert all(q.amax is not None for q in quantizers)
+
+        # export of the calibrated model: every Add and Concat group has one scale (TensorRT fuses them)
+        path = tmp_path / "yolo_qdq.onnx"
+        qdq.export_onnx(model, torch.rand(1, 3, 64, 64), path)
+        findings = qdq.check_tensorrt(onnx.load(str(path)))
+        assert not [f for f in findings if "scale-mismatch" in f.rule], findings
+        # the user's own export (use_fb_fake_quant) of the calibrated model also works
+        export_onnx(model, str(tmp_path / "user.onnx"))
+        assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(tmp_path / "user.onnx")).graph.node)
+
+        # ---- cmd_sensitive_analysis's loop, as in the seed (over the model's top-level blocks) ----
+        summary, printed = [], []
+        print = printed.append
+        blocks = list(model.backbone.children()) + list(model.neck.children())
+        for i in range(0, len(blocks)):
+            layer = blocks[i]
+            if quantize.have_quantizer(layer):
+                print(f"Quantization disable model.{i}")
+                quantize.disable_quantization(layer).apply()
+                ap = evaluate_coco(model, val_dataloader)
+                summary.append([ap, f"model.{i}"])
+                quantize.enable_quantization(layer).apply()
+            else:
+                print(f"ignore model.{i} because it is {type(layer)}")
+        assert len(summary) >= 3 and all(q.is_enabled for q in quantizers)
+    finally:
+        for c, d in saved.items():
+            c.set_default_quant_desc_input(d)
+        yolo.Bottleneck.forward = original_forward
+        quant_nn.TensorQuantizer.use_fb_fake_quant = False

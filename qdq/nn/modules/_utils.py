@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from torch import nn
@@ -135,7 +136,21 @@ def pop_quant_desc_in_kwargs(quant_cls: type, input_only: bool = False, **kwargs
     return quant_desc_input, quant_desc_weight
 
 
-def split_quant_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(descriptor kwargs, the rest)``: the layers pass the rest to torch's constructor."""
+def split_quant_kwargs(kwargs: dict[str, Any], quant_cls: type | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(descriptor kwargs, the rest)``: the layers pass the rest to torch's constructor.
+
+    With ``quant_cls``, a keyword that neither the descriptors nor the torch layer's constructor takes is a
+    ``TypeError`` naming it ("Unused keys", as pytorch_quantization says).
+    """
     quant = {k: v for k, v in kwargs.items() if k.startswith("quant_desc")}
-    return quant, {k: v for k, v in kwargs.items() if not k.startswith("quant_desc")}
+    rest = {k: v for k, v in kwargs.items() if not k.startswith("quant_desc")}
+    if quant_cls is not None and rest:
+        torch_cls = next((c for c in quant_cls.__mro__ if c.__module__.startswith("torch.nn")), None)
+        if torch_cls is not None:
+            params = inspect.signature(torch_cls.__init__).parameters
+            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+                unused = sorted(k for k in rest if k not in params)
+                if unused:
+                    raise TypeError(f"{quant_cls.__name__}: Unused keys: {unused} (neither {torch_cls.__name__} nor "
+                                    f"the quantization descriptors {list(QUANT_DESC_KEYS)} take them)")
+    return quant, rest

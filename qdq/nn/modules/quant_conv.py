@@ -46,7 +46,7 @@ class _QuantConvNd(QuantMixin):
     """Constructor and forward shared by the quantized convolutions (mixed in before the torch class)."""
 
     def __init__(self, *args, **kwargs):
-        quant, rest = split_quant_kwargs(kwargs)
+        quant, rest = split_quant_kwargs(kwargs, type(self))
         super().__init__(*args, **rest)
         self.init_quantizer(*pop_quant_desc_in_kwargs(type(self), **quant))
 

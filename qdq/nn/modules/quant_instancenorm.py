@@ -25,7 +25,7 @@ class _QuantInstanceNormNd(QuantInputMixin):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = False,
                  track_running_stats: bool = False, **kwargs):
-        quant, rest = split_quant_kwargs(kwargs)
+        quant, rest = split_quant_kwargs(kwargs, type(self))
         super().__init__(num_features, eps, momentum, affine, track_running_stats, **rest)
         self.init_quantizer(pop_quant_desc_in_kwargs(type(self), input_only=True, **quant))
 

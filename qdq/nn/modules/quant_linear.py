@@ -27,7 +27,7 @@ class QuantLinear(QuantMixin, nn.Linear):
     default_quant_desc_weight = tensor_quant.QUANT_DESC_8BIT_LINEAR_WEIGHT_PER_ROW
 
     def __init__(self, *args, **kwargs):
-        quant, rest = split_quant_kwargs(kwargs)
+        quant, rest = split_quant_kwargs(kwargs, type(self))
         super().__init__(*args, **rest)
         self.init_quantizer(*pop_quant_desc_in_kwargs(type(self), **quant))
 

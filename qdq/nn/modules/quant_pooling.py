@@ -42,7 +42,7 @@ class _QuantPoolNd(QuantInputMixin):
     """Constructor and forward shared by the quantized pools (mixed in before the torch class)."""
 
     def __init__(self, *args, **kwargs):
-        quant, rest = split_quant_kwargs(kwargs)
+        quant, rest = split_quant_kwargs(kwargs, type(self))
         super().__init__(*args, **rest)
         self.init_quantizer(pop_quant_desc_in_kwargs(type(self), input_only=True, **quant))
 

@@ -55,9 +55,12 @@ class QuantLSTMCell(QuantMixin, nn.LSTMCell):
         elif not is_batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
         q_in, q_w = self._input_quantizer, self._weight_quantizer
-        h, c = _VF.lstm_cell(
-            q_in(input), (q_in(hx[0]), hx[1]), q_w(self.weight_ih), q_w(self.weight_hh), self.bias_ih, self.bias_hh
-        )
+        # input and hidden state as one tensor, the two weights as one: one amax for each pair even before
+        # calibration (the per-batch amax of the concatenation), as pytorch_quantization's fused cell
+        n_in, n_h = input.size(1), hx[0].size(1)
+        x, h0 = (t.contiguous() for t in q_in(torch.cat([input, hx[0]], 1)).split([n_in, n_h], 1))
+        w_ih, w_hh = (t.contiguous() for t in q_w(torch.cat([self.weight_ih, self.weight_hh], 1)).split([n_in, n_h], 1))
+        h, c = _VF.lstm_cell(x, (h0, hx[1]), w_ih, w_hh, self.bias_ih, self.bias_hh)
         if not is_batched:
             h, c = h.squeeze(0), c.squeeze(0)
         return h, c

@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from typing import Any
 
@@ -110,6 +111,7 @@ class TensorQuantizer(nn.Module):
 
         self._set_amax_buffer(None)
         self.register_buffer("_amin", None)  # lower bound of asymmetric quantization
+        self.register_buffer("_pre_quant_scale", None)  # pytorch_quantization's per-channel input multiplier
         if quant_desc.amax is not None:
             self.amax = torch.tensor(quant_desc.amax, dtype=torch.float32)
 
@@ -195,6 +197,22 @@ class TensorQuantizer(nn.Module):
         self._parameters.pop("_amax", None)
         self._buffers.pop("_amax", None)
         self.register_buffer("_amax", value)
+
+    @property
+    def pre_quant_scale(self) -> torch.Tensor | None:
+        """pytorch_quantization's ``pre_quant_scale`` (SmoothQuant/AWQ-style): when set, ``forward`` multiplies its
+        input by it (broadcasting) before calibrating and quantizing; the export writes the multiplication too."""
+        return self._pre_quant_scale
+
+    @pre_quant_scale.setter
+    def pre_quant_scale(self, value: Any) -> None:
+        if value is None:
+            self._pre_quant_scale = None
+            return
+        value = torch.as_tensor(value, dtype=torch.float32).detach()
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{self._label()}: pre_quant_scale must be finite")
+        self._pre_quant_scale = value.to(self._device).clone()
 
     def effective_amax(self) -> torch.Tensor | None:
         """amax as used to quantize: multiplied by ``scale_amax`` when the descriptor sets it."""
@@ -366,6 +384,8 @@ class TensorQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._disabled:
             return x
+        if self._pre_quant_scale is not None:
+            x = x * self._pre_quant_scale.to(x.dtype)
         if self._export_mode:
             return self._export_forward(x)
         if TensorQuantizer.use_fb_fake_quant or TensorQuantizer._enable_onnx_export:
@@ -435,9 +455,10 @@ class TensorQuantizer(nn.Module):
             if self._block_size:
                 return formats.blocked_amax(x, self._block_size)
             try:
-                return reduce_amax(x, self._axis, keepdims=True)
+                amax = reduce_amax(x, self._axis, keepdims=True)
             except ValueError as err:  # an axis beyond x's dimensions
                 raise ValueError(f"{self._label()}: {err}") from None
+            return amax if self._scale_amax is None else amax * self._scale_amax
         return amax
 
     def _clip(self, x: torch.Tensor) -> torch.Tensor:
@@ -570,20 +591,67 @@ class TensorQuantizer(nn.Module):
             if bool(bad.any()):
                 errors.append(f"{key}: amax must be finite and >= 0, the checkpoint holds {value[bad][:4].tolist()}")
                 return
+            layout = self._amax_layout_error(tuple(value.shape))
+            if layout:
+                errors.append(f"{key} ({self._label()}): {layout}")
+                return
             if self._amax is None:
                 self._amax = torch.empty_like(value, dtype=torch.float32, device=self._device)
             elif self._amax.shape != value.shape:
-                if isinstance(self._amax, nn.Parameter):
-                    errors.append(
-                        f"{key}: the checkpoint's amax has shape {tuple(value.shape)}, this learned amax "
-                        f"{tuple(self._amax.shape)}"
-                    )
-                    return
-                self._amax = torch.empty_like(value, dtype=torch.float32, device=self._device)
+                kind = "learned amax" if isinstance(self._amax, nn.Parameter) else "amax"
+                errors.append(
+                    f"{key} ({self._label()}): the checkpoint's amax has shape {tuple(value.shape)}, this {kind} "
+                    f"{tuple(self._amax.shape)}"
+                )
+                return
+        elif strict and self._amax is None and local_metadata and self._needs_amax():
+            # the checkpoint was saved from a model with this quantizer (its metadata is there) but holds no amax:
+            # loading it would leave the quantizer on per-batch amax without a word
+            missing_keys.append(key)
+        key = prefix + "_pre_quant_scale"
+        if key in state_dict and (self._pre_quant_scale is None or self._pre_quant_scale.shape != state_dict[key].shape):
+            self._pre_quant_scale = torch.empty_like(state_dict[key], dtype=torch.float32, device=self._device)
         key = prefix + "_amin"
         if key in state_dict and (self._amin is None or self._amin.shape != state_dict[key].shape):
             self._amin = torch.empty_like(state_dict[key], dtype=torch.float32, device=self._device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+        if self._learn_amax and self._amax is not None and not isinstance(self._amax, nn.Parameter):
+            self.init_learn_amax()  # a learned amax loads back as a trainable Parameter
+
+    def _needs_amax(self) -> bool:
+        """Whether ``forward`` would quantize with this quantizer's amax (so a missing amax matters)."""
+        return not self._disabled and self._if_quant and not self._if_calib
+
+    def _amax_layout_error(self, shape: tuple[int, ...]) -> str | None:
+        """Why an amax of ``shape`` cannot belong to this quantizer (its axis), or None."""
+        numel = math.prod(shape)
+        if self._axis is None:
+            if numel == 1 or (self._amax is not None and tuple(self._amax.shape) == shape):
+                return None  # (a descriptor may give a per-tensor quantizer a broadcasting amax of its own)
+            return f"a per-tensor quantizer takes one amax, the checkpoint's has shape {shape}"
+        if numel == 1:
+            return None
+        axes = (self._axis,) if isinstance(self._axis, int) else tuple(self._axis)
+        if any(not -len(shape) <= a < len(shape) for a in axes):
+            return f"amax of shape {shape} has no dimension {self._axis} (this quantizer's axis)"
+        kept = {a % len(shape) for a in axes}
+        wrong = [d for d, n in enumerate(shape) if n > 1 and d not in kept]
+        if wrong:
+            return (f"amax of shape {shape} varies along dimension(s) {wrong}, this quantizer keeps axis "
+                    f"{self._axis} (a per-channel amax of another layout)")
+        return None
+
+    def __setstate__(self, state):
+        # a quantizer pickled on one device and unpickled with map_location elsewhere: its device is where its
+        # tensors now are (CPU without CUDA), never the device it was saved from
+        super().__setstate__(state)
+        self._buffers.setdefault("_pre_quant_scale", None)  # pickled before the buffer existed
+        tensors = [t for t in (self._buffers.get("_amax"), self._parameters.get("_amax"), self._buffers.get("_amin"))
+                   if t is not None]
+        if tensors:
+            self._device = tensors[0].device
+        elif self._device.type == "cuda" and not torch.cuda.is_available():
+            self._device = torch.device("cpu")
 
     # ----------------------------------------------------------------------------------------------------------
     # printing
