@@ -724,7 +724,7 @@ def _warn_dynamic(label: str) -> None:
     """The per-batch fallback of a quantizer without amax: another numerics path, so it is said out loud (once)."""
     msg = (f"{label} has no amax: quantizing each batch with its own abs-max (dynamic quantization); calibrate it "
            "or set its amax for static quantization as the export writes it")
-    logger.info(msg)
+    logger.warning(msg)  # in the log (pytorch_quantization users look there) and as a filterable warning
     warnings.warn(msg, DynamicAmaxWarning, stacklevel=4)
 
 
