@@ -243,8 +243,9 @@ def run(args: argparse.Namespace) -> dict:
     for method in args.methods:
         t0 = time.perf_counter()
         models[method] = ptq(template, calib_loader, method, args.calib_batches)
+        calib_s = time.perf_counter() - t0
         row = {"method": method, **_compare(models[method], test_loader, ref_logits, labels, f"Evaluate {method}"),
-               "calib_s": time.perf_counter() - t0}
+               "calib_s": calib_s}
         rows.append(row)
         results["ptq8"][method] = {k: v for k, v in row.items() if k != "method"}
     print_table(f"PTQ int8 of the ViT (per-row weights, per-tensor activations, attention MatMuls in INT8), "
