@@ -144,7 +144,11 @@ def main(argv=None) -> int:
     parser.add_argument("--save-float", type=Path, help="also write each float model here (for ModelOpt)")
     parser.add_argument("--modelopt-dir", type=Path, help="folder with <model>.modelopt.onnx files to rate")
     parser.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime comparison")
+    parser.add_argument("--rate-only", action="store_true", help="rate the files an earlier run left in --out "
+                        "(and --modelopt-dir) again, with the current checker and predictor, without building models")
     args = parser.parse_args(argv)
+    if args.rate_only:
+        return rate_only(args)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -171,6 +175,25 @@ def main(argv=None) -> int:
             rows[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
         print_row(name, rows[name], flush=True)
     (args.out / "placement_zoo.json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def rate_only(args) -> int:
+    old = json.loads((args.out / "placement_zoo.json").read_text()) if (args.out / "placement_zoo.json").is_file() else {}
+    rows = {}
+    for name in args.models.split(","):
+        row = {}
+        for variant in ("today", "auto"):
+            path = args.out / f"{name}.{variant}.onnx"
+            if path.is_file():
+                row[variant] = {**old.get(name, {}).get(variant, {}), **rate(path)}
+        mo = args.modelopt_dir / f"{name}.modelopt.onnx" if args.modelopt_dir else None
+        if mo is not None and mo.is_file():
+            row["modelopt"] = rate(mo)
+        if row:
+            rows[name] = row
+            print_row(name, row, flush=True)
+    (args.out / "placement_zoo_rated.json").write_text(json.dumps(rows, indent=1))
     return 0
 
 
