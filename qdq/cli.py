@@ -218,6 +218,12 @@ def _cmd_ptq(args) -> int:
         raise UserError(f"--ignore {report.unmatched_ignore[0]!r} matches no quantizable layer of {args.model} "
                         "(layer paths such as 'layer4' or regular expressions such as 'layer4\\..*')")
     print(f"quantized {len(report.replaced)} layers of {args.model} ({len(report.ignored)} ignored)")
+    example = next(iter(source))[:1]
+    # TensorRT's placement (residual adds, concats, poolings) and the scales its fusions need shared
+    placed = qdq.place_quantizers(model, example, dynamo=args.dynamo)
+    pairs = qdq.apply_custom_rules_to_quantizer(model, example, dynamo=args.dynamo, placement=False)
+    print(f"placement for TensorRT: {len(placed.placed)} quantizers added on adds, concats and poolings; "
+          f"{len(pairs)} quantizer pairs share a scale")
     if args.format != "int8":
         from qdq.layer_formats import set_model_format
 
@@ -231,7 +237,6 @@ def _cmd_ptq(args) -> int:
     if args.calib_table:
         qdq.save_calib_table(model, args.calib_table, method=args.method)
         print(f"calibration table: {args.calib_table}")
-    example = next(iter(source))[:1]
     info = qdq.export_onnx(model, example, args.out, dynamic_batch=args.dynamic_batch, dynamo=args.dynamo)
     print(f"wrote {info.path} ({info.num_qdq_pairs} Q/DQ pairs, opset {info.opset}, {info.exporter} exporter)")
     with torch.no_grad():

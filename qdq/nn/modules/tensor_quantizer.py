@@ -635,6 +635,8 @@ class TensorQuantizer(nn.Module):
         if any(not -len(shape) <= a < len(shape) for a in axes):
             return f"amax of shape {shape} has no dimension {self._axis} (this quantizer's axis)"
         kept = {a % len(shape) for a in axes}
+        if self._block_size and len(shape) >= 2:  # blocked: (rows, blocks, 1), one amax per row and block
+            kept.add(len(shape) - 2)
         wrong = [d for d, n in enumerate(shape) if n > 1 and d not in kept]
         if wrong:
             return (f"amax of shape {shape} varies along dimension(s) {wrong}, this quantizer keeps axis "
