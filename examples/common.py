@@ -24,6 +24,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from qdq.onnx.parity import DEFAULT_OUTPUT_TOLERANCE_STEPS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 __all__ = ["shared_data_dir", "extract", "cifar10_root", "imagenet_sample", "ImagenetSample", "cache_dir",
@@ -312,7 +314,8 @@ def histograms_without_zeros(qmodel: nn.Module) -> int:
     return count
 
 
-def export_and_check(qmodel: nn.Module, images: torch.Tensor, path: Path, tolerance_steps: float = 4.0) -> dict:
+def export_and_check(qmodel: nn.Module, images: torch.Tensor, path: Path,
+                     tolerance_steps: float = DEFAULT_OUTPUT_TOLERANCE_STEPS) -> dict:
     """Exports ``qmodel`` to QDQ ONNX at ``path`` (dynamic batch), compares ONNX Runtime with PyTorch on ``images``
     and runs the TensorRT rule checker; prints what it found and returns it.
 

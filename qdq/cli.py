@@ -128,9 +128,9 @@ def _parser() -> argparse.ArgumentParser:
     ptq.add_argument("--block-size", type=int, default=64, choices=(32, 64, 128),
                      help="INT4 block size along the input features (default: %(default)s)")
     ptq.add_argument("--list-models", action="store_true", help="list the model names and exit")
-    ptq.add_argument("--tolerance-steps", type=_steps, default=4.0,
+    ptq.add_argument("--tolerance-steps", type=_steps, default=8.0,
                      help="ONNX Runtime vs PyTorch output tolerance, in output quantization steps: one-step rounding "
-                          "flips compound with depth (default: %(default)s, as the examples)")
+                          "flips compound with depth (default: %(default)s, qdq.onnx.parity.DEFAULT_OUTPUT_TOLERANCE_STEPS)")
     ptq.add_argument("--allow-mismatch", action="store_true",
                      help="exit 0 even when ONNX Runtime and PyTorch differ beyond the tolerance")
     return parser

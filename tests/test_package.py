@@ -47,3 +47,11 @@ def test_private_names_stay_importable_for_pytorch_quantization_code():
     import qdq.quant_modules
 
     assert "_Calibrator" not in qdq.calib.__all__ and "_DEFAULT_QUANT_MAP" not in qdq.quant_modules.__all__
+
+
+def test_cli_tolerance_default_is_the_library_default():
+    from qdq.cli import _parser
+    from qdq.onnx.parity import DEFAULT_OUTPUT_TOLERANCE_STEPS
+
+    args = _parser().parse_args(["ptq", "--model", "m", "--data", "d", "--out", "o.onnx"])
+    assert args.tolerance_steps == DEFAULT_OUTPUT_TOLERANCE_STEPS

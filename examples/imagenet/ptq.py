@@ -127,13 +127,16 @@ def image_loaders(
 def calibrate_copy(model: nn.Module, calib_loader: DataLoader, method: str, autotune: bool = False,
                    ignore_policy: Any = None) -> tuple[nn.Module, float]:
     """A quantized deep copy of ``model`` (8-bit per-channel weights, per-tensor inputs of every conv and linear
-    layer, subclasses such as EfficientNet's same-padding convolutions included) calibrated with ``method`` on the
+    layer, subclasses such as EfficientNet's same-padding convolutions included, quantizers placed for TensorRT on
+    the residual adds by the rules step) calibrated with ``method`` on the
     whole ``calib_loader``; returns it and the calibration time in seconds (statistics, amax search, auto-tune).
 
     With ``method="kld"`` the histograms leave exact zeros out (see
     :func:`examples.common.histograms_without_zeros`)."""
     qmodel = copy.deepcopy(model).eval()
     qdq.replace_to_quantization_module(qmodel, ignore_policy=ignore_policy)
+    images = next(iter(calib_loader))[0][:1]
+    qdq.apply_custom_rules_to_quantizer(qmodel, images)  # TensorRT's placement (residual adds) and shared scales
     if method == "kld":
         histograms_without_zeros(qmodel)
     t0 = time.perf_counter()

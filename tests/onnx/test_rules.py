@@ -76,7 +76,12 @@ def test_yolov5_flow_passes_the_checker_and_matches_onnxruntime(dynamo, tmp_path
     findings = check_tensorrt(info.model)
     assert not [f for f in findings if f.severity == "error"], findings
     assert not [f for f in findings if f.rule in SCALE_RULES], findings
-    report = verify(model, info.path, x)
+    # Every QuantizeLinear agrees with qdq to one step (a step only at exact rounding ties: ONNX divides by the scale,
+    # PyTorch's kernels multiply by its reciprocal). mse amax on the power-of-two histogram grid makes the scale
+    # ratios of consecutive quantizers simple fractions, so ties are more frequent (33 of 102,144 values here), and
+    # this random-weight detector amplifies each flip to 16-25 output steps: the outputs are held to 32.
+    report = verify(model, info.path, x, output_tolerance_steps=32)
+    assert report.rounding.max_step_difference <= 1 and report.rounding.num_differing < 1e-3 * report.rounding.num_elements
     assert report.ok, str(report)
 
 
