@@ -1051,25 +1051,34 @@ _CHECKS: tuple[Callable[[_Index], Iterable[Finding]], ...] = (
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _load(model: PathOrModel) -> tuple[onnx.ModelProto, str]:
-    """The model and the folder its external data lives in."""
-    if isinstance(model, onnx.ModelProto):
-        return model, ""
-    if not isinstance(model, (str, os.PathLike)):
-        raise TypeError(f"check_tensorrt takes a path or an onnx.ModelProto, got {type(model).__name__}")
-    path = Path(model)
+def read_onnx(path: str | os.PathLike, caller: str = "check_tensorrt",
+              load_external_data: bool = False) -> onnx.ModelProto:
+    """The ONNX file at ``path``; a clear error for a missing, unreadable, empty or non-ONNX file.
+
+    ``caller`` names the function in the error for an argument that is no path.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{caller} takes a path or an onnx.ModelProto, got {type(path).__name__}")
+    path = Path(path)
     if not path.is_file():
         what = "is a directory, not an ONNX file" if path.is_dir() else "does not exist"
         raise FileNotFoundError(f"ONNX model {str(path)!r} {what}")
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        proto = onnx.load(str(path), load_external_data=load_external_data)
     except OSError as exc:
         raise OSError(f"cannot read ONNX model {str(path)!r}: {exc.strerror or exc}") from exc
     except Exception as exc:  # protobuf decode errors have no common base class
         raise ModelReadError(f"{str(path)!r} is not an ONNX model: {exc}") from exc
     if not proto.HasField("graph"):
         raise ModelReadError(f"{str(path)!r} is not an ONNX model: it has no graph")
-    return proto, str(path.parent)
+    return proto
+
+
+def _load(model: PathOrModel) -> tuple[onnx.ModelProto, str]:
+    """The model and the folder its external data lives in."""
+    if isinstance(model, onnx.ModelProto):
+        return model, ""
+    return read_onnx(model), str(Path(model).parent)
 
 
 def check_tensorrt(model: PathOrModel) -> list[Finding]:

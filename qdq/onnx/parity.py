@@ -104,23 +104,9 @@ class VerifyReport:
 
 def _read_model(path: str | os.PathLike) -> onnx.ModelProto:
     """The ONNX file at ``path`` with its external data; a clear error for a missing, empty or non-ONNX file."""
-    from qdq.onnx.check import ModelReadError
+    from qdq.onnx.check import read_onnx
 
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"verify takes a path or an onnx.ModelProto, got {type(path).__name__}")
-    path = Path(path)
-    if not path.is_file():
-        what = "is a directory, not an ONNX file" if path.is_dir() else "does not exist"
-        raise FileNotFoundError(f"ONNX model {str(path)!r} {what}")
-    try:
-        proto = onnx.load(str(path))
-    except OSError as exc:
-        raise OSError(f"cannot read ONNX model {str(path)!r}: {exc.strerror or exc}") from exc
-    except Exception as exc:  # protobuf decode errors have no common base class
-        raise ModelReadError(f"{str(path)!r} is not an ONNX model: {exc}") from exc
-    if not proto.HasField("graph"):
-        raise ModelReadError(f"{str(path)!r} is not an ONNX model: it has no graph")
-    return proto
+    return read_onnx(path, caller="verify", load_external_data=True)
 
 
 def _as_numpy_inputs(inputs: Any) -> list[np.ndarray]:
