@@ -1,6 +1,6 @@
 """The ``qdq`` command line.
 
-    qdq demo [--out DIR]                     the whole journey on bundled data, in about a minute
+    qdq demo [--out DIR]                     the whole journey on bundled data, in about 20 s on two CPU cores
     qdq check model.onnx [--quiet]           TensorRT rule check of a QDQ ONNX file (exit 1 on errors)
     qdq check model.onnx --fusion | --json   ... with the TensorRT fusion prediction (per-layer precision)
     qdq ptq --model NAME --data DIR --out model.onnx [--weights FILE] [--method mse] [--num-batches 8]
@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (INFO level)")
     sub = parser.add_subparsers(dest="command", metavar="command", parser_class=_Parser)
 
-    demo = sub.add_parser("demo", help="train, quantize (PTQ and QAT), export and check a digits CNN, ~1 minute",
+    demo = sub.add_parser("demo", help="train, quantize (PTQ and QAT), export and check a digits CNN, about 20 s",
                           description="The whole journey on scikit-learn's bundled digits: no download.")
     demo.add_argument("--out", default="qdq-demo", help="folder for the ONNX file, plots and JSON (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0)

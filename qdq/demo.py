@@ -1,4 +1,4 @@
-"""``qdq demo``: the whole journey on data that ships with scikit-learn, in about a minute on two CPU cores.
+"""``qdq demo``: the whole journey on data that ships with scikit-learn, in about 20 s on two CPU cores (17 s measured).
 
 1. train a small CNN on scikit-learn's handwritten digits (1,797 8x8 images, bundled with the package: nothing is
    downloaded);
@@ -229,7 +229,7 @@ def _plots(qmodel, model, calib, test, ref, out: Path) -> list[str]:
 
     profile = build_sensitivity_profile(qmodel, logit_sqnr, print_table=False, progress=False)
     path = out / "sensitivity.png"
-    plot_sensitivity(profile, path, title="Logit SQNR (dB) gained when only this layer stays float")
+    plot_sensitivity(profile, path, title="Logit SQNR (dB) when only this layer stays float")
     paths.append(str(path))
     return paths
 
