@@ -9,8 +9,10 @@ The package is built in floors; a lower floor never imports a higher one:
    :mod:`qdq.switches`, :mod:`qdq.sensitivity`, :mod:`qdq.patching`, :mod:`qdq.fold_batchnorm`, :mod:`qdq.autotune`,
    :mod:`qdq.qat`, :mod:`qdq.calib_table`, :mod:`qdq.data`, :mod:`qdq.config` (per-layer config files),
    :mod:`qdq.distributed` (calibration and QAT across torch.distributed ranks), :mod:`qdq.layer_formats` (INT8, FP8,
-   INT4 weight-only or float per layer, and the format search);
-5. graph side - :mod:`qdq.onnx`: export, ONNX Runtime parity, the TensorRT rule checker, scale matching;
+   INT4 weight-only or float per layer, and the format search), :mod:`qdq.attention` (attention MatMuls),
+   :mod:`qdq.op_sites` (inline adds, concats and poolings), :mod:`qdq.ptq` (bias correction, equalization, AdaRound);
+5. graph side - :mod:`qdq.onnx`: export, ONNX Runtime parity, the TensorRT rule checker, scale matching, the
+   automatic placement for TensorRT and the fusion predictor;
 6. faces - :mod:`qdq.rules` (recipes), the ``qdq`` command line, ``examples/``, ``benchmarks/``.
 
 Code written for NVIDIA's pytorch_quantization runs with its imports renamed::
