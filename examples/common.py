@@ -16,6 +16,7 @@ import os
 import random
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from qdq.onnx.parity import DEFAULT_OUTPUT_TOLERANCE_STEPS
 
+logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 
 __all__ = ["shared_data_dir", "extract", "cifar10_root", "imagenet_sample", "ImagenetSample", "cache_dir",
@@ -137,6 +139,38 @@ class UsageError(Exception):
     """A mistake in the command line or the data paths; the example scripts print it as one line (exit code 2)."""
 
 
+def trained_float_model(model: nn.Module, args: argparse.Namespace, cached: Path, config: dict,
+                        fit: Callable[[nn.Module], None], train_images: int, what: str) -> nn.Module:
+    """The trained float ``model``: the weights of ``--checkpoint``, the checkpoint cached at ``cached`` when it was
+    trained with the same ``config`` (and ``--retrain`` is not given), or ``fit(model)`` once, cached afterwards.
+    ``what`` names the weights in the error for a checkpoint that does not fit."""
+    if args.checkpoint is not None:
+        state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            raise UsageError(f"--checkpoint {args.checkpoint} does not hold {what}: "
+                             f"{str(err).splitlines()[0]}") from None
+        logger.info("loaded float weights from %s", args.checkpoint)
+        return model.eval()
+    if cached.is_file() and not args.retrain:
+        saved = torch.load(cached, map_location="cpu", weights_only=True)
+        if saved.get("config") == config:
+            model.load_state_dict(saved["state_dict"])
+            print(f"float model: reusing {cached} (trained with the same settings; --retrain to train again)")
+            return model.eval()
+        logger.info("%s was trained with other settings (%s); training again", cached, saved.get("config"))
+    t0 = time.perf_counter()
+    fit(model)
+    seconds = time.perf_counter() - t0
+    print(f"float model: trained {args.epochs} epochs on {train_images} images in {seconds:.0f} s")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), "config": config, "train_seconds": seconds}, cached)
+    print(f"saved {cached}")
+    return model.eval()
+
+
 def positive(kind: type = int) -> Callable[[str], Any]:
     """An argparse ``type=`` that accepts numbers of ``kind`` above zero.
 
@@ -219,7 +253,8 @@ def run_main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace]
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger(run.__module__).setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    for name in (run.__module__, __name__):
+        logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         run(resolve(args))
     except (UsageError, FileNotFoundError, NotADirectoryError, *errors) as err:

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 import qdq
 from examples.common import (UsageError, add_run_arguments, cifar10_root, export_and_check, export_summary, finish,
                              first_per_class, histograms_without_zeros, positive, print_table, resolve_defaults,
-                             run_main)
+                             run_main, trained_float_model)
 from qdq import nn as quant_nn
 from qdq.evaluate import collect_logits, sqnr_db, top1_accuracy, top1_agreement
 from qdq.onnx import apply_custom_rules_to_quantizer
@@ -418,34 +418,11 @@ def _train_config(args: argparse.Namespace, root: Path) -> dict:
 
 def _float_model(args: argparse.Namespace, root: Path, train_loader: DataLoader, num_classes: int) -> nn.Module:
     """The trained float model: ``--checkpoint``, the cached checkpoint in ``--out`` or a new training run."""
-    model = resnet20(num_classes)
-    if args.checkpoint is not None:
-        state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as err:
-            raise UsageError(f"--checkpoint {args.checkpoint} does not hold ResNet-20 weights for {num_classes} "
-                             f"classes: {str(err).splitlines()[0]}") from None
-        logger.info("loaded float weights from %s", args.checkpoint)
-        return model.eval()
-    cached = Path(args.out) / CHECKPOINT_NAME
-    config = _train_config(args, root)
-    if cached.is_file() and not args.retrain:
-        saved = torch.load(cached, map_location="cpu", weights_only=True)
-        if saved.get("config") == config:
-            model.load_state_dict(saved["state_dict"])
-            print(f"float model: reusing {cached} (trained with the same settings; --retrain to train again)")
-            return model.eval()
-        logger.info("%s was trained with other settings (%s); training again", cached, saved.get("config"))
-    t0 = time.perf_counter()
-    train(model, train_loader, args.epochs, args.lr, warmup_epochs=min(1.0, args.epochs / 10), desc="Train fp32")
-    seconds = time.perf_counter() - t0
-    print(f"float model: trained {args.epochs} epochs on {len(train_loader.dataset)} images in {seconds:.0f} s")
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "config": config, "train_seconds": seconds}, cached)
-    print(f"saved {cached}")
-    return model.eval()
+    return trained_float_model(
+        resnet20(num_classes), args, Path(args.out) / CHECKPOINT_NAME, _train_config(args, root),
+        lambda m: train(m, train_loader, args.epochs, args.lr, warmup_epochs=min(1.0, args.epochs / 10),
+                        desc="Train fp32"),
+        len(train_loader.dataset), f"ResNet-20 weights for {num_classes} classes")
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -43,8 +43,8 @@ from tqdm.auto import tqdm
 
 import qdq
 from examples.cifar10.cifar import data_root, loaders
-from examples.common import (UsageError, add_run_arguments, export_and_check, export_summary, finish, positive,
-                             print_table, resolve_defaults, run_main)
+from examples.common import (add_run_arguments, export_and_check, export_summary, finish, positive,
+                             print_table, resolve_defaults, run_main, trained_float_model)
 from qdq import nn as quant_nn
 from qdq.evaluate import collect_logits, sqnr_db, top1_accuracy, top1_agreement
 from qdq.qat import qat_learning_rate
@@ -189,31 +189,13 @@ def _compare(model, loader, ref_logits, labels, desc) -> dict[str, float]:
 
 
 def _float_model(args: argparse.Namespace, root: Path, train_loader: DataLoader) -> nn.Module:
-    model = small_vit()
-    if args.checkpoint is not None:
-        state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-        try:
-            model.load_state_dict(state.get("state_dict", state))
-        except RuntimeError as err:
-            raise UsageError(f"--checkpoint {args.checkpoint} does not hold this ViT's weights: "
-                             f"{str(err).splitlines()[0]}") from None
-        return model.eval()
-    cached = Path(args.out) / CHECKPOINT_NAME
+    """The trained float ViT: ``--checkpoint``, the cached checkpoint in ``--out`` or a new training run."""
     config = {"model": "small_vit", "data": str(root), "epochs": args.epochs, "batch_size": args.batch_size,
               "lr": args.lr, "limit_per_class": args.limit_per_class, "seed": args.seed}
-    if cached.is_file() and not args.retrain:
-        saved = torch.load(cached, map_location="cpu", weights_only=True)
-        if saved.get("config") == config:
-            model.load_state_dict(saved["state_dict"])
-            print(f"float model: reusing {cached} (trained with the same settings; --retrain to train again)")
-            return model.eval()
-    t0 = time.perf_counter()
-    train(model, train_loader, args.epochs, args.lr, desc="Train fp32")
-    seconds = time.perf_counter() - t0
-    print(f"float model: trained {args.epochs} epochs on {len(train_loader.dataset)} images in {seconds:.0f} s")
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "config": config, "train_seconds": seconds}, cached)
-    return model.eval()
+    return trained_float_model(
+        small_vit(), args, Path(args.out) / CHECKPOINT_NAME, config,
+        lambda m: train(m, train_loader, args.epochs, args.lr, desc="Train fp32"),
+        len(train_loader.dataset), "this ViT's weights")
 
 
 def run(args: argparse.Namespace) -> dict:
