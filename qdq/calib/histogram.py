@@ -50,7 +50,7 @@ __all__ = ["HistogramCalibrator", "rebin", "merge_bins", "bin_exponent"]
 logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20  # per-tensor collection bins chunks of this many values (a reused 4 MB buffer)
-_HISTC_BINS = 1 << 11  # histc bins integer-valued floats exactly while (2 * num_bins)**2 <= 2**24; above, scatter_add
+_HISTC_BINS = 1 << 11  # off the CPU, histc bins integer-valued floats exactly while (2 * num_bins)**2 <= 2**24; above, scatter_add
 _RANGE_TOL = 4 * 2.0**-23  # relative slack for "R / R_r is an integer": float32 ranges carry one rounding each
 
 
@@ -129,6 +129,48 @@ def merge_bins(counts: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     n = counts.shape[-1]
     target = torch.arange(n, device=counts.device)[None, :] >> shift.clamp(0, 62)[:, None]
     return torch.zeros_like(counts).scatter_add_(1, target.expand_as(counts), counts)
+
+
+def _count_bincount(flat: torch.Tensor, scale: torch.Tensor, n: int, finite: bool) -> torch.Tensor:
+    """Counts of ``floor(|x| * scale)`` over ``[0, n)`` (int64), for ``|x| * scale < n``: ``bincount`` of int32
+    indices, chunk by chunk in reused buffers. NaN and Inf (when ``finite`` is False) are not counted.
+
+    ``bincount`` reads its largest index on the host, so this is the CPU's way (about 4x faster there than
+    :func:`_count_histc`, which gives the same counts).
+
+    >>> _count_bincount(torch.tensor([0.5, -1.0, 3.9, float("nan")]), torch.tensor(1.0), 4, False).tolist()
+    [1, 1, 0, 1]
+    """
+    size = min(flat.numel(), _CHUNK)
+    buf = torch.empty(size, dtype=torch.float32, device=flat.device)
+    index = torch.empty(size, dtype=torch.int32, device=flat.device)
+    counts = torch.zeros(n + 1, dtype=torch.int64, device=flat.device)
+    for part in flat.split(_CHUNK):
+        scaled = torch.abs(part, out=buf[: part.numel()]).mul_(scale)  # exact: scale is a power of two
+        if not finite:  # NaN and Inf go to the extra bin n, dropped below
+            scaled.masked_fill_(~torch.isfinite(scaled), float(n))
+        counts += torch.bincount(index[: part.numel()].copy_(scaled), minlength=n + 1)  # copy_ truncates
+    return counts[:n]
+
+
+def _count_histc(flat: torch.Tensor, scale: torch.Tensor, n: int, finite: bool = False) -> torch.Tensor:
+    """The counts of :func:`_count_bincount` without reading the device on the host: ``histc`` of
+    ``trunc(x * scale)`` over ``[-n, n]`` with ``2n`` bins puts the integer ``t`` in bin ``t + n`` exactly while
+    ``(t + n) * 2n < 2**24`` (``n <= 2048``), then the negative half folds onto the positive one. ``histc`` skips
+    NaN and Inf by itself; its float32 counts are exact up to ``2**24`` per chunk.
+
+    >>> _count_histc(torch.tensor([0.5, -1.0, 3.9, float("nan")]), torch.tensor(1.0), 4).tolist()
+    [1, 1, 0, 1]
+    """
+    buf = torch.empty(min(flat.numel(), _CHUNK), dtype=torch.float32, device=flat.device)
+    hist = torch.zeros(2 * n, dtype=torch.float32, device=flat.device)
+    for part in flat.split(_CHUNK):
+        t = torch.mul(part, scale, out=buf[: part.numel()]).trunc_()
+        hist += torch.histc(t, bins=2 * n, min=-n, max=n)
+    hist = hist.to(torch.int64)
+    counts = hist[n:].clone()
+    counts[1:] += hist[1:n].flip(0)
+    return counts
 
 
 class HistogramCalibrator(_Calibrator):
@@ -216,7 +258,7 @@ class HistogramCalibrator(_Calibrator):
                 f"but {self._shape} was collected so far"
             )
         x = x.to(self._counts.device)
-        if self._axis is None and self._num_bins <= _HISTC_BINS:
+        if self._axis is None and (x.device.type == "cpu" or self._num_bins <= _HISTC_BINS):
             self._collect_tensor(x.reshape(-1))
         else:
             self._collect_channels(self._rows(x))
@@ -236,33 +278,27 @@ class HistogramCalibrator(_Calibrator):
         return out
 
     def _collect_tensor(self, flat: torch.Tensor) -> None:
-        """Per tensor: three passes over the data (min/max, scaled truncation into a reused chunk, histc).
+        """Per tensor: the range (one min/max pass), then the bin of every magnitude, counted.
 
-        ``trunc(x / 2**e)`` is exact and integer-valued, and histc over ``[-n, n]`` with ``2n`` bins puts the integer
-        ``t`` in bin ``t + n`` exactly (``(t + n) * 2n < 2**24``); folding the negative half onto the positive one
-        gives the counts of ``floor(|x| / 2**e)`` without computing ``|x|``. histc skips NaN and Inf by itself.
+        ``|x| * 2**-e`` is exact (a power-of-two scaling) and below ``num_bins``, so its integer part is the bin:
+        :func:`_count_bincount` counts them on the CPU, :func:`_count_histc` elsewhere (the same counts).
         """
         n = self._num_bins
         low, high = torch.aminmax(flat)
         if self._unsigned:
             self._low = torch.fmin(self._low, low.reshape(1))
         m = high if self._unsigned else torch.maximum(high, -low)
+        on_cpu = flat.device.type == "cpu"
         # reading a CPU tensor is no device synchronisation: there, the data is cleaned only when it needs it
-        if flat.device.type != "cpu" or not bool(torch.isfinite(m)):
+        finite_data = on_cpu and bool(torch.isfinite(m))
+        if not finite_data:
             finite = torch.isfinite(flat)
             self._skipped += flat.numel() - finite.sum()
             m = torch.where(finite, flat if self._unsigned else flat.abs(), 0.0).amax()
         m = m.clamp(min=0).reshape(1)
         e = bin_exponent(m, n)
-        width = _pow2(e)
-        hist = torch.zeros(2 * n, dtype=torch.float32, device=flat.device)
-        buf = torch.empty(min(flat.numel(), _CHUNK), dtype=torch.float32, device=flat.device)
-        for part in flat.split(_CHUNK):
-            t = torch.div(part, width, rounding_mode="trunc", out=buf[: part.numel()])
-            hist += torch.histc(t, bins=2 * n, min=-n, max=n)  # float32 counts: exact up to 2**24 per chunk
-        hist = hist.to(torch.int64)
-        counts = hist[n:].clone()
-        counts[1:] += hist[1:n].flip(0)
+        count = _count_bincount if on_cpu else _count_histc
+        counts = count(flat, _pow2(-e), n, finite_data)
         if self._skip_zeros:
             counts[0] -= (flat == 0).sum()
         self._merge(counts[None], e, m)
@@ -278,8 +314,11 @@ class HistogramCalibrator(_Calibrator):
         idx = a.mul_(_pow2(-e)[:, None]).floor_()
         offsets = (torch.arange(channels, device=rows.device) * n)[:, None]
         idx = torch.where(idx >= 0, idx.to(torch.int64) + offsets, channels * n)  # skipped values land past the end
-        hist = torch.zeros(channels * n + 1, dtype=torch.int64, device=rows.device)
-        hist.scatter_add_(0, idx.reshape(-1), torch.ones_like(idx).reshape(-1))
+        if rows.device.type == "cpu":  # bincount reads its largest index on the host: only where that is free
+            hist = torch.bincount(idx.reshape(-1), minlength=channels * n + 1)
+        else:
+            hist = torch.zeros(channels * n + 1, dtype=torch.int64, device=rows.device)
+            hist.scatter_add_(0, idx.reshape(-1), torch.ones_like(idx).reshape(-1))
         self._merge(hist[:-1].reshape(channels, n), e, m)
 
     def _merge(self, hist: torch.Tensor, exp: torch.Tensor, batch_max: torch.Tensor) -> None:

@@ -100,6 +100,27 @@ def test_chunked_collection_is_exact():
     np.testing.assert_array_equal(cal.histogram()[0].numpy(), expected)
 
 
+@pytest.mark.parametrize("finite", [True, False])
+def test_cpu_and_device_counters_agree_with_numpy(finite):
+    """The CPU's bincount counter and the histc counter used on other devices give the same counts, exactly."""
+    from qdq.calib.histogram import _count_bincount, _count_histc, _pow2, bin_exponent
+
+    n = 2048
+    x = torch.randn(300_001) * 3
+    m = x.abs().max()
+    e = bin_exponent(m.reshape(1), n)
+    width = 2.0 ** e.item()
+    x[:6] = torch.tensor([0.0, -0.0, width, -width, 7 * width, (n - 1) * width])  # values on bin edges
+    x[6] = torch.nextafter(torch.tensor(5 * width), torch.tensor(0.0))  # just below an edge
+    if not finite:
+        x[7:10] = torch.tensor([float("nan"), float("inf"), float("-inf")])
+    expected, _ = _reference_histogram(x.numpy(), n)
+    a = _count_bincount(x, _pow2(-e), n, finite)
+    b = _count_histc(x, _pow2(-e), n)
+    np.testing.assert_array_equal(a.numpy(), expected)
+    np.testing.assert_array_equal(b.numpy(), expected)
+
+
 def test_all_zero_first_batch():
     cal = HistogramCalibrator(8, None, False, num_bins=16)
     cal.collect(torch.zeros(100))
