@@ -1,7 +1,7 @@
 """Cost of the core pieces, as ratios measured side by side in one process.
 
 * fake-quant forward+backward over a plain copy (forward+backward) of a large activation, per tensor and per channel,
-  and the forward alone under ``no_grad`` (eval) over a copy;
+  and the forward alone under ``no_grad`` (eval) over a copy, next to torch's fused kernel on the same tensor;
 * histogram collect over the conv that produced the tensor;
 * compute_amax time of entropy, mse and percentile on one 2048-bin histogram.
 
@@ -48,13 +48,21 @@ def measure(batch: int = 32, repeat: int = 7) -> dict:
     def copy_f():
         x.clone()
 
+    scale_t, zp_t = amax_t / 127, torch.tensor(0, dtype=torch.int32)
+
+    def fused_eval():  # torch's fused kernel, which qdq runs where tracing or a GPU needs it
+        with torch.no_grad():
+            torch.fake_quantize_per_tensor_affine(x, scale_t, zp_t, -128, 127)
+
     t_copy = timeit(copy_fb, repeat=repeat)
     t_fq_t = timeit(fq_fb(amax_t), repeat=repeat)
     t_fq_c = timeit(fq_fb(amax_c), repeat=repeat)
     t_copy_f = timeit(copy_f, repeat=repeat)
     t_fq_eval = timeit(fq_eval, repeat=repeat)
+    t_fused_eval = timeit(fused_eval, repeat=repeat)
     results["fake_quant"] = {
         "per_tensor_eval_over_copy": t_fq_eval / t_copy_f,
+        "fused_kernel_eval_over_copy": t_fused_eval / t_copy_f,
         "tensor_shape": list(x.shape),
         "copy_fwd_bwd_ms": t_copy * 1e3,
         "per_tensor_fwd_bwd_ms": t_fq_t * 1e3,
@@ -100,7 +108,8 @@ def main() -> None:
     fq = results["fake_quant"]
     print(f"fake-quant fwd+bwd over copy fwd+bwd, {tuple(x_shape)}: per-tensor {fq['per_tensor_over_copy']:.2f}x, "
           f"per-channel {fq['per_channel_over_copy']:.2f}x  (copy {fq['copy_fwd_bwd_ms']:.1f} ms); "
-          f"forward under no_grad over a copy: {fq['per_tensor_eval_over_copy']:.2f}x")
+          f"forward under no_grad over a copy: {fq['per_tensor_eval_over_copy']:.2f}x (torch's fused kernel "
+          f"{fq['fused_kernel_eval_over_copy']:.2f}x)")
     c = results["collect"]
     print(f"collect over the conv that produced the tensor: histogram {c['histogram_over_conv']:.3f}x, "
           f"max {c['max_over_conv']:.3f}x  (conv {c['conv_ms']:.1f} ms)")

@@ -22,9 +22,10 @@ unsigned               ``[0, 255]``          ``[0, 255]``
 ``narrow_range=False`` is the default: it is what ONNX QuantizeLinear and TensorRT's IQuantizeLayer saturate to.
 
 Fake quantization runs PyTorch's fused kernels (``torch.fake_quantize_per_tensor_affine`` and
-``torch.fake_quantize_per_channel_affine``), which are fast on CPU and GPU. They multiply by the float32
-reciprocal of the scale and round half to even; the plain tensor path here does the same, so both give identical
-numbers. ONNX defines QuantizeLinear with a division, which can differ from the reciprocal product by one ulp and so,
+``torch.fake_quantize_per_channel_affine``) on GPUs, under tracing (both ONNX exporters turn them into
+QuantizeLinear/DequantizeLinear) and where autograd records; in eager CPU code, where those kernels run a scalar loop,
+the same arithmetic runs as vectorized tensor ops (15-30x faster there). Both multiply by the float32 reciprocal of
+the scale and round half to even, so both give identical numbers. ONNX defines QuantizeLinear with a division, which can differ from the reciprocal product by one ulp and so,
 on an exact rounding tie, by one quantization step: that is why exported models are compared with ONNX Runtime to
 the step, not bit for bit.
 
@@ -489,6 +490,36 @@ def _channel_axis(scale: torch.Tensor, x: torch.Tensor) -> int | None:
     return varying[0] if len(varying) == 1 else -1
 
 
+_EAGER_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _eager_cpu(x: torch.Tensor) -> bool:
+    """Whether ``x`` is an ordinary CPU tensor in eager execution, outside any tracing and needing no gradient.
+
+    There, :func:`fake_quantize` runs as four vectorized tensor ops on one buffer instead of the fused kernels,
+    whose CPU loop is scalar: 15-30x slower on one core (``benchmarks/core_ops.py``). The numbers are the same
+    (tested bit for bit, ties included). Under tracing (the ONNX exporters, torch.export, torch.compile, jit), on
+    other devices and when autograd records, the fused kernels run: the exporters turn them into
+    QuantizeLinear/DequantizeLinear, compilers fuse them, and their gradient is the straight-through one.
+    """
+    return (
+        not torch.compiler.is_compiling()
+        and type(x) in _EAGER_TYPES  # FakeTensor / FunctionalTensor while exporting
+        and x.device.type == "cpu"
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and not torch.jit.is_tracing()
+    )
+
+
+def _fake_quantize_eager(x, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
+    """The fused kernels' arithmetic in tensor ops: ``(clamp(round_half_even(x * (1 / scale)) + zp) - zp) * scale``
+    (float32; ``zero_point`` None for 0)."""
+    q = torch.mul(x, torch.reciprocal(scale)).round_()
+    if zero_point is None:
+        return q.clamp_(qmin, qmax).mul_(scale)
+    return q.add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
+
+
 _logged_plain_paths: set[str] = set()
 
 
@@ -579,6 +610,14 @@ def fake_quantize(
     qmin, qmax = _resolve_range(qmin, qmax, num_bits, unsigned, narrow_range)
     x = x.float()
     scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    if _eager_cpu(x):
+        _channel_axis(scale, x)  # the shape check, with its message
+        zp = None
+        if isinstance(zero_point, torch.Tensor):
+            zp = torch.broadcast_to(zero_point.to(x.device).float().round(), scale.shape)
+        elif zero_point != 0:
+            zp = torch.full((), float(round(zero_point)), dtype=torch.float32)
+        return _fake_quantize_eager(x, scale, zp, qmin, qmax)
     if isinstance(zero_point, torch.Tensor):
         zero_point = zero_point.to(x.device)
     else:  # a fill on the device, not a copy from the host (which would synchronise a GPU)

@@ -170,7 +170,9 @@ def test_non_contiguous(axis):
     np.testing.assert_array_equal(got.numpy(), ref.fake_quant(x.contiguous().numpy(), amax.numpy()))
 
 
-def test_multi_axis_plain_path_matches_and_logs(caplog):
+def test_multi_axis_plain_path_matches_and_logs(caplog, monkeypatch):
+    """Where the fused kernels run (GPUs, tracing), a scale varying along two dimensions takes plain math, logged."""
+    monkeypatch.setattr(tq, "_eager_cpu", lambda x: False)
     x = torch.randn(3, 4, 5)
     amax = torch.rand(3, 4, 1) + 0.2
     with caplog.at_level("INFO", logger="qdq.tensor_quant"):
@@ -178,6 +180,50 @@ def test_multi_axis_plain_path_matches_and_logs(caplog):
         got = tq.fake_quantize_by_amax(x, amax)
     np.testing.assert_array_equal(got.numpy(), ref.fake_quant(x.numpy(), amax.numpy()))
     assert "plain tensor math" in caplog.text
+
+
+def _fused(x, scale, zero_point, qmin, qmax, axis):
+    if axis is None:
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point.to(torch.int32), qmin, qmax)
+    return torch.fake_quantize_per_channel_affine(x, scale.reshape(-1), zero_point.reshape(-1).to(torch.int32), axis,
+                                                  qmin, qmax)
+
+
+@pytest.mark.parametrize("axis", [None, 0, 1])
+@pytest.mark.parametrize("qmin,qmax", [(-128, 127), (-127, 127), (0, 255), (-8, 7)])
+@pytest.mark.parametrize("with_zero_point", [False, True])
+def test_eager_cpu_path_equals_fused_kernels(axis, qmin, qmax, with_zero_point):
+    """Eager CPU code runs tensor ops instead of the fused kernels: the same numbers, bit for bit, ties included."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 40, 7) * 3
+    shape = [1, 1, 1]
+    if axis is not None:
+        shape[axis] = x.shape[axis]
+    scale = torch.rand(shape) * 0.05 + 0.01
+    x[0, :20, 0] = (torch.arange(20) - 10 + 0.5) * scale.reshape(-1)[0]  # exact ties, rounded half to even
+    x[1, 0, :3] = torch.tensor([1e6, -1e6, 0.0])  # saturation
+    zero_point = torch.randint(qmin, qmax + 1, shape).float() if with_zero_point else torch.zeros(shape)
+    assert tq._eager_cpu(x)
+    got = tq.fake_quantize(x, scale, zero_point, qmin, qmax)
+    expected = _fused(x, scale.reshape(()) if axis is None else scale, zero_point.reshape(()) if axis is None
+                      else zero_point, qmin, qmax, axis)
+    assert torch.equal(got, expected)
+    inv = (np.float32(1) / scale.numpy()).astype(np.float32)
+    q = np.clip(np.rint((x.numpy() * inv).astype(np.float32)) + zero_point.numpy(), qmin, qmax)
+    np.testing.assert_array_equal(got.numpy(), ((q - zero_point.numpy()) * scale.numpy()).astype(np.float32))
+
+
+def test_fused_kernels_where_traced_or_recorded():
+    """jit tracing (the TorchScript ONNX exporter) sees the fused op; autograd gets its straight-through gradient."""
+    scale = torch.tensor(0.1)
+    traced = torch.jit.trace(lambda t: tq.fake_quantize(t, scale), torch.randn(4))
+    assert "fake_quantize_per_tensor_affine" in str(traced.graph)
+    x = torch.tensor([0.05, 0.2, 50.0], requires_grad=True)
+    assert not tq._eager_cpu(x)
+    tq.fake_quantize(x, scale).sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 0.0]
+    with torch.no_grad():
+        assert tq._eager_cpu(x)
 
 
 def test_fake_quant_is_dequantize_of_quantize():
