@@ -452,6 +452,8 @@ def replace_to_quantization_module(
             "torch.jit.script or torch.jit.trace), whose layers cannot be replaced; quantize the Python nn.Module "
             "before scripting it"
         )
+    if descriptors is not None:  # checked before anything changes
+        _check_descriptors(descriptors, quantizable_layers(model, quant_map))
     if attention:
         from qdq.attention import quantize_attention  # floor 4 beside this module; it imports this module
 
