@@ -20,7 +20,6 @@ from qdq.config.schema import (
     DEFAULT_NUM_BATCHES,
     Checked,
     Problems,
-    QuantConfigError,
     checked_config,
     descriptor_of,
     layer_path,
