@@ -287,9 +287,9 @@ def compute_amax(
         logger.info("method=%r overrides the search the descriptors of %d quantizers name: %s", method,
                     len(overridden), _listing(overridden))
     if unnamed:
-        logger.warning("%d quantizers collected histograms but no search was named (calib_method='histogram' and "
-                       "no method=): their amax is the histogram's max; name the search in the descriptor "
-                       "(calib_method='entropy', ...) or pass method=: %s", len(unnamed), _listing(unnamed))
+        logger.warning("%d quantizers collected histograms but no search was named (their descriptors name none, "
+                       "and no method= was given): their amax is the histogram's max; name the search in the "
+                       "descriptor (calib_method='entropy', ...) or pass method=: %s", len(unnamed), _listing(unnamed))
     handle_no_data(model, report.no_data, strict)
     report.frozen = [n for n, q in quantizers(model) if q.is_enabled and q.calibrator is None and q.amax is not None]
     if report.frozen:
