@@ -67,7 +67,10 @@ _EXPORTS = {
     "load_calib_table": "qdq.calib_table",
     "write_tensorrt_cache": "qdq.calib_table",
     "create_quant_config": "qdq.config",
-    "quantize_model": "qdq.config",
+    "load_quant_config": "qdq.config",
+    "save_quant_config": "qdq.config",
+    "apply_quant_config": "qdq.config",
+    "quantize_model": "qdq.config",  # the deprecated name of apply_quant_config (warns)
     "calibrate_from_config": "qdq.config",
     "export_onnx": "qdq.onnx",
     "verify": "qdq.onnx",

@@ -9,6 +9,19 @@ naming it) and lets a rank without batches contribute empty statistics, and :fun
 statistics of all ranks before computing amax, so every rank ends with the same amax, that of the union of the data
 (:mod:`qdq.distributed`). ``group=`` picks the process group. In a single process nothing changes.
 
+Which amax each quantizer gets:
+
+* its own descriptor says it: ``QuantDescriptor(calib_method="entropy")`` collects a histogram and computes amax with
+  the entropy search (and its ``calib_args``); ``"max"`` collects a running max. ``calibrate_model(model, data)``
+  without ``method`` calibrates each quantizer as its descriptor says.
+* ``method="entropy"`` (``"mse"``, ``"percentile"``, ``"kld"``, ...) asks for that search on every quantizer that
+  can take it, overriding what the descriptors name. Per-tensor symmetric quantizers that collect a running max
+  (the default descriptors) collect a histogram for it instead: their calibrator is replaced by a
+  :class:`~qdq.calib.HistogramCalibrator`, and the log (INFO) lists which quantizers got one, which kept their
+  max calibrator and why (per-channel weights, asymmetric or blocked quantizers are max-calibrated), so nothing
+  changes behind the user's back; :attr:`CalibrationReport.replaced_calibrators` names them too.
+  ``method="max"`` gives every quantizer the max of what it saw.
+
 ``data`` may be a DataLoader or any iterable of batches - a tensor, a ``(inputs, labels)`` tuple or list (the first
 item is the input), or a dict (passed as keyword arguments) - or a callable ``forward_loop(model)`` that runs the model
 itself. ``preprocess(batch)`` turns a batch into the model's input when the defaults do not fit: a tensor is passed
@@ -51,7 +64,7 @@ from qdq.switches import preserved_modes, quantizers
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-__all__ = ["calibrate_model", "collect_stats", "compute_amax", "CalibrationReport", "model_inputs"]
+__all__ = ["calibrate_model", "collect_stats", "compute_amax", "histograms_for", "CalibrationReport", "model_inputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +83,47 @@ class CalibrationReport:
     autotune_seconds: float = 0.0
     sync: SyncReport | None = None  # under torch.distributed: how the ranks' statistics were combined
     frozen: list[str] = field(default_factory=list)  # enabled quantizers without calibrator: amax kept (adaround)
+    #: quantizers whose max calibrator was replaced by a histogram calibrator for the ``method`` asked for
+    replaced_calibrators: list[str] = field(default_factory=list)
 
 
-def _check_method(method: str) -> None:
-    if method not in search_names():
+def _check_method(method: str | None) -> None:
+    if method is not None and method not in search_names():
         raise ValueError(f"unknown calibration method {method!r}; choose one of {', '.join(search_names())}")
+
+
+def _listing(names: list[str], limit: int = 20) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def histograms_for(model: nn.Module, method: str | None) -> list[str]:
+    """Gives the quantizers that can take ``method`` (a histogram search) a histogram calibrator; their names.
+
+    Enabled per-tensor symmetric quantizers with a max calibrator get a
+    :class:`~qdq.calib.HistogramCalibrator` of 2048 bins; per-channel, asymmetric and blocked quantizers keep their
+    max calibrator. Both lists are logged at INFO with the reason. ``None`` and ``"max"`` change nothing.
+    :func:`collect_stats` calls it.
+    """
+    _check_method(method)
+    if method in (None, "max"):
+        return []
+    replaced, kept = [], []
+    for name, q in _active(model):
+        if not isinstance(q.calibrator, MaxCalibrator):
+            continue
+        if q.axis is None and q.symmetric and not q.block_size:
+            q.set_calibrator(HistogramCalibrator(q.num_bits, None, q.unsigned))
+            replaced.append(name)
+        else:
+            why = ("blocked" if q.block_size else "asymmetric" if not q.symmetric else f"per-channel (axis={q.axis})")
+            kept.append(f"{name} ({why})")
+    if replaced:
+        logger.info("method=%r: %d quantizers collect a histogram (HistogramCalibrator) instead of their max "
+                    "calibrator, as method=%r asks: %s", method, len(replaced), method, _listing(replaced))
+    if kept:
+        logger.info("method=%r: %d quantizers keep their MaxCalibrator (max-calibrated by design): %s", method,
+                    len(kept), _listing(kept))
+    return replaced
 
 
 def _active(model: nn.Module) -> list[tuple[str, TensorQuantizer]]:
@@ -87,7 +136,7 @@ def collect_stats(
     device: torch.device | str | None = None,
     num_batches: int | None = None,
     *,
-    method: str = "max",
+    method: str | None = None,
     preprocess: Callable[[Any], Any] | None = None,
     progress: bool = True,
     group: ProcessGroup | None = None,
@@ -96,14 +145,20 @@ def collect_stats(
 
     Exactly ``num_batches`` batches are fed (all of them when ``None``), in eval mode under ``no_grad``, with
     quantization off. Quantizer switches and the train/eval state of every module are restored afterwards, also on
-    an exception. With a histogram ``method`` (entropy, mse, percentile, ...), per-tensor quantizers that have a max
-    calibrator get a histogram calibrator (logged).
+    an exception. Each quantizer collects with its own calibrator; with a histogram ``method`` (entropy, mse,
+    percentile, ...), per-tensor quantizers that have a max calibrator collect a histogram for it instead
+    (:func:`histograms_for`, which logs which quantizers and why).
 
     Under torch.distributed this is a collective: ``num_batches`` counts this rank's batches, the return value too.
     Afterwards the ranks agree on the outcome: an exception on any rank is raised on every rank (naming the rank),
     a rank without batches contributes empty statistics (a warning), and no batch on any rank is the error. The
     statistics stay per rank until :func:`compute_amax` combines them.
     """
+    return _collect_stats(model, data, device, num_batches, method, preprocess, progress, group)[0]
+
+
+def _collect_stats(model, data, device, num_batches, method, preprocess, progress, group) -> tuple[int, list[str]]:
+    """:func:`collect_stats`, returning ``(batches fed, quantizers given a histogram calibrator)``."""
     _check_method(method)
     if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1):
         raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
@@ -116,14 +171,7 @@ def collect_stats(
         )
     device = torch.device(device) if device is not None else model_device(model)
 
-    if method not in ("max",):
-        swapped = 0
-        for _, q in active:
-            if isinstance(q.calibrator, MaxCalibrator) and q.axis is None and q.symmetric:
-                q.set_calibrator(HistogramCalibrator(q.num_bits, None, q.unsigned))
-                swapped += 1
-        if swapped:
-            logger.info("method=%r: collecting histograms for %d quantizers that had max calibrators", method, swapped)
+    replaced = histograms_for(model, method)
 
     fed = 0
     error: Exception | None = None
@@ -145,7 +193,7 @@ def collect_stats(
         error = err  # every rank learns of it below, and raises
     if distributed:
         _agree_on_collection(fed, error, group)
-    return fed
+    return fed, replaced
 
 
 def _agree_on_collection(fed: int, error: Exception | None, group: ProcessGroup | None) -> None:
@@ -190,7 +238,7 @@ def handle_no_data(model: nn.Module, names: list[str], strict: bool) -> None:
 
 def compute_amax(
     model: nn.Module,
-    method: str = "max",
+    method: str | None = None,
     strict: bool = True,
     *,
     group: ProcessGroup | None = None,
@@ -198,9 +246,12 @@ def compute_amax(
 ) -> CalibrationReport:
     """Sets every enabled quantizer's amax from what its calibrator collected.
 
-    Max calibrators give their max; histogram calibrators run ``method`` (``"max"`` gives their exact max) with
-    ``kwargs`` (``percentile=``, ``start_bin=``, ``stride=``). Quantizers that collected nothing are an error naming
-    them all; with ``strict=False`` they are disabled instead, with a warning.
+    Max calibrators give their max. Histogram calibrators run ``method`` (``"max"`` gives their exact max) with
+    ``kwargs`` (``percentile=``, ``start_bin=``, ``stride=``); without ``method``, the search their descriptor
+    names (``calib_method="entropy"``) with its ``calib_args`` (``kwargs`` win), and the exact max for descriptors
+    that name none (``calib_method="histogram"``; a warning lists them). A ``method`` that overrides the search a
+    descriptor names is logged at INFO. Quantizers that collected nothing are an error naming them all; with
+    ``strict=False`` they are disabled instead, with a warning.
 
     Under torch.distributed (a collective) the calibrators of all ranks of ``group`` are combined first
     (:func:`qdq.distributed.sync_calibrators`, reported in ``report.sync``), so every rank sets the same amax, that
@@ -210,19 +261,35 @@ def compute_amax(
     _check_method(method)
     check_search_keywords(kwargs, what="compute_amax: ")
     name_quantizers(model)
-    report = CalibrationReport(method=method)
+    report = CalibrationReport(method=method if method is not None else "per-quantizer")
     t0 = time.perf_counter()
     if is_distributed(group):
         report.sync = sync_calibrators(model, group)
+    overridden, unnamed = [], []
     for name, q in _active(model):
         if q.calibrator.num_batches == 0:
             report.no_data.append(name)
             continue
+        search = q.quant_desc.search
         if isinstance(q.calibrator, MaxCalibrator):
             q.load_calib_amax()  # max (or min/max for asymmetric quantizers) whatever the method
-        else:
+        elif method is not None:
+            if search is not None and search != method:
+                overridden.append(f"{name} ({search})")
             q.load_calib_amax(method=method, **kwargs)
+        elif search is not None and isinstance(q.calibrator, HistogramCalibrator):
+            q.load_calib_amax(**kwargs)  # the descriptor's search and calib_args
+        else:
+            unnamed.append(name)
+            q.load_calib_amax(method="max", **kwargs)
         report.calibrated += 1
+    if overridden:
+        logger.info("method=%r overrides the search the descriptors of %d quantizers name: %s", method,
+                    len(overridden), _listing(overridden))
+    if unnamed:
+        logger.warning("%d quantizers collected histograms but no search was named (their descriptors name none, "
+                       "and no method= was given): their amax is the histogram's max; name the search in the "
+                       "descriptor (calib_method='entropy', ...) or pass method=: %s", len(unnamed), _listing(unnamed))
     handle_no_data(model, report.no_data, strict)
     report.frozen = [n for n, q in quantizers(model) if q.is_enabled and q.calibrator is None and q.amax is not None]
     if report.frozen:
@@ -238,8 +305,8 @@ def calibrate_model(
     device: torch.device | str | None = None,
     num_batches: int | None = None,
     *,
-    method: str = "max",
-    percentile: float = 99.99,
+    method: str | None = None,
+    percentile: float | None = None,
     preprocess: Callable[[Any], Any] | None = None,
     strict: bool = True,
     progress: bool = True,
@@ -256,8 +323,11 @@ def calibrate_model(
         data: batches or a forward loop (see the module docstring).
         device: where batches go (default: the model's device).
         num_batches: how many batches to feed (all when ``None``).
-        method: ``"max"``, ``"entropy"``, ``"mse"``, ``"percentile"`` (and any registered search).
-        percentile: for ``method="percentile"``.
+        method: ``None`` (each quantizer as its descriptor says), or ``"max"``, ``"entropy"``, ``"mse"``,
+            ``"percentile"``, ``"kld"`` (and any registered search) for every quantizer that can take it (see the
+            module docstring: max calibrators of per-tensor quantizers are replaced by histogram calibrators for it,
+            logged and listed in ``report.replaced_calibrators``).
+        percentile: for the percentile search (default: the descriptor's, else 99.99).
         preprocess: ``batch -> model input``.
         strict: quantizers that see no data are an error (``False``: disable them, with a warning).
         progress: show a tqdm progress bar.
@@ -272,16 +342,17 @@ def calibrate_model(
     Returns:
         A :class:`CalibrationReport`.
     """
-    if autotune and method == "max":
+    if autotune and method in (None, "max"):
         raise ValueError("autotune=True refines histogram thresholds; use a histogram method such as method='kld'")
     check_search_keywords(search_kwargs, "calibrate_model: ")  # before the data is collected, not after
+    _check_method(method)
     t0 = time.perf_counter()
-    fed = collect_stats(model, data, device, num_batches, method=method, preprocess=preprocess, progress=progress,
-                        group=group)
+    fed, replaced = _collect_stats(model, data, device, num_batches, method, preprocess, progress, group)
     t1 = time.perf_counter()
-    if method == "percentile":
+    if percentile is not None:
         search_kwargs["percentile"] = percentile
     report = compute_amax(model, method=method, strict=strict, group=group, **search_kwargs)
+    report.replaced_calibrators = replaced
     report.batches = fed
     report.collect_seconds = t1 - t0
     if autotune:

@@ -137,11 +137,11 @@ def _check_format(fmt: str, path: str, layer: nn.Module, block_size: int) -> Non
 
 
 def _descriptors(fmt: str, iq: TensorQuantizer, wq: TensorQuantizer, block_size: int):
-    calib_method = iq.quant_desc.calib_method
+    calib = {"calib_method": iq.quant_desc.calib_method, "calib_args": iq.quant_desc.calib_args}
     if fmt == "int8":
-        return QuantDescriptor(8, calib_method=calib_method), QuantDescriptor(8, axis=wq.axis)
+        return QuantDescriptor(8, **calib), QuantDescriptor(8, axis=wq.axis)
     if fmt == "fp8":
-        return (QuantDescriptor((4, 3), calib_method=calib_method),
+        return (QuantDescriptor((4, 3), **calib),
                 QuantDescriptor((4, 3), axis=wq.axis))
     if fmt == "int4":
         return None, QuantDescriptor(4, axis=0, block_size=block_size)

@@ -41,6 +41,7 @@ from torch import nn
 from qdq import nn as quant_nn
 from qdq.functional_weights import functional_user
 from qdq.nn.modules._utils import QuantInputMixin, QuantMixin, pop_quant_desc_in_kwargs
+from qdq.tensor_quant import QuantDescriptor
 
 # pytorch_quantization's private names (_DEFAULT_QUANT_MAP, _quant_entry) stay importable for code that uses
 # them; they are not part of the public API.
@@ -304,12 +305,13 @@ def module_device(module: nn.Module) -> torch.device | None:
     return None
 
 
-def _convert(module: nn.Module, quant_cls: type) -> None:
+def _convert(module: nn.Module, quant_cls: type, descs: Mapping[str, object] | None = None) -> None:
     module.__class__ = quant_cls
+    given = {f"quant_desc_{role}": d for role, d in (descs or {}).items()}
     if issubclass(quant_cls, QuantInputMixin):
-        module.init_quantizer(pop_quant_desc_in_kwargs(quant_cls, input_only=True))
+        module.init_quantizer(pop_quant_desc_in_kwargs(quant_cls, input_only=True, **given))
     elif issubclass(quant_cls, QuantMixin):
-        module.init_quantizer(*pop_quant_desc_in_kwargs(quant_cls))
+        module.init_quantizer(*pop_quant_desc_in_kwargs(quant_cls, **given))
     elif hasattr(module, "init_quantizer"):
         module.init_quantizer()
     device = module_device(module)
@@ -414,6 +416,7 @@ def replace_to_quantization_module(
     ignore_policy: IgnorePolicy = None,
     quant_map: Mapping[type, type] | Iterable | None = None,
     attention: bool = True,
+    descriptors: Mapping[str, Mapping[str, object]] | None = None,
 ) -> ReplacementReport:
     """Quantizes every mapped layer of ``model`` in place (see the module docstring).
 
@@ -426,6 +429,11 @@ def replace_to_quantization_module(
             call; the defaults are ``_DEFAULT_QUANT_MAP``.
         attention: also quantize the attention MatMuls of the transformer blocks of HuggingFace transformers, timm
             and torchvision (:func:`qdq.attention.quantize_attention`; not-ignored blocks only).
+        descriptors: per-layer descriptors, ``{layer path: {"input": QuantDescriptor, "weight": QuantDescriptor}}``
+            (either role may be left out: the class default); each converted layer builds its quantizers from them
+            once. A path that is no quantizable layer of the model is a ``ValueError``; an entry for a layer this
+            call does not convert (ignored, already quantized) is not applied, with a warning. The per-layer config
+            files (:mod:`qdq.config`) are applied through it.
 
     Layers whose parent uses their weight functionally (a Linear whose weight the parent hands to ``F.linear``) are
     left in float and listed in ``report.unsupported`` with the reason, unless the attention step quantizes them
@@ -444,11 +452,14 @@ def replace_to_quantization_module(
             "torch.jit.script or torch.jit.trace), whose layers cannot be replaced; quantize the Python nn.Module "
             "before scripting it"
         )
+    if descriptors is not None:  # checked before anything changes
+        _check_descriptors(descriptors, quantizable_layers(model, quant_map))
     if attention:
         from qdq.attention import quantize_attention  # floor 4 beside this module; it imports this module
 
         report.attention = quantize_attention(model, ignore_policy)
     layers = quantizable_layers(model, quant_map)
+    descriptors = _check_descriptors(descriptors, layers)
     report.unmatched_ignore = unmatched_ignore_patterns(ignore_policy, [p for layer in layers for p in layer.paths])
     if report.unmatched_ignore:
         logger.warning("ignore_policy: %s match no quantizable layer of the model (nothing ignored for them)",
@@ -461,8 +472,11 @@ def replace_to_quantization_module(
             logger.warning("not quantized: %s: %s", path, why)
     for layer in layers:
         path, module = layer.path, layer.module
+        descs = next((descriptors[p] for p in layer.paths if p in descriptors), None)
         if layer.status == "quantized":
             report.already_quantized.append(path)
+            if descs is not None:
+                logger.warning("%s is already quantized; the descriptors given for it are not applied", path)
             cls = type(module)
             if not cls.__module__.startswith("qdq.") and not vars(cls).get("_qdq_generated") and "forward" in vars(cls):
                 logger.warning("%s (%s) subclasses a quantized layer with its own forward, which may bypass the "
@@ -477,15 +491,47 @@ def replace_to_quantization_module(
         if all(flags):
             report.ignored.append(path)
             logger.info("Quantization: %s is ignored", path)
+            if descs is not None:
+                logger.warning("%s is ignored; the descriptors given for it are not applied", path)
             continue
         if any(flags):
             logger.warning("%s is reachable as %s; some of these paths are ignored, others not: it is quantized",
                            type(module).__name__, layer.paths)
-        _convert(module, layer.quant_cls)
+        _convert(module, layer.quant_cls, descs)
         report.replaced.append(path)
     name_quantizers(model)
     logger.info("%s", report)
     return report
+
+
+def _check_descriptors(descriptors, layers: list[QuantizableLayer]) -> dict[str, Mapping[str, object]]:
+    """``descriptors`` checked: a mapping of quantizable layer paths to ``{"input"/"weight": QuantDescriptor}``."""
+    if descriptors is None:
+        return {}
+    if not isinstance(descriptors, Mapping):
+        raise TypeError(f"descriptors must map layer paths to {{'input': ..., 'weight': ...}}, got "
+                        f"{type(descriptors).__name__}")
+    known = {p: layer for layer in layers for p in layer.paths}
+    problems = []
+    for path, descs in descriptors.items():
+        layer = known.get(path)
+        if layer is None or layer.status == "unsupported":
+            problems.append(f"{path!r}: no quantizable layer of the model has this path")
+            continue
+        if not isinstance(descs, Mapping):
+            problems.append(f"{path!r}: must be {{'input': QuantDescriptor, 'weight': QuantDescriptor}}, got "
+                            f"{type(descs).__name__}")
+            continue
+        roles = ("input", "weight") if issubclass(layer.quant_cls, QuantMixin) else ("input",)
+        for role, desc in descs.items():
+            if role not in roles:
+                problems.append(f"{path!r}: {layer.quant_cls.__name__} has no {role!r} quantizer (it has "
+                                f"{', '.join(roles)})")
+            elif not isinstance(desc, QuantDescriptor):
+                problems.append(f"{path!r}[{role!r}]: must be a QuantDescriptor, got {type(desc).__name__}")
+    if problems:
+        raise ValueError("replace_to_quantization_module: descriptors: " + "; ".join(problems))
+    return dict(descriptors)
 
 
 def unmatched_ignore_patterns(policy: IgnorePolicy, paths: Iterable[str]) -> list[str]:

@@ -71,6 +71,8 @@ from qdq import formats as _formats
 __all__ = [
     "AMAX_EPS",
     "CALIB_METHODS",
+    "calib_methods",
+    "register_calib_method",
     "QuantDescriptor",
     "ScaledQuantDescriptor",
     "QUANT_DESC_8BIT_PER_TENSOR",
@@ -110,8 +112,85 @@ logger = logging.getLogger(__name__)
 
 #: amax values below this are treated as this value (2**-24, the smallest fp16 subnormal).
 AMAX_EPS = 2.0**-24
-#: Calibration methods a descriptor accepts; the histogram searches are chosen when amax is computed.
+#: The collectors a descriptor can name as in pytorch_quantization: a running max, or a histogram whose search is
+#: chosen when amax is computed. A descriptor may also name the search itself (:func:`calib_methods`).
 CALIB_METHODS = ("max", "histogram")
+#: Histogram bins of every histogram calibration, unless ``calib_args`` says otherwise (TensorRT's 2048).
+DEFAULT_NUM_BINS = 2048
+#: The histogram searches a descriptor can name, with their parameters and defaults (those of the functions in
+#: :mod:`qdq.calib.amax_search`, a test holds them equal); :func:`register_calib_method` adds more.
+_SEARCH_ARGS: dict[str, dict[str, Any]] = {
+    "entropy": {"start_bin": 128, "stride": 1},
+    "mse": {"start_bin": 128, "stride": 1},
+    "percentile": {"percentile": 99.99},
+    "kld": {},
+}
+_KLD_MIN_BINS = 16
+
+
+def calib_methods() -> tuple[str, ...]:
+    """Every ``calib_method`` a descriptor takes: ``"max"``, ``"histogram"`` and the histogram searches by name.
+
+    >>> calib_methods()[:6]
+    ('max', 'histogram', 'entropy', 'mse', 'percentile', 'kld')
+    """
+    return CALIB_METHODS + tuple(_SEARCH_ARGS)
+
+
+def register_calib_method(name: str, defaults: Mapping[str, Any]) -> None:
+    """Lets descriptors name the histogram search ``name`` (``defaults``: its parameters and their defaults).
+
+    :func:`qdq.calib.register_search` calls it; a search registered there is a ``calib_method`` like the built-in
+    ones.
+    """
+    if name in CALIB_METHODS:
+        return  # "max" is also a search over a histogram (its exact max); as a calib_method it is the max collector
+    if name in _SEARCH_ARGS and _SEARCH_ARGS[name] != dict(defaults):
+        raise ValueError(f"calib_method {name!r} is registered already, with parameters {_SEARCH_ARGS[name]}")
+    _SEARCH_ARGS[name] = dict(defaults)
+
+
+def _check_calib_args(calib_method: str, args: Any) -> tuple[tuple[str, Any], ...]:
+    """``calib_args`` checked against ``calib_method`` and completed with the defaults, as sorted items."""
+    if args is None:
+        args = {}
+    if not isinstance(args, Mapping):
+        raise TypeError(f"QuantDescriptor: calib_args must be a mapping of parameters, got {args!r}")
+    if calib_method == "max":
+        if args:
+            raise ValueError(f"QuantDescriptor: calib_args {sorted(args)} apply to histogram calibration; "
+                             "calib_method 'max' takes none")
+        return ()
+    allowed = {"num_bins": DEFAULT_NUM_BINS, **_SEARCH_ARGS.get(calib_method, {})}
+    unknown = sorted(str(k) for k in args if k not in allowed)
+    if unknown:
+        raise ValueError(f"QuantDescriptor: calib_args {unknown} do not apply to calib_method {calib_method!r}, "
+                         f"which takes {', '.join(allowed)}")
+    out = {**allowed, **args}
+    checks = {
+        "num_bins": (lambda v: _is_int(v) and v >= 2, "an int >= 2"),
+        "start_bin": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+        "stride": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+        "percentile": (lambda v: _is_real(v) and 0 < v <= 100, "a number in (0, 100]"),
+    }
+    for key, value in out.items():
+        test, wanted = checks.get(key, (lambda v: _is_real(v) or isinstance(v, (bool, str)), "a number"))
+        if not test(value):
+            raise ValueError(f"QuantDescriptor: calib_args[{key!r}] must be {wanted}, got {value!r}")
+    if calib_method == "kld" and out["num_bins"] < _KLD_MIN_BINS:
+        raise ValueError(f"QuantDescriptor: calib_method 'kld' needs at least {_KLD_MIN_BINS} bins, "
+                         f"got calib_args['num_bins']={out['num_bins']}")
+    if "percentile" in out:
+        out["percentile"] = float(out["percentile"])
+    return tuple(sorted(out.items()))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 MIN_BITS, MAX_BITS = 2, 16
 
 
@@ -178,8 +257,13 @@ class QuantDescriptor:
         scale_amax: multiply the calibrated amax by this factor.
         block_size: quantize a 2-D weight in blocks of this many consecutive input features (its last dimension),
             one amax per row and block (INT4 weight-only for Linear/MatMul: 32, 64 or 128); see :mod:`qdq.formats`.
-        calib_method: ``"max"`` or ``"histogram"``; with ``"histogram"`` the search (entropy, mse, percentile) is
-            chosen when amax is computed.
+        calib_method: how amax is calibrated. ``"max"`` (a running max) or ``"histogram"`` (a histogram; the search
+            is chosen when amax is computed, ``load_calib_amax("percentile", ...)``), as in pytorch_quantization; or
+            the search by name, ``"entropy"``, ``"mse"``, ``"percentile"``, ``"kld"`` (and any search registered
+            with :func:`qdq.calib.register_search`): a histogram whose amax that search computes.
+        calib_args: parameters of a histogram calibration: ``num_bins`` (2048), and those of the named search
+            (``percentile`` 99.99; ``start_bin`` 128 and ``stride`` 1 for entropy and mse). Completed with the
+            defaults, so ``calib_args`` always shows every parameter in use; ``calib_method="max"`` takes none.
         unsigned: quantize to ``[0, 2**num_bits - 1]``; negative inputs are an error.
         narrow_range: signed range ``[-(2**(b-1) - 1), 2**(b-1) - 1]`` instead of ``[-2**(b-1), 2**(b-1) - 1]``.
         symmetric: ``False`` for asymmetric (affine) quantization with a zero point: the range ``[amin, amax]``
@@ -192,6 +276,8 @@ class QuantDescriptor:
         >>> d = QuantDescriptor(num_bits=4, axis=(0), calib_method="histogram")
         >>> d.axis, d.num_bits
         (0, 4)
+        >>> QuantDescriptor(calib_method="percentile", calib_args={"percentile": 99.9}).calib_args
+        {'num_bins': 2048, 'percentile': 99.9}
         >>> QuantDescriptor.from_dict(d.dict()) == d
         True
         >>> QuantDescriptor(num_bit=8)
@@ -213,6 +299,7 @@ class QuantDescriptor:
         "narrow_range",
         "symmetric",
         "block_size",
+        "calib_args",
     )
     __slots__ = tuple("_" + f for f in _FIELDS)
     #: Version of the dict form written by :meth:`dict`.
@@ -228,12 +315,12 @@ class QuantDescriptor:
         if name is not None and not isinstance(name, str):
             raise TypeError(f"QuantDescriptor: name must be a str or None, got {name!r}")
         calib_method = kwargs.get("calib_method", "max")
-        if calib_method not in CALIB_METHODS:
+        if not isinstance(calib_method, str) or calib_method not in calib_methods():
             raise ValueError(
-                f"QuantDescriptor: calib_method must be one of {CALIB_METHODS}, got {calib_method!r} "
-                "(entropy, mse and percentile are histogram searches: use calib_method='histogram' and pass "
-                "method=... when computing amax)"
+                f"QuantDescriptor: calib_method must be one of {calib_methods()}, got {calib_method!r} ('max' and "
+                "'histogram' name the collector; a search's name means a histogram that search computes amax on)"
             )
+        calib_args = _check_calib_args(calib_method, kwargs.get("calib_args"))
         scale_amax = kwargs.get("scale_amax")
         if scale_amax is not None:
             if isinstance(scale_amax, bool) or not isinstance(scale_amax, (int, float)):
@@ -254,6 +341,7 @@ class QuantDescriptor:
             "narrow_range": _check_bool("narrow_range", kwargs.get("narrow_range", False)),
             "symmetric": _check_bool("symmetric", kwargs.get("symmetric", True)),
             "block_size": kwargs.get("block_size"),
+            "calib_args": calib_args,
         }
         _check_format(values)
         if not values["symmetric"]:
@@ -286,6 +374,12 @@ class QuantDescriptor:
     narrow_range = property(lambda self: self._narrow_range)
     symmetric = property(lambda self: self._symmetric)
     block_size = property(lambda self: self._block_size)
+    calib_args = property(lambda self: dict(self._calib_args), doc="The calibration's parameters (a copy).")
+
+    @property
+    def search(self) -> str | None:
+        """The histogram search this descriptor names (``None`` for ``"max"`` and ``"histogram"``)."""
+        return None if self._calib_method in CALIB_METHODS else self._calib_method
 
     def dict(self) -> dict[str, Any]:
         """Every field, as plain Python values (``from_dict(d.dict()) == d``)."""
@@ -312,7 +406,7 @@ class QuantDescriptor:
         return isinstance(other, QuantDescriptor) and self.dict() == other.dict()
 
     def __hash__(self) -> int:
-        return hash(tuple(self.dict().values()))
+        return hash(tuple(getattr(self, "_" + f) for f in self._FIELDS))
 
     def __repr__(self) -> str:
         defaults = QuantDescriptor().dict()

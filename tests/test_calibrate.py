@@ -77,7 +77,12 @@ def test_histogram_methods_swap_in_histogram_calibrators(method, caplog):
     model = _model()
     with caplog.at_level(logging.INFO, logger="qdq"):
         report = calibrate_model(model, [torch.randn(4, 3, 6, 6) for _ in range(3)], method=method, progress=False)
-    assert "collecting histograms" in caplog.text
+    # said, not done behind the user's back: the log and the report name the quantizers and the reason
+    assert (f"method='{method}': 3 quantizers collect a histogram (HistogramCalibrator) instead of their max "
+            "calibrator") in caplog.text
+    assert "0._input_quantizer, 2._input_quantizer, 4._input_quantizer" in caplog.text
+    assert "keep their MaxCalibrator" in caplog.text and "0._weight_quantizer (per-channel (axis=0))" in caplog.text
+    assert report.replaced_calibrators == ["0._input_quantizer", "2._input_quantizer", "4._input_quantizer"]
     assert isinstance(model[0].input_quantizer.calibrator, calib.HistogramCalibrator)
     assert isinstance(model[0].weight_quantizer.calibrator, calib.MaxCalibrator)  # per-channel weights keep max
     assert report.calibrated == 5 and report.method == method
@@ -188,3 +193,82 @@ def test_quantized_after_calibration():
             q.disable()
         f_out = model(x)
     assert not torch.equal(q_out, f_out) and torch.allclose(q_out, f_out, atol=0.1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one vocabulary: a descriptor names the search; calibrate_model says what it collects
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _linear_pair(desc):
+    torch.manual_seed(3)
+    return nn.Sequential(quant_nn.QuantLinear(16, 16, quant_desc_input=desc), nn.ReLU(),
+                         quant_nn.QuantLinear(16, 4, quant_desc_input=desc))
+
+
+@pytest.mark.parametrize("method,args", [("entropy", {}), ("mse", {"start_bin": 64, "stride": 2}),
+                                         ("percentile", {"percentile": 99.0, "num_bins": 512}), ("kld", {})])
+def test_a_descriptor_naming_the_search_equals_the_explicit_path_exactly(method, args):
+    """QuantDescriptor(calib_method="entropy") is a histogram with an entropy amax: the same amax, bit for bit, as
+    calib_method="histogram" calibrated with method="entropy" (and the same parameters)."""
+    from qdq.tensor_quant import QuantDescriptor
+
+    g = torch.Generator().manual_seed(5)
+    data = [torch.randn(32, 16, generator=g) * (1 + i) for i in range(4)]
+    named = _linear_pair(QuantDescriptor(calib_method=method, calib_args=args))
+    assert isinstance(named[0].input_quantizer.calibrator, calib.HistogramCalibrator)
+    assert named[0].input_quantizer.calibrator.num_bins == args.get("num_bins", 2048)
+    report = calibrate_model(named, data, progress=False)
+    assert report.method == "per-quantizer" and report.replaced_calibrators == []
+    explicit = _linear_pair(QuantDescriptor(calib_method="histogram",
+                                            calib_args={k: v for k, v in args.items() if k == "num_bins"}))
+    calibrate_model(explicit, data, method=method, progress=False,
+                    **{k: v for k, v in args.items() if k != "num_bins"})
+    for i in (0, 2):
+        a, b = named[i].input_quantizer.amax, explicit[i].input_quantizer.amax
+        assert torch.equal(a, b), (method, i, a, b)
+        assert torch.equal(named[i].weight_quantizer.amax, named[i].weight.detach().abs().amax(1, keepdim=True))
+    # and the same as the calibrator's own search
+    ref = calib.HistogramCalibrator(8, None, False, num_bins=args.get("num_bins", 2048))
+    for x in data:
+        ref.collect(x)
+    expected = ref.compute_amax(method, **{k: v for k, v in args.items() if k != "num_bins"})
+    assert torch.equal(named[0].input_quantizer.amax, expected)
+
+
+def test_without_method_nothing_is_swapped_and_max_stays_max(caplog):
+    """Regression: collect_stats/calibrate_model replaced max calibrators by histogram ones with only a count in
+    the log. Without method= each quantizer keeps the calibrator its descriptor gave it."""
+    model = _model()
+    before = {name: type(q.calibrator) for name, q in quantizers(model)}
+    data = [torch.randn(4, 3, 6, 6) for _ in range(2)]
+    with caplog.at_level(logging.INFO, logger="qdq.calibrate"):
+        collect_stats(model, data, progress=False)
+        report = compute_amax(model)
+    assert {name: type(q.calibrator) for name, q in quantizers(model)} == before
+    assert "collect a histogram" not in caplog.text and report.replaced_calibrators == []
+    x = data[0].abs().max().maximum(data[1].abs().max())
+    assert torch.equal(model[0].input_quantizer.amax, x)
+
+
+def test_a_method_overriding_the_descriptors_search_is_logged(caplog):
+    from qdq.tensor_quant import QuantDescriptor
+
+    model = _linear_pair(QuantDescriptor(calib_method="entropy"))
+    data = [torch.randn(16, 16) for _ in range(2)]
+    with caplog.at_level(logging.INFO, logger="qdq.calibrate"):
+        calibrate_model(model, data, method="percentile", progress=False)
+    assert "method='percentile' overrides the search the descriptors of 2 quantizers name" in caplog.text
+    assert "0._input_quantizer (entropy)" in caplog.text
+
+
+def test_a_histogram_without_a_search_warns_naming_the_quantizers(caplog):
+    from qdq.tensor_quant import QuantDescriptor
+
+    model = _linear_pair(QuantDescriptor(calib_method="histogram"))
+    data = [torch.randn(16, 16) for _ in range(2)]
+    with caplog.at_level(logging.WARNING, logger="qdq.calibrate"):
+        calibrate_model(model, data, progress=False)
+    assert "2 quantizers collected histograms but no search was named" in caplog.text
+    assert "0._input_quantizer, 2._input_quantizer" in caplog.text
+    assert torch.equal(model[0].input_quantizer.amax, torch.stack([x.abs().max() for x in data]).max())

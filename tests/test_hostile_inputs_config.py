@@ -10,6 +10,9 @@ from qdq.config import QuantConfigError, load_quant_config
     ('{"version": 1, "global": {"batch_num": 2, "batch_num": 8}}', "batch_num"),
     ('{"version": 1, "version": 1}', "version"),
     ('{"version": 1, "layers": {"fc": {"weight": {"num_bits": 8, "num_bits": 4}}}}', "num_bits"),
+    ('{"version": 2, "global": {"num_batches": 2, "num_batches": 8}}', "num_batches"),
+    ('{"version": 2, "layers": {"fc": {"input": {"calib_method": "mse", "calib_method": "max"}}}}', "calib_method"),
+    ('{"version": 2, "layers": {"fc": {"input": {"calib_args": {"num_bins": 64, "num_bins": 4096}}}}}', "num_bins"),
 ])
 def test_duplicate_keys_are_errors_naming_the_key(text, key, tmp_path):
     """Regression: a config naming a key twice was accepted, the last one winning (a layer's settings lost)."""
@@ -21,7 +24,7 @@ def test_duplicate_keys_are_errors_naming_the_key(text, key, tmp_path):
 
 def test_a_config_without_duplicates_still_loads(tmp_path):
     path = tmp_path / "c.json"
-    path.write_text('{"version": 1, "layers": {"fc": {"enabled": false}, "conv": {}}}')
+    path.write_text('{"version": 2, "layers": {"fc": {"enabled": false}, "conv": {}}}')
     assert set(load_quant_config(path)["layers"]) == {"fc", "conv"}
 
 

@@ -283,3 +283,30 @@ def test_new_quantizers_live_on_the_layer_device():
     assert model[0].input_quantizer._device.type == "meta"
     model[0].input_quantizer.amax = 1.0
     assert model[0].input_quantizer.amax.device.type == "meta"
+
+
+def test_per_layer_descriptors_build_each_quantizer_from_its_descriptor():
+    from qdq.calib import HistogramCalibrator
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AvgPool2d(2), nn.Linear(4, 2))
+    entropy = QuantDescriptor(calib_method="entropy", calib_args={"num_bins": 512})
+    w4 = QuantDescriptor(num_bits=4, axis=None)
+    report = replace_to_quantization_module(model, descriptors={"0": {"input": entropy, "weight": w4},
+                                                                "1": {"input": QuantDescriptor(num_bits=6)}})
+    assert report.replaced == ["0", "1", "2"]
+    assert model[0].input_quantizer.quant_desc == entropy and model[0].weight_quantizer.quant_desc == w4
+    assert isinstance(model[0].input_quantizer.calibrator, HistogramCalibrator)
+    assert model[0].input_quantizer.calibrator.num_bins == 512
+    assert model[1].input_quantizer.num_bits == 6
+    assert model[2].weight_quantizer.axis == 0  # no entry: the class defaults
+
+
+def test_per_layer_descriptors_are_checked():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AvgPool2d(2), nn.ReLU())
+    with pytest.raises(ValueError, match=r"descriptors: 'head': no quantizable layer of the model has this path; "
+                                         r"'1': QuantAvgPool2d has no 'weight' quantizer .*'2': no quantizable"):
+        replace_to_quantization_module(model, descriptors={"head": {}, "1": {"weight": QuantDescriptor()},
+                                                           "2": {}})
+    with pytest.raises(ValueError, match=r"'0'\['input'\]: must be a QuantDescriptor, got dict"):
+        replace_to_quantization_module(model, descriptors={"0": {"input": {"num_bits": 8}}})
+    assert not any(quant_modules.is_quantized(m) for m in model.modules())  # checked before anything changes

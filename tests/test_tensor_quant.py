@@ -65,9 +65,47 @@ class TestQuantDescriptor:
         assert QuantDescriptor(amax=torch.tensor([1.0, 2.0])).amax == (1.0, 2.0)
         assert QuantDescriptor(amax=np.float32(3.0)).amax == 3.0
 
-    def test_calib_method_error_lists_histogram_methods(self):
-        with pytest.raises(ValueError, match="histogram"):
-            QuantDescriptor(calib_method="entropy")
+    def test_calib_method_error_lists_every_method(self):
+        with pytest.raises(ValueError, match=r"calib_method must be one of \('max', 'histogram', 'entropy', 'mse', "
+                                             r"'percentile', 'kld'.*got 'entrophy'"):
+            QuantDescriptor(calib_method="entrophy")
+
+    @pytest.mark.parametrize("method,args", [("entropy", {"num_bins": 2048, "start_bin": 128, "stride": 1}),
+                                             ("mse", {"num_bins": 2048, "start_bin": 128, "stride": 1}),
+                                             ("percentile", {"num_bins": 2048, "percentile": 99.99}),
+                                             ("kld", {"num_bins": 2048}), ("histogram", {"num_bins": 2048}),
+                                             ("max", {})])
+    def test_a_descriptor_names_the_search_and_shows_its_parameters(self, method, args):
+        d = QuantDescriptor(calib_method=method)
+        assert d.calib_args == args and d.search == (None if method in ("max", "histogram") else method)
+        assert QuantDescriptor.from_dict(d.dict()) == d and hash(QuantDescriptor.from_dict(d.dict())) == hash(d)
+        assert pickle.loads(pickle.dumps(d)) == d
+
+    def test_calib_args_defaults_are_those_the_searches_declare(self):
+        from qdq.calib import get_search
+        from qdq.calib.amax_search import _declared_defaults
+
+        for method in ("entropy", "mse", "percentile", "kld"):
+            declared = _declared_defaults(get_search(method))
+            args = QuantDescriptor(calib_method=method).calib_args
+            assert {k: v for k, v in args.items() if k != "num_bins"} == declared, method
+
+    @pytest.mark.parametrize("method,args,match", [
+        ("max", {"num_bins": 64}, "calib_method 'max' takes none"),
+        ("mse", {"percentile": 99.0}, r"calib_args \['percentile'\] do not apply to calib_method 'mse'"),
+        ("histogram", {"stride": 2}, "do not apply to calib_method 'histogram'"),
+        ("percentile", {"percentile": 101}, r"calib_args\['percentile'\] must be a number in \(0, 100\]"),
+        ("entropy", {"start_bin": 0}, r"calib_args\['start_bin'\] must be an int >= 1"),
+        ("entropy", {"num_bins": True}, r"calib_args\['num_bins'\] must be an int >= 2"),
+        ("kld", {"num_bins": 8}, "'kld' needs at least 16 bins"),
+    ])
+    def test_bad_calib_args(self, method, args, match):
+        with pytest.raises(ValueError, match=match):
+            QuantDescriptor(calib_method=method, calib_args=args)
+
+    def test_a_named_search_is_a_histogram_so_no_zero_point(self):
+        with pytest.raises(ValueError, match="asymmetric quantization is calibrated with min/max"):
+            QuantDescriptor(calib_method="entropy", symmetric=False)
 
     @pytest.mark.parametrize("axis,expected", [(0, 0), ((1,), 1), ([0, 1], (0, 1)), (None, None)])
     def test_axis(self, axis, expected):

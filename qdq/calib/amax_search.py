@@ -32,7 +32,7 @@ from typing import Callable, Iterable
 import torch
 
 from qdq.formats import fake_quantize_fp8, is_fp8
-from qdq.tensor_quant import amax_to_scale, quant_range, quantize
+from qdq.tensor_quant import amax_to_scale, quant_range, quantize, register_calib_method
 
 __all__ = [
     "entropy_amax",
@@ -50,15 +50,28 @@ _SEARCHES: dict[str, Callable[..., torch.Tensor]] = {}
 
 
 def register_search(name: str, fn: Callable[..., torch.Tensor] | None = None):
-    """Registers ``fn`` as the amax search called ``name`` (usable as a decorator)."""
+    """Registers ``fn`` as the amax search called ``name`` (usable as a decorator).
+
+    The name becomes a ``calib_method`` of :class:`~qdq.tensor_quant.QuantDescriptor` too, whose ``calib_args``
+    take the search's keyword-only parameters (their defaults as the function declares them).
+    """
 
     def deco(f):
         if name in _SEARCHES and _SEARCHES[name] is not f:
             raise ValueError(f"an amax search called {name!r} is already registered")
+        register_calib_method(name, _declared_defaults(f))
         _SEARCHES[name] = f
         return f
 
     return deco(fn) if fn is not None else deco
+
+
+def _declared_defaults(fn: Callable[..., torch.Tensor]) -> dict[str, object]:
+    """The keyword-only parameters of a search with their defaults, besides ``num_bits`` and ``unsigned``."""
+    import inspect
+
+    return {p.name: p.default for p in inspect.signature(fn).parameters.values()
+            if p.kind is p.KEYWORD_ONLY and p.name not in ("num_bits", "unsigned") and p.default is not p.empty}
 
 
 def search_names() -> tuple[str, ...]:

@@ -115,8 +115,9 @@ class TensorQuantizer(nn.Module):
         if quant_desc.amax is not None:
             self.amax = torch.tensor(quant_desc.amax, dtype=torch.float32)
 
-        if quant_desc.calib_method == "histogram":
-            self._calibrator = calib.HistogramCalibrator(self._num_bits, self._axis, self._unsigned)
+        if quant_desc.calib_method != "max":  # "histogram", or a search by name: a histogram it will search
+            self._calibrator = calib.HistogramCalibrator(self._num_bits, self._axis, self._unsigned,
+                                                         num_bins=quant_desc.calib_args["num_bins"])
         else:  # an asymmetric unsigned quantizer takes negative data (its zero point moves), so calibrate signed
             axis = (0, 1) if self._block_size else self._axis  # blocked: per (row, block) of formats.block_view
             self._calibrator = calib.MaxCalibrator(self._num_bits, axis, self._unsigned and self._symmetric)
@@ -264,11 +265,14 @@ class TensorQuantizer(nn.Module):
     def load_calib_amax(self, *args: Any, strict: bool = True, **kwargs: Any) -> None:
         """Sets amax from the calibrator (arguments go to its ``compute_amax``, e.g. ``method="mse"``).
 
-        A calibrator that collected nothing raises ``RuntimeError`` naming this quantizer; with ``strict=False`` it
-        logs a warning and leaves amax as it was.
+        Without a method, a histogram calibrator runs the search the descriptor names (``calib_method="entropy"``)
+        with the descriptor's ``calib_args``; a method given here wins (with the descriptor's parameters only when it
+        is the same search). A calibrator that collected nothing raises ``RuntimeError`` naming this quantizer; with
+        ``strict=False`` it logs a warning and leaves amax as it was.
         """
         if self._calibrator is None:
             raise RuntimeError(f"{self._label()} has no calibrator")
+        args, kwargs = self._search_arguments(args, kwargs)
         try:
             method = kwargs.get("method", args[0] if args else None)
             if formats.is_fp8(self._num_bits) and method in ("entropy", "kld"):
@@ -302,6 +306,19 @@ class TensorQuantizer(nn.Module):
         self.amax = amax
         if self._learn_amax and not isinstance(self._amax, nn.Parameter):
             self.init_learn_amax()
+
+    def _search_arguments(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """``load_calib_amax``'s arguments completed from the descriptor's search, for a histogram calibrator."""
+        search = self._quant_desc.search
+        if search is None or not isinstance(self._calibrator, calib.HistogramCalibrator):
+            return args, kwargs
+        method = kwargs.get("method", args[0] if args else None)
+        if method is not None and method != search:
+            return args, kwargs
+        params = {k: v for k, v in self._quant_desc.calib_args.items() if k != "num_bins"}
+        if method is None:
+            return args, {"method": search, **params, **kwargs}
+        return args, {**params, **kwargs}
 
     def init_learn_amax(self) -> None:
         """Makes amax a trainable ``Parameter`` (its gradient comes from the fake-quant function)."""
