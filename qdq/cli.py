@@ -15,6 +15,7 @@ PyTorch differ beyond ``--tolerance-steps`` (``--allow-mismatch`` keeps exit 0 t
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import sys
 from pathlib import Path
@@ -117,6 +118,9 @@ def _parser() -> argparse.ArgumentParser:
     ptq.add_argument("--percentile", type=_percent, default=99.99, help="for --method percentile, in (0, 100]")
     ptq.add_argument("--num-batches", type=_positive_int, default=8, help="calibration batches (default: %(default)s)")
     ptq.add_argument("--batch-size", type=_positive_int, default=16, help="calibration batch size (default: %(default)s)")
+    ptq.add_argument("--holdout", type=_count, default=32,
+                     help="images after the calibration images on which fp32 and quantized outputs are compared "
+                          "(SQNR, top-1 agreement; 0: none; default: %(default)s)")
     ptq.add_argument("--ignore", action="append", default=[], help="layer path or regex to keep float (repeatable)")
     ptq.add_argument("--out", help="the QDQ ONNX file to write")
     ptq.add_argument("--calib-table", help="also write the calibration table (JSON) here")
@@ -206,10 +210,13 @@ def _cmd_ptq(args) -> int:
     except (ValueError, ImportError, FileNotFoundError) as err:
         raise UserError(f"--weights {err}" if args.weights and str(args.weights) in str(err) else str(err)) from None
     try:
-        source = ImageFolderSource(data, preprocess, batch_size=args.batch_size,
-                                   limit=args.batch_size * args.num_batches)
+        source = ImageFolderSource(data, preprocess, batch_size=args.batch_size)
     except (DataSourceError, OSError) as err:
         raise UserError(f"--data {data}: {err}") from None
+    held_out = copy.copy(source)  # the images after the calibration images, never calibrated on
+    calibration_images = args.batch_size * args.num_batches
+    source.files, held_out.files = source.files[:calibration_images], source.files[calibration_images:][:args.holdout]
+    float_model = copy.deepcopy(model) if held_out.files else None
     try:
         report = qdq.replace_to_quantization_module(model, ignore_policy=args.ignore or None)
     except ValueError as err:  # an --ignore that is not a valid regular expression
@@ -242,10 +249,14 @@ def _cmd_ptq(args) -> int:
     with torch.no_grad():
         parity = qdq.verify(model, info.path, example, output_tolerance_steps=args.tolerance_steps)
     print(parity)
+    print(_fidelity(float_model, model, held_out, len(source.files)))
     from qdq.onnx.check import format_findings
 
     findings = qdq.check_tensorrt(info.path)
     print(format_findings(findings, show_info=False))
+    infos = sum(f.severity == "info" for f in findings)
+    if infos:
+        print(f"{infos} info finding(s) not shown: qdq check {info.path}")
     code = 1 if any(f.severity == "error" for f in findings) else 0
     if not parity.ok:
         if args.allow_mismatch:
@@ -255,6 +266,19 @@ def _cmd_ptq(args) -> int:
                   "see above (--tolerance-steps to widen, --allow-mismatch to accept)", file=sys.stderr)
             code = 1
     return code
+
+
+def _fidelity(float_model, model, held_out, calibrated_on: int) -> str:
+    """One line: fp32 against quantized outputs (logit SQNR, top-1 agreement) on the held-out images."""
+    if float_model is None:
+        return (f"fidelity: no held-out images (the {calibrated_on} images of --data were all used for "
+                "calibration; --holdout 0 or more images in --data)")
+    from qdq.evaluate import collect_logits, sqnr_db, top1_agreement
+
+    reference, _ = collect_logits(float_model, held_out, desc="fp32 (held out)")
+    test, _ = collect_logits(model, held_out, desc="quantized (held out)")
+    return (f"fidelity on {len(held_out.files)} held-out images: logit SQNR {sqnr_db(reference, test):.1f} dB, "
+            f"top-1 agreement with fp32 {100 * top1_agreement(reference, test):.1f}%")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -55,6 +55,11 @@ def test_ptq_end_to_end(tmp_path, capsys):
     text = capsys.readouterr().out
     assert code == 0, text
     assert out.is_file() and "0 errors" in text and "calibrated" in text
+    # the 2 images after the 4 calibration images measure the quantized model against fp32
+    line = next(ln for ln in text.splitlines() if ln.startswith("fidelity on 2 held-out images"))
+    sqnr = float(line.split("SQNR ")[1].split(" dB")[0])
+    agreement = float(line.split("fp32 ")[1].rstrip("%"))
+    assert np.isfinite(sqnr) and agreement in (0.0, 50.0, 100.0)
     assert json.loads((tmp_path / "table.json").read_text())["method"] == "percentile"
 
 
@@ -74,6 +79,7 @@ def test_ptq_formats(tmp_path, capsys, fmt, expected):
     text = capsys.readouterr().out
     assert code == 0, text
     assert expected in text and "0 errors" in text
+    assert "fidelity: no held-out images (the 2 images of --data were all used for calibration" in text
     types = {i.data_type for i in onnx.load(str(out)).graph.initializer}
     assert (TensorProto.FLOAT8E4M3FN if fmt == "fp8" else TensorProto.INT4) in types
 
