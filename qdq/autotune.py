@@ -89,8 +89,14 @@ import torch.distributed as dist
 from torch import nn
 
 from qdq.calib import HistogramCalibrator
-from qdq.calib.calibrator import collective_device, rank_label
-from qdq.distributed import gather_objects, is_distributed, sync_calibrators
+from qdq.distributed import (
+    all_reduce_tensors,
+    collective_device,
+    gather_objects,
+    is_distributed,
+    rank_label,
+    sync_calibrators,
+)
 from qdq.feeding import feed, model_device
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
 from qdq.quant_modules import name_quantizers
@@ -471,7 +477,7 @@ def _combine_ranks(
         if e.sq is not None:
             table[row, : e.grid.numel()] = e.sq.to(device, torch.float64)
         table[row, width] = e.calls
-    dist.all_reduce(table, op=dist.ReduceOp.SUM, group=group)
+    all_reduce_tensors([table], "sum", group)
     table = table.cpu()
     for row, e in enumerate(entries):
         e.calls = int(table[row, width])

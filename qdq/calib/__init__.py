@@ -17,7 +17,7 @@ from qdq.calib.amax_search import (
     register_search,
     search_names,
 )
-from qdq.calib.calibrator import NoDataCollectedError, NonFiniteWarning, StatsMismatchError, _Calibrator, all_reduce_calibrators
+from qdq.calib.calibrator import NoDataCollectedError, NonFiniteWarning, StatsMismatchError, _Calibrator
 from qdq.calib.histogram import HistogramCalibrator, rebin
 from qdq.calib.kld import kld_amax, kld_cuts, kld_divergence
 from qdq.calib.max import MaxCalibrator
@@ -29,7 +29,6 @@ __all__ = [
     "NoDataCollectedError",
     "NonFiniteWarning",
     "StatsMismatchError",
-    "all_reduce_calibrators",
     "rebin",
     "entropy_amax",
     "mse_amax",
