@@ -60,6 +60,7 @@ from qdq.onnx import export_formats
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
 from qdq.quant_modules import name_quantizers
 from qdq.switches import preserved_modes, quantizers
+from qdq.tensor_quant import amax_problem
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -121,8 +122,9 @@ def check_exportable(model: nn.Module, allow_bits: Sequence[int] = (8,)) -> None
             problems.append(f"{name}: {q.num_bits}-bit; TensorRT's explicit quantization takes 8-bit Q/DQ only")
         if not q.fake_quant:
             problems.append(f"{name}: fake_quant=False (real quantization) cannot be exported as Q/DQ")
-        if q.amax is not None and not bool(torch.isfinite(q.amax).all() and (q.amax >= 0).all()):
-            problems.append(f"{name}: amax has negative or non-finite values (a learned amax that diverged?)")
+        amax_wrong = amax_problem(q.amax.detach()) if q.amax is not None else None
+        if amax_wrong:
+            problems.append(f"{name}: amax {amax_wrong} (a learned amax that diverged?)")
     if problems:
         raise ExportError("cannot export:\n  " + "\n  ".join(problems))
 
