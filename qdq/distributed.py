@@ -357,7 +357,9 @@ def _check_metas(cal: _Calibrator, metas: list[_Meta], group: ProcessGroup | Non
             shown = bool(theirs) if field == "unsigned" else theirs
             mine = bool(getattr(first, field)) if field == "unsigned" else getattr(first, field)
             detail = f"{field}={shown}, {rank_label(group, 0)} {field}={mine}"
-        raise StatsMismatchError(f"{name}: {rank_label(group, odd[0])} has {detail}; build the same model on every rank")
+        raise StatsMismatchError(
+            f"{name}: {rank_label(group, odd[0])} has {detail}; build the same model on every rank"
+        )
     deep = [r for r, m in enumerate(metas) if m.ndim < 0]
     if deep:
         raise StatsMismatchError(
