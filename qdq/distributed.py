@@ -20,12 +20,12 @@ When torch.distributed is initialised, :func:`~qdq.calibrate.compute_amax` (and 
 combines the statistics of every enabled quantizer over the group (:func:`sync_calibrators`), then computes amax
 from the union on every rank:
 
-* max calibrators all-reduce their running max (MAX of the abs max and of the signed max, MIN of the signed min,
-  per tensor or per channel): every rank gets exactly the amax of one process calibrated on all the data;
-* histogram calibrators agree on a common range (the largest of the ranks', per channel), move their counts onto
-  it and sum them (:mod:`qdq.calib.histogram` says how, and the error bound: at most one bin per count, none where
-  the ranges differ by an integer factor); entropy, mse, percentile and kld then search one histogram, the same on
-  every rank;
+* each calibrator's named statistics (:meth:`~qdq.calib.calibrator._Calibrator.stats`) combine as its
+  :meth:`~qdq.calib.calibrator._Calibrator.merge` would combine them in one process
+  (:func:`all_reduce_calibrators`): max calibrators take the MAX of the abs max and of the signed max and the MIN of
+  the signed min; histogram calibrators agree on the widest power-of-two grid, merge their counts onto it and sum
+  them. Both are exact: every rank gets bit for bit the amax of one process calibrated on all the data, and
+  entropy, mse, percentile and kld search one histogram, the same on every rank;
 * :func:`~qdq.autotune.autotune` sums each candidate's output distance over the ranks before choosing.
 
 A rank whose data yields no batch takes part with empty statistics. A quantizer no rank saw is the usual error
