@@ -1,5 +1,10 @@
 """Floor 2, statistics: calibrators that turn the tensors they see into an amax.
 
+Every calibrator keeps one contract (:mod:`qdq.calib.calibrator`): ``collect(x)``, ``reset()``,
+``compute_amax(...)``, its statistics as named tensors (``stats()``, ``{}`` when it saw nothing) and ``merge(other)``
+(the empty statistics are the neutral element). No module, no process group: combining ranks is
+:func:`qdq.distributed.all_reduce_calibrators`.
+
 >>> import torch
 >>> from qdq import calib
 >>> cal = calib.HistogramCalibrator(num_bits=8, axis=None, unsigned=False)

@@ -128,7 +128,12 @@ class _Calibrator:
         raise NotImplementedError(f"{type(self).__name__} does not expose its statistics (it cannot be merged)")
 
     def empty_stats(self, shape: tuple[int, ...], device: torch.device | str = "cpu") -> Stats:
-        """The neutral statistics of ``shape``: combined with any statistics ``s`` of that shape they give ``s``."""
+        """The neutral statistics of ``shape``: combined with any statistics ``s`` of that shape they give ``s``.
+
+        >>> from qdq.calib import MaxCalibrator
+        >>> MaxCalibrator().empty_stats(())
+        {'amax': tensor(-inf), 'min': tensor(inf), 'max': tensor(-inf)}
+        """
         raise NotImplementedError(f"{type(self).__name__} does not expose its statistics (it cannot be merged)")
 
     def settings(self) -> dict[str, int | bool]:
@@ -256,6 +261,15 @@ class _Calibrator:
 
         ``combined`` marks them as a process group's union (:func:`qdq.distributed.all_reduce_calibrators` sets
         it, to refuse combining the same data twice); collecting or merging more data makes them ``"changed"``.
+
+        >>> import torch
+        >>> from qdq.calib import MaxCalibrator
+        >>> seen = MaxCalibrator()
+        >>> seen.collect(torch.tensor([0.5, -2.0]))
+        >>> fresh = MaxCalibrator()
+        >>> fresh.load_stats(seen.stats(), num_batches=seen.num_batches)
+        >>> fresh.compute_amax(), fresh.num_batches, fresh.combine_state
+        (tensor(2.), 1, 'local')
         """
         if not stats:
             self.reset()
