@@ -302,8 +302,18 @@ def test_integer_range_ratios_merge_exactly(tmp_path):
         x[0] = top
         single.collect(x)  # rank 0's range first: the single process never grows
     counts, edges = single.histogram()
+    merged = HistogramCalibrator(8, None, False, num_bins=256)  # the ranks' calibrators merged in one process
+    for rank in reversed(range(3)):
+        g = torch.Generator().manual_seed(7 + rank)
+        top = 4.0 / 2**rank
+        x = torch.rand(5000, generator=g) * top
+        x[0] = top
+        share = HistogramCalibrator(8, None, False, num_bins=256)
+        share.collect(x)
+        merged.merge(share)
     for r in results:  # bins 2**e wide merge exactly: one process on all the data, bit for bit
         assert torch.equal(r["hist"][0], counts) and torch.equal(r["hist"][1], edges)
+        assert torch.equal(r["hist"][0], merged.histogram()[0])  # the collectives compute what merge computes
         assert torch.equal(r["entropy"], single.compute_amax("entropy"))
         assert r["sent"] == 200 + 3 * 4 + 256 * 8  # metadata, bin exponent, max and min, counts
 
