@@ -88,9 +88,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from qdq._union_find import UnionFind
 from qdq.calib import HistogramCalibrator
-from qdq.calib.calibrator import collective_device, rank_label
-from qdq.distributed import gather_objects, is_distributed, sync_calibrators
+from qdq.distributed import (
+    all_reduce_tensors,
+    collective_device,
+    gather_objects,
+    is_distributed,
+    rank_label,
+    sync_calibrators,
+)
 from qdq.feeding import feed, model_device
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
 from qdq.quant_modules import name_quantizers
@@ -272,31 +279,12 @@ def _select(model: nn.Module, candidates: int, method_init: str | None, search_k
     return entries
 
 
-class _Groups:
-    """Union-find over layer paths: the layers whose thresholds are shared."""
-
-    def __init__(self) -> None:
-        self.parent: dict[str, str] = {}
-
-    def find(self, a: str) -> str:
-        self.parent.setdefault(a, a)
-        while self.parent[a] != a:
-            self.parent[a] = self.parent[self.parent[a]]
-            a = self.parent[a]
-        return a
-
-    def union(self, a: str, b: str) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-
 class _Tuner:
     """The forward hooks: measure every candidate at each call of a tuned layer, note shared inputs."""
 
     def __init__(self, entries: list[_Entry]):
         self.entries = entries
-        self.groups = _Groups()
+        self.groups = UnionFind()
         self.busy = False  # set while a layer is re-run on candidates (its own hook must not fire again)
         self.seen: dict[tuple, tuple[weakref.ref, str]] = {}
 
@@ -446,10 +434,10 @@ def autotune(
 
 
 def _combine_ranks(
-    entries: list[_Entry], groups: _Groups, fed: int, error: Exception | None, group: ProcessGroup | None
+    entries: list[_Entry], groups: UnionFind, fed: int, error: Exception | None, group: ProcessGroup | None
 ) -> None:
     """Sums distances and calls over the ranks and merges the shared-input groups seen on any rank."""
-    pairs = [(a, groups.find(a)) for a in list(groups.parent)]
+    pairs = groups.pairs()
     outcomes = gather_objects((None if error is None else f"{type(error).__name__}: {error}", fed, pairs), group)
     failed = [(r, message) for r, (message, _, _) in enumerate(outcomes) if message is not None]
     if failed:
@@ -471,7 +459,7 @@ def _combine_ranks(
         if e.sq is not None:
             table[row, : e.grid.numel()] = e.sq.to(device, torch.float64)
         table[row, width] = e.calls
-    dist.all_reduce(table, op=dist.ReduceOp.SUM, group=group)
+    all_reduce_tensors([table], "sum", group)
     table = table.cpu()
     for row, e in enumerate(entries):
         e.calls = int(table[row, width])
@@ -479,7 +467,7 @@ def _combine_ranks(
     logger.info("autotune: tuning batches per rank %s; distances summed over %d ranks", fed_per_rank, len(outcomes))
 
 
-def _apply(model: nn.Module, entries: list[_Entry], groups: _Groups) -> dict[str, TuneResult]:
+def _apply(model: nn.Module, entries: list[_Entry], groups: UnionFind) -> dict[str, TuneResult]:
     """Picks each layer's best candidate, shares the largest within groups, sets the amax; the results."""
     reached = [e for e in entries if e.calls > 0]
     missed = [e.name for e in entries if e.calls == 0]

@@ -80,7 +80,7 @@ from qdq._files import write_atomically
 from qdq._json_keys import DuplicateKeyError, loads_unique
 from qdq._version import __version__
 from qdq.switches import quantizers
-from qdq.tensor_quant import amax_to_scale
+from qdq.tensor_quant import amax_to_scale, check_amax
 
 __all__ = [
     "TABLE_FORMAT",
@@ -272,9 +272,7 @@ def _parse_entry(path: Path, name: str, entry: Any) -> tuple[torch.Tensor | None
         raise CalibTableError(f"{where}['amax'] is not a rectangular nested list: {err}") from err
     if tensor.numel() == 0:
         raise CalibTableError(f"{where}['amax'] is empty; use null for a quantizer without amax")
-    bad = ~torch.isfinite(tensor) | (tensor < 0)
-    if bool(bad.any()):
-        raise CalibTableError(f"{where}['amax'] must be finite and >= 0, it holds {tensor[bad][:4].tolist()}")
+    check_amax(tensor, f"{where}['amax']", error=CalibTableError)
     return tensor, num_bits, unsigned, axis
 
 
@@ -388,12 +386,8 @@ def _as_float(value: Any, name: str) -> float:
                 f"{tuple(value.shape)} (per-channel amax lives in the QDQ model, not in the cache)"
             )
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise CalibTableError(f"tensor {name!r}: amax must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise CalibTableError(f"tensor {name!r}: amax must be finite and >= 0, got {value!r}")
-    return value
+    check_amax(value, f"tensor {name!r}: amax", error=CalibTableError)
+    return float(value)
 
 
 def write_tensorrt_cache(

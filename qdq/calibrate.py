@@ -54,8 +54,7 @@ from torch import nn
 
 from qdq.calib import HistogramCalibrator, MaxCalibrator, search_names
 from qdq.calib.amax_search import check_search_keywords
-from qdq.calib.calibrator import rank_label
-from qdq.distributed import SyncReport, gather_objects, is_distributed, sync_calibrators
+from qdq.distributed import SyncReport, gather_objects, is_distributed, rank_label, sync_calibrators
 from qdq.feeding import feed, model_device, model_inputs
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
 from qdq.quant_modules import name_quantizers

@@ -227,8 +227,10 @@ def _cmd_ptq(args) -> int:
     print(f"quantized {len(report.replaced)} layers of {args.model} ({len(report.ignored)} ignored)")
     example = next(iter(source))[:1]
     # TensorRT's placement (residual adds, concats, poolings) and the scales its fusions need shared
-    placed = qdq.place_quantizers(model, example, dynamo=args.dynamo)
-    pairs = qdq.apply_custom_rules_to_quantizer(model, example, dynamo=args.dynamo, placement=False)
+    export_args = {"dynamic_batch": args.dynamic_batch}  # the graph analysed is the graph exported below
+    placed = qdq.place_quantizers(model, example, dynamo=args.dynamo, export_args=export_args)
+    pairs = qdq.apply_custom_rules_to_quantizer(model, example, dynamo=args.dynamo, placement=False,
+                                                export_args=export_args)
     print(f"placement for TensorRT: {len(placed.placed)} quantizers added on adds, concats and poolings; "
           f"{len(pairs)} quantizer pairs share a scale")
     if args.format != "int8":

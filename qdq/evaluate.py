@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from qdq.switches import preserved_modes
+
 __all__ = ["sqnr_db", "top1_accuracy", "top1_agreement", "collect_logits"]
 
 
@@ -56,20 +58,16 @@ def collect_logits(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Runs ``model`` (eval mode, no grad) over ``(inputs, labels)`` batches (or bare inputs); returns the
     concatenated logits and labels (``None`` without labels), on the CPU."""
-    was_training = model.training
-    model.eval()
     logits, labels = [], []
-    try:
-        with torch.no_grad():
-            for batch in tqdm(data, desc=desc, unit="batch", disable=not progress, leave=False):
-                x, y = (batch[0], batch[1]) if isinstance(batch, (list, tuple)) and len(batch) > 1 else (batch, None)
-                if preprocess is not None:
-                    x = preprocess(x)
-                if device is not None:
-                    x = x.to(device)
-                logits.append(model(x).float().cpu())
-                if y is not None:
-                    labels.append(torch.as_tensor(y).cpu())
-    finally:
-        model.train(was_training)
+    with preserved_modes(model, quantizer_states=False), torch.no_grad():
+        model.eval()
+        for batch in tqdm(data, desc=desc, unit="batch", disable=not progress, leave=False):
+            x, y = (batch[0], batch[1]) if isinstance(batch, (list, tuple)) and len(batch) > 1 else (batch, None)
+            if preprocess is not None:
+                x = preprocess(x)
+            if device is not None:
+                x = x.to(device)
+            logits.append(model(x).float().cpu())
+            if y is not None:
+                labels.append(torch.as_tensor(y).cpu())
     return torch.cat(logits), (torch.cat(labels) if labels else None)

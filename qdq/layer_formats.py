@@ -73,7 +73,7 @@ from qdq.formats import BLOCK_SIZES, FORMAT_NAMES, is_fp8
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
 from qdq.quant_modules import name_quantizers
 from qdq.sensitivity import build_sensitivity_profile
-from qdq.switches import disable_quantization
+from qdq.switches import disable_quantization, preserved_modes
 from qdq.tensor_quant import QuantDescriptor
 
 __all__ = [
@@ -242,16 +242,14 @@ def layer_flops(model: nn.Module, example_input: Any) -> dict[str, int]:
 
     for path, module in layers.items():
         hooks.append(module.register_forward_hook(hook(path)))
-    training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with preserved_modes(model, quantizer_states=False), torch.no_grad():
+            model.eval()
             args = example_input if isinstance(example_input, tuple) else (example_input,)
             model(*args)
     finally:
         for h in hooks:
             h.remove()
-        model.train(training)
     return {path: counts.get(path, 0) for path in layers}
 
 

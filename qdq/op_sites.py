@@ -55,6 +55,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
+from qdq.switches import preserved_modes
 
 __all__ = ["OpSite", "record_sites", "set_site_quantizer", "remove_site_quantizers", "site_quantizers", "SITE_KINDS"]
 
@@ -246,29 +247,24 @@ def record_sites(model: nn.Module, args: Any = None, kwargs: dict | None = None,
 
     if isinstance(args, torch.Tensor):
         args = (args,)
-    training = {m: m.training for m in model.modules()}
     qs = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
-    states = [(q, q.state()) for q in qs]
     if getattr(_state, "record", None) is not None:
         raise RuntimeError("record_sites: already recording in this thread")
-    _state.record = record
-    _enter(model, None)
-    try:
-        if run is not None:
-            run()
-        else:
-            model.eval()
-            for q in qs:
-                q.disable()
-            with torch.no_grad():
-                model(*args, **(kwargs or {}))
-    finally:
-        _exit(model, None, None)
-        _state.record = None
-        for q, state in states:
-            q.set_state(state)
-        for m, mode in training.items():
-            m.training = mode
+    with preserved_modes(model):
+        _state.record = record
+        _enter(model, None)
+        try:
+            if run is not None:
+                run()
+            else:
+                model.eval()
+                for q in qs:
+                    q.disable()
+                with torch.no_grad():
+                    model(*args, **(kwargs or {}))
+        finally:
+            _exit(model, None, None)
+            _state.record = None
     return list(found.values())
 
 

@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import logging
@@ -215,8 +216,50 @@ def _weight_quantizers(module) -> list[tuple[str, str]]:
     return []
 
 
+#: The fake-quantized weights of the generated forwards now running in this context: ``{id(module): {name: view}}``.
+#: A context variable, not module state: nested and concurrent forwards (threads, async tasks) each see their own.
+_WEIGHT_VIEWS: contextvars.ContextVar[dict[int, dict[str, torch.Tensor]] | None] = contextvars.ContextVar(
+    "qdq_weight_views", default=None
+)
+
+
+class _QuantizedWeight:
+    """Class attribute ``weight`` of a generated subclass with its own forward: inside that forward ``self.weight``
+    is the fake-quantized weight (computed once per call, through the quantizer's eval-mode weight cache),
+    everywhere else the layer's Parameter. Nothing is written into the module while the forward runs: the views
+    live in :data:`_WEIGHT_VIEWS`.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, module, owner=None):
+        if module is None:
+            return self
+        views = _WEIGHT_VIEWS.get()
+        if views is not None:
+            mine = views.get(id(module))
+            if mine is not None and self.name in mine:
+                return mine[self.name]
+        if self.name in module.__dict__:  # a plain attribute set after the Parameter was deleted
+            return module.__dict__[self.name]
+        return nn.Module.__getattr__(module, self.name)  # the Parameter (or AttributeError, as nn.Module says)
+
+    def __set__(self, module, value) -> None:  # reached only for values nn.Module.__setattr__ does not register
+        module.__dict__[self.name] = value
+
+    def __delete__(self, module) -> None:  # reached only when the name is no parameter, buffer or child
+        if self.name not in module.__dict__:
+            raise AttributeError(self.name)
+        del module.__dict__[self.name]
+
+
 def _subclass_forward(float_sub: type):
-    """The forward of a converted subclass with its own forward: its forward on quantized operands."""
+    """The forward of a converted subclass with its own forward: its forward on quantized operands.
+
+    The input is the forward's first argument, by position or by name; the weight the forward reads as
+    ``self.weight`` is fake-quantized (:class:`_QuantizedWeight`).
+    """
     original = float_sub.forward
     input_name = _input_parameter(float_sub)
 
@@ -230,12 +273,14 @@ def _subclass_forward(float_sub: type):
             raise TypeError(f"{type(self).__name__}.forward() got no input: quantized subclasses quantize the first "
                             f"argument of {float_sub.__qualname__}.forward ({input_name!r}), by position or name")
         views = {name: getattr(self, attr)(self._parameters[name]) for name, attr in _weight_quantizers(self)}
-        self.__dict__.update(views)  # instance attributes shadow the parameters while the forward runs
+        if not views:
+            return original(self, *args, **kwargs)
+        running = _WEIGHT_VIEWS.get()
+        token = _WEIGHT_VIEWS.set({**running, id(self): views} if running else {id(self): views})
         try:
             return original(self, *args, **kwargs)
         finally:
-            for name in views:
-                self.__dict__.pop(name, None)
+            _WEIGHT_VIEWS.reset(token)
 
     return forward
 
@@ -282,6 +327,8 @@ def _quant_subclass(float_sub: type, quant_cls: type, float_base: type) -> type:
             raise NotImplementedError(f"{float_sub.__qualname__} overrides forward; recurrent layers with their own "
                                       "forward cannot be quantized automatically")
         attrs["forward"] = _subclass_forward(float_sub)
+        if issubclass(quant_cls, QuantMixin):
+            attrs["weight"] = _QuantizedWeight("weight")
     return type(f"Quant{float_sub.__name__}", (quant_cls, float_sub), attrs)
 
 

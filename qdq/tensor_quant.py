@@ -94,6 +94,7 @@ __all__ = [
     "fake_tensor_quant",
     "TensorQuantFunction",
     "FakeTensorQuantFunction",
+    "amax_problem",
     "check_amax",
     "reduce_amax",
     "reduce_range",
@@ -509,11 +510,43 @@ def amax_to_scale(amax: torch.Tensor, num_bits: int = 8, unsigned: bool = False)
     return amax.to(torch.float32).clamp(min=AMAX_EPS) / maxbound(num_bits, unsigned)
 
 
-def check_amax(amax: torch.Tensor, what: str = "amax") -> None:
-    """Raises ``ValueError`` if ``amax`` has a negative, NaN or infinite entry (one device sync)."""
-    bad = ~torch.isfinite(amax) | (amax < 0)
-    if bool(bad.any()):
-        raise ValueError(f"{what} must be finite and >= 0; got {amax[bad].flatten()[:4].tolist()} among its values")
+def amax_problem(amax: torch.Tensor | float, *, nonnegative: bool = True) -> str | None:
+    """What makes ``amax`` (a tensor or a Python number) invalid, or ``None``: not a number, NaN, infinite or, with
+    ``nonnegative``, negative. One device sync for a tensor. The one amax check: :func:`check_amax` raises with it.
+
+    >>> amax_problem(torch.tensor([1.0, -2.0, float("nan")]))
+    'must be finite and >= 0; got [-2.0, nan] among its values'
+    >>> amax_problem(-1.0, nonnegative=False) is None, amax_problem("1")
+    (True, 'must be a number, got str')
+    """
+    rule = "finite and >= 0" if nonnegative else "finite"
+    if isinstance(amax, torch.Tensor):
+        bad = ~torch.isfinite(amax)
+        if nonnegative:
+            bad |= amax < 0
+        if bool(bad.any()):
+            return f"must be {rule}; got {amax[bad].flatten()[:4].tolist()} among its values"
+        return None
+    if isinstance(amax, bool) or not isinstance(amax, (int, float)):
+        return f"must be a number, got {type(amax).__name__}"
+    if not math.isfinite(amax) or (nonnegative and amax < 0):
+        return f"must be {rule}; got {amax!r}"
+    return None
+
+
+def check_amax(amax: torch.Tensor | float, what: str = "amax", *, nonnegative: bool = True,
+               error: type[Exception] = ValueError) -> None:
+    """Raises ``error`` (``ValueError``) naming ``what`` (e.g. the quantizer's amax) when :func:`amax_problem`
+    finds one.
+
+    >>> check_amax(torch.tensor(-1.0), "TensorQuantizer 'conv1._input_quantizer': amax")
+    Traceback (most recent call last):
+        ...
+    ValueError: TensorQuantizer 'conv1._input_quantizer': amax must be finite and >= 0; got [-1.0] among its values
+    """
+    problem = amax_problem(amax, nonnegative=nonnegative)
+    if problem is not None:
+        raise error(f"{what} {problem}")
 
 
 def reduce_amax(x: torch.Tensor, axis: int | tuple[int, ...] | None = None, keepdims: bool = True) -> torch.Tensor:
@@ -849,8 +882,7 @@ def _prepare(x: torch.Tensor, amax: torch.Tensor, num_bits: int, unsigned: bool,
     number amax), the value checks when :func:`data_checks` is on."""
     _check_bits(num_bits)
     if not isinstance(amax, torch.Tensor):
-        if isinstance(amax, bool) or not isinstance(amax, (int, float)) or not math.isfinite(amax) or amax < 0:
-            raise ValueError(f"amax must be finite and >= 0; got {amax!r}")
+        check_amax(amax)
         amax = torch.full((), float(amax), dtype=torch.float32, device=x.device)
     if amax.device != x.device:
         amax = amax.to(x.device)

@@ -29,6 +29,7 @@ from qdq.calib.calibrator import StatsMismatchError
 from qdq.calib.histogram import rebin
 from qdq.distributed import (
     NotSynchronizedError,
+    all_reduce_calibrators,
     gather_objects,
     prepare_for_ddp,
     sync_calibrators,
@@ -191,8 +192,8 @@ def _calibrate_worker(rank: int, world: int, out: Path, empty: tuple[int, ...]) 
     if rank not in empty:
         signed.collect(x)
         per_channel.collect(x)
-    signed.all_reduce()
-    per_channel.all_reduce()
+    all_reduce_calibrators([signed])
+    all_reduce_calibrators([per_channel])
     results["signed"] = (signed.compute_range(), signed.compute_amax())
     results["per_channel"] = (per_channel.histogram(), per_channel.compute_amax("max"))
     _save(out, rank, results)
@@ -286,7 +287,7 @@ def _exact_merge_worker(rank: int, world: int, out: Path) -> None:
     x = torch.rand(5000, generator=g) * top
     x[0] = top
     cal.collect(x)
-    sent = cal.all_reduce()
+    sent = all_reduce_calibrators([cal])[0]
     _save(out, rank, {"hist": cal.histogram(), "entropy": cal.compute_amax("entropy"), "sent": sent})
 
 
@@ -301,8 +302,18 @@ def test_integer_range_ratios_merge_exactly(tmp_path):
         x[0] = top
         single.collect(x)  # rank 0's range first: the single process never grows
     counts, edges = single.histogram()
+    merged = HistogramCalibrator(8, None, False, num_bins=256)  # the ranks' calibrators merged in one process
+    for rank in reversed(range(3)):
+        g = torch.Generator().manual_seed(7 + rank)
+        top = 4.0 / 2**rank
+        x = torch.rand(5000, generator=g) * top
+        x[0] = top
+        share = HistogramCalibrator(8, None, False, num_bins=256)
+        share.collect(x)
+        merged.merge(share)
     for r in results:  # bins 2**e wide merge exactly: one process on all the data, bit for bit
         assert torch.equal(r["hist"][0], counts) and torch.equal(r["hist"][1], edges)
+        assert torch.equal(r["hist"][0], merged.histogram()[0])  # the collectives compute what merge computes
         assert torch.equal(r["entropy"], single.compute_amax("entropy"))
         assert r["sent"] == 200 + 3 * 4 + 256 * 8  # metadata, bin exponent, max and min, counts
 
@@ -329,8 +340,8 @@ def _invariance_worker(rank: int, world: int, out: Path) -> None:
     for b in batches:
         per_tensor.collect(b)
         per_channel.collect(b)
-    per_tensor.all_reduce()
-    per_channel.all_reduce()
+    all_reduce_calibrators([per_tensor])
+    all_reduce_calibrators([per_channel])
     _save(out, rank, {name: (cal.histogram(), {m: cal.compute_amax(m) for m in HIST_METHODS + ["max"]})
                       for name, cal in (("tensor", per_tensor), ("channel", per_channel))})
 
@@ -429,16 +440,16 @@ def _mismatch_worker(rank: int, world: int, out: Path) -> None:
     cal = HistogramCalibrator(8, None, False, num_bins=128 if rank == 0 else 256)  # built differently per rank
     cal.collect(torch.randn(100))
     try:
-        cal.all_reduce()
+        all_reduce_calibrators([cal])
     except StatsMismatchError as err:
         outcomes.append(str(err))
     cal = MaxCalibrator()
     cal.collect(torch.randn(10))
-    cal.all_reduce()
+    all_reduce_calibrators([cal])
     if rank == 1:
         cal.collect(torch.randn(10))  # more data after combining: combining again would count rank 0's twice
     try:
-        cal.all_reduce()
+        all_reduce_calibrators([cal])
     except StatsMismatchError as err:
         outcomes.append(str(err))
     model = _calib_model()

@@ -149,6 +149,69 @@ def test_subclass_forward_binds_the_input_by_name():
         layer()
 
 
+class ReadsWeight(nn.Linear):
+    """A subclass whose own forward reads ``self.weight`` (and records what it saw there)."""
+
+    def forward(self, x, scale=1.0):
+        self.seen = (self.weight, "weight" in self.__dict__)
+        return F.linear(x, self.weight, self.bias) * scale
+
+
+def test_subclass_forward_reads_the_quantized_weight_without_shadowing_it():
+    """Regression: the fake-quantized weight was put into the instance ``__dict__`` for the forward's duration."""
+    torch.manual_seed(0)
+    model = nn.Sequential(ReadsWeight(4, 3))
+    replace_to_quantization_module(model)
+    layer = model[0]
+    param = layer.weight
+    layer.input_quantizer.amax = 2.0
+    layer.weight_quantizer.amax = torch.full((3, 1), 0.25)
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        expected = F.linear(layer.input_quantizer(x), layer.weight_quantizer(param), layer.bias) * 3.0
+        for call in (lambda: layer(x, 3.0), lambda: layer(x=x, scale=3.0), lambda: layer(scale=3.0, x=x)):
+            assert torch.equal(call(), expected)
+            seen, shadowed = layer.seen
+            assert not shadowed and not isinstance(seen, nn.Parameter)
+            assert torch.equal(seen, layer.weight_quantizer(param))
+        first = layer.seen[0]
+        layer(x)
+        assert layer.seen[0] is first  # eval mode: the quantizer's weight cache serves the second forward
+    assert layer.weight is param and isinstance(layer.weight, nn.Parameter)  # outside the forward: the Parameter
+    assert "weight" not in layer.__dict__ and dict(layer.named_parameters())["weight"] is param
+    with pytest.raises(RuntimeError):
+        layer(torch.randn(5, 7))  # a failing forward leaves the Parameter in place too
+    assert layer.weight is param
+
+
+def test_subclass_forward_sees_its_own_weight_when_nested():
+    """A quantized subclass called inside another's forward: each forward reads its own quantized weight."""
+
+    class Outer(ReadsWeight):
+        def __init__(self):
+            super().__init__(4, 4)
+            self.inner = ReadsWeight(4, 4)
+
+        def forward(self, x, scale=1.0):
+            y = F.linear(x, self.weight)
+            self.before = self.weight
+            y = self.inner(y)
+            self.after = self.weight
+            return y
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Outer())
+    replace_to_quantization_module(model)
+    outer = model[0]
+    for q in (outer.input_quantizer, outer.inner.input_quantizer):
+        q.amax = 4.0
+    outer.weight_quantizer.amax, outer.inner.weight_quantizer.amax = torch.full((4, 1), 0.3), torch.full((4, 1), 0.7)
+    with torch.no_grad():
+        model(torch.randn(2, 4))
+    assert outer.before is outer.after and torch.equal(outer.after, outer.weight_quantizer(outer.weight))
+    assert torch.equal(outer.inner.seen[0], outer.inner.weight_quantizer(outer.inner.weight))
+
+
 def test_subclass_forward_without_a_positional_input_is_refused():
     class KeywordOnly(nn.Conv2d):
         def forward(self, *, x):

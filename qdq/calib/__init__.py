@@ -1,5 +1,10 @@
 """Floor 2, statistics: calibrators that turn the tensors they see into an amax.
 
+Every calibrator keeps one contract (:mod:`qdq.calib.calibrator`): ``collect(x)``, ``reset()``,
+``compute_amax(...)``, its statistics as named tensors (``stats()``, ``{}`` when it saw nothing) and ``merge(other)``
+(the empty statistics are the neutral element). No module, no process group: combining ranks is
+:func:`qdq.distributed.all_reduce_calibrators`.
+
 >>> import torch
 >>> from qdq import calib
 >>> cal = calib.HistogramCalibrator(num_bits=8, axis=None, unsigned=False)
@@ -17,7 +22,7 @@ from qdq.calib.amax_search import (
     register_search,
     search_names,
 )
-from qdq.calib.calibrator import NoDataCollectedError, NonFiniteWarning, StatsMismatchError, _Calibrator, all_reduce_calibrators
+from qdq.calib.calibrator import NoDataCollectedError, NonFiniteWarning, StatsMismatchError, _Calibrator
 from qdq.calib.histogram import HistogramCalibrator, rebin
 from qdq.calib.kld import kld_amax, kld_cuts, kld_divergence
 from qdq.calib.max import MaxCalibrator
@@ -29,7 +34,6 @@ __all__ = [
     "NoDataCollectedError",
     "NonFiniteWarning",
     "StatsMismatchError",
-    "all_reduce_calibrators",
     "rebin",
     "entropy_amax",
     "mse_amax",

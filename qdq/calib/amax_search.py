@@ -144,13 +144,22 @@ def _pick(edges: torch.Tensor, cand: torch.Tensor, best: torch.Tensor, lead) -> 
     return edges.gather(1, idx[:, None])[:, 0].float().reshape(lead)
 
 
-def _last_argmin(values: torch.Tensor) -> torch.Tensor:
-    """Index of the last minimum along dim 1, ties judged to a relative 1e-12 (floating noise)."""
-    mins = values.min(dim=1, keepdim=True).values
-    tol = mins.abs() * 1e-12 + 1e-300
-    hit = values <= mins + tol
-    pos = torch.arange(values.shape[1], device=values.device).expand_as(values)
-    return torch.where(hit, pos, -1).max(dim=1).values
+def tolerant_argmin(values: torch.Tensor, ties: str = "first") -> torch.Tensor:
+    """Index of the minimum along the last dim, values within a relative 1e-12 of it (floating noise) counting as
+    ties; ``ties="first"`` or ``"last"`` says which of the tied positions wins.
+
+    >>> v = torch.tensor([[3.0, 1.0, 1.0 + 1e-15, 2.0]], dtype=torch.float64)
+    >>> tolerant_argmin(v, "first").tolist(), tolerant_argmin(v, "last").tolist()
+    ([1], [2])
+    """
+    if ties not in ("first", "last"):
+        raise ValueError(f"tolerant_argmin: ties must be 'first' or 'last', got {ties!r}")
+    mins = values.min(dim=-1, keepdim=True).values
+    hit = values <= mins + (mins.abs() * 1e-12 + 1e-300)
+    pos = torch.arange(values.shape[-1], device=values.device).expand_as(values)
+    if ties == "last":
+        return torch.where(hit, pos, -1).max(dim=-1).values
+    return torch.where(hit, pos, values.shape[-1]).min(dim=-1).values
 
 
 @register_search("entropy")
@@ -217,7 +226,7 @@ def entropy_amax(
         infinite = ((outliers > 0) & (last == 0)) | (inside <= 0)
         out.append(torch.where(infinite, torch.full_like(kl, math.inf), kl))
     kl = torch.cat(out, 1)
-    best = _last_argmin(kl)
+    best = tolerant_argmin(kl, "last")
     return _pick(e, cand, best, lead)
 
 
@@ -261,7 +270,7 @@ def mse_amax(
                 err = quantize(centers[b][None, :], scale, 0, qmin, qmax)
                 err.mul_(scale).sub_(centers[b]).square_()
             errs.append(err @ c[b])
-        best.append(_last_argmin(torch.cat(errs)[None].double()))
+        best.append(tolerant_argmin(torch.cat(errs)[None].double(), "last"))
     return _pick(e, cand, torch.cat(best), lead)
 
 

@@ -12,10 +12,10 @@ batches, their sizes or their split across ranks**: it depends on the multiset o
 Collection never reads a device tensor on the host (no synchronisation on GPUs): the exponent, the merging, the
 running maximum and the count of skipped NaN/Inf values all stay on the data's device. Counts are int64.
 
-Across torch.distributed ranks (:meth:`HistogramCalibrator.all_reduce`, a collective) the ranks agree on the
-largest exponent and the exact maxima (one MAX all-reduce), merge their counts onto that grid and sum them (a SUM
-all-reduce, int64): every rank ends with the histogram one process would collect on the union of the data, bit for
-bit. ``num_batches`` and ``num_nonfinite`` become sums over the ranks.
+The statistics (:meth:`HistogramCalibrator.stats`: bin exponent, maxima, counts) merge the same way: both sides
+move onto the wider grid and the counts add. So merged calibrators - also across torch.distributed ranks
+(:func:`qdq.distributed.all_reduce_calibrators`) - hold bit for bit the histogram one calibrator would collect on
+the union of the data; ``num_batches`` and ``num_nonfinite`` add up.
 
 :func:`rebin` (moving counts between arbitrary ranges, at most one bin of error) is kept for histograms from other
 sources; the calibrator itself never needs it.
@@ -334,46 +334,55 @@ class HistogramCalibrator(_Calibrator):
         self._shape = None
         super().reset()
 
-    # combining ranks -----------------------------------------------------------------------------------------
-    def _stats_shape(self) -> tuple[int, ...] | None:
+    # the statistics: named tensors and how they combine -----------------------------------------------------
+    STATS = {"exp": "max", "max": "max", "low": "min", "counts": "sum"}
+
+    def stats(self) -> dict[str, torch.Tensor]:
+        """``{"exp", "max", "low", "counts"}`` (copies; ``{}`` without data), each of the amax's shape, the counts
+        with a trailing bins dimension: bins ``2**exp`` wide (int64), the largest finite magnitude seen (float32),
+        the smallest value seen (float32; tracked for unsigned calibrators only, ``+inf`` otherwise), the int64
+        counts.
+
+        >>> cal = HistogramCalibrator(num_bins=4)
+        >>> cal.collect(torch.tensor([0.5, -3.0]))
+        >>> {name: value.tolist() for name, value in cal.stats().items()}
+        {'exp': 0, 'max': 3.0, 'low': inf, 'counts': [1, 0, 0, 1]}
+        """
+        if self._counts is None:
+            return {}
+        shape = self._shape
+        return {"exp": self._exp.reshape(shape).clone(), "max": self._max.reshape(shape).clone(),
+                "low": self._low.reshape(shape).clone(), "counts": self._counts.reshape(*shape, self._num_bins).clone()}
+
+    @property
+    def stats_shape(self) -> tuple[int, ...] | None:
         return None if self._counts is None else tuple(self._shape)
 
-    def _meta_extra(self) -> int:
-        return 2 * self._num_bins + int(bool(self._skip_zeros))
+    def empty_stats(self, shape: tuple[int, ...], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """The finest grid, nothing seen: the neutral element of the merge."""
+        shape = tuple(shape)
+        return {"exp": torch.full(shape, E_MIN, dtype=torch.int64, device=device),
+                "max": torch.zeros(shape, dtype=torch.float32, device=device),
+                "low": torch.full(shape, math.inf, dtype=torch.float32, device=device),
+                "counts": torch.zeros(*shape, self._num_bins, dtype=torch.int64, device=device)}
 
-    def _explain_extra(self, value: int) -> str:
-        return f"num_bins={value // 2}, skip_zeros={bool(value % 2)}"
+    def settings(self) -> dict[str, int | bool]:
+        return {"num_bins": self._num_bins, "skip_zeros": bool(self._skip_zeros)}
 
-    def _max_payload(self, shape: tuple[int, ...], has_data: bool, device: torch.device) -> torch.Tensor:
-        """``[exp, max, -low]`` per channel (the bin exponent is a small integer, exact in float32); neutral values
-        (the finest grid, nothing seen) without data."""
+    def _align(self, stats: dict[str, torch.Tensor], common: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The counts merged onto the common grid (the largest bin exponent): exact."""
+        n = self._num_bins
+        exp, top = stats["exp"].reshape(-1), common["exp"].reshape(-1).to(stats["exp"].device)
+        counts = merge_bins(stats["counts"].reshape(-1, n), top - exp).reshape(stats["counts"].shape)
+        return {**stats, "exp": common["exp"], "counts": counts}
+
+    def _load(self, stats: dict[str, torch.Tensor], shape: tuple[int, ...]) -> None:
         channels = math.prod(shape)
-        if not has_data:
-            return torch.cat([torch.full((channels,), float(E_MIN), device=device), torch.zeros(channels, device=device),
-                              torch.full((channels,), -math.inf, device=device)])
-        return torch.cat([self._exp.float(), self._max, -self._low])
-
-    def _sum_payload(
-        self, maxed: torch.Tensor, shape: tuple[int, ...], has_data: bool, device: torch.device
-    ) -> torch.Tensor:
-        """This rank's counts merged onto the common grid (the largest exponent of the ranks): exact."""
-        channels = math.prod(shape)
-        if not has_data:
-            return torch.zeros(channels * self._num_bins, dtype=torch.int64, device=device)
-        top = maxed[:channels].to(device).to(torch.int64)
-        return merge_bins(self._counts.to(device), top - self._exp.to(device)).reshape(-1)
-
-    def _adopt(
-        self, maxed: torch.Tensor, summed: torch.Tensor | None, shape: tuple[int, ...], has_data: bool,
-        device: torch.device,
-    ) -> None:
-        channels = math.prod(shape)
-        home = self._counts.device if has_data else device
-        self._counts = summed.reshape(channels, self._num_bins).to(home).clone()
-        self._exp = maxed[:channels].to(home).to(torch.int64)
-        self._max = maxed[channels:2 * channels].to(home).clone()
-        self._low = -maxed[2 * channels:].to(home)
-        self._skipped = torch.zeros((), dtype=torch.int64, device=home)
+        self._counts = stats["counts"].reshape(channels, self._num_bins)
+        self._exp = stats["exp"].reshape(channels)
+        self._max = stats["max"].reshape(channels)
+        self._low = stats["low"].reshape(channels)
+        self._skipped = torch.zeros((), dtype=torch.int64, device=self._counts.device)
         self._shape = tuple(shape)
 
     # results --------------------------------------------------------------------------------------------------

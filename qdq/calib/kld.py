@@ -77,7 +77,7 @@ import logging
 
 import torch
 
-from qdq.calib.amax_search import _as_2d, register_search
+from qdq.calib.amax_search import _as_2d, register_search, tolerant_argmin
 
 __all__ = ["kld_amax", "kld_divergence", "kld_cuts", "KLD_EPS", "KLD_DIVISIONS", "fits_grid"]
 
@@ -172,14 +172,6 @@ def kld_divergence(
     return cuts, kl.reshape(*lead, cuts.numel())
 
 
-def _first_argmin(values: torch.Tensor) -> torch.Tensor:
-    """Index of the first minimum along the last dim, ties judged to a relative 1e-12 (floating noise)."""
-    mins = values.min(dim=-1, keepdim=True).values
-    hit = values <= mins + mins.abs() * 1e-12
-    pos = torch.arange(values.shape[-1], device=values.device).expand_as(values)
-    return torch.where(hit, pos, values.shape[-1]).min(dim=-1).values
-
-
 @register_search("kld")
 def kld_amax(
     counts: torch.Tensor,
@@ -211,7 +203,7 @@ def kld_amax(
     """
     cuts, kl = kld_divergence(counts, edges, num_bits=num_bits, unsigned=unsigned)
     c, e, lead = _as_2d(counts, edges)
-    best = cuts[_first_argmin(kl.reshape(-1, cuts.numel()))]  # [B]
+    best = cuts[tolerant_argmin(kl.reshape(-1, cuts.numel()), "first")]  # [B]
     low = e.gather(1, best[:, None])[:, 0]
     high = e.gather(1, best[:, None] + 1)[:, 0]
     amax = (low + high) / 2

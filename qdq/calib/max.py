@@ -1,8 +1,8 @@
 """Running abs-max calibration, per tensor or per channel.
 
-Across torch.distributed ranks (:meth:`MaxCalibrator.all_reduce`) the running maxima combine exactly: a MAX
-all-reduce of ``[amax, -min, max]``, so every rank ends with the abs max, the signed min and the signed max of the
-union of the data, bit for bit what one process would compute on all of it.
+The statistics are the running abs max, signed min and signed max (:meth:`MaxCalibrator.stats`); they merge
+exactly (elementwise max and min), so merged calibrators - also across torch.distributed ranks,
+:func:`qdq.distributed.all_reduce_calibrators` - hold bit for bit what one calibrator would compute on all the data.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ class MaxCalibrator(_Calibrator):
 
     Args:
         num_bits, axis, unsigned: as in :class:`~qdq.tensor_quant.QuantDescriptor`.
-        track_amax: also keep each batch's amax in ``amaxs`` (on the CPU; this rank's batches only, also after
-            :meth:`all_reduce`).
+        track_amax: also keep each batch's amax in ``amaxs`` (on the CPU; this calibrator's own batches only, also
+            after a :meth:`merge`).
 
     Example:
         >>> import torch
@@ -115,22 +115,34 @@ class MaxCalibrator(_Calibrator):
             )
         return self._calib_amax.clone()
 
-    def _stats_shape(self) -> tuple[int, ...] | None:
+    # the statistics: named tensors and how they combine -----------------------------------------------------
+    STATS = {"amax": "max", "min": "min", "max": "max"}
+
+    def stats(self) -> dict[str, torch.Tensor]:
+        """``{"amax", "min", "max"}``: the running abs max and the signed min and max (copies; ``{}`` without data).
+
+        >>> cal = MaxCalibrator()
+        >>> cal.collect(torch.tensor([-3.0, 1.0]))
+        >>> cal.stats()
+        {'amax': tensor(3.), 'min': tensor(-3.), 'max': tensor(1.)}
+        """
+        if self._calib_amax is None:
+            return {}
+        return {"amax": self._calib_amax.clone(), "min": self._calib_min.clone(), "max": self._calib_max.clone()}
+
+    @property
+    def stats_shape(self) -> tuple[int, ...] | None:
         return None if self._calib_amax is None else tuple(self._calib_amax.shape)
 
-    def _max_payload(self, shape: tuple[int, ...], has_data: bool, device: torch.device) -> torch.Tensor:
-        """``[amax, -min, max]``: one MAX gives the abs max, the signed min and the signed max; ``-inf`` is neutral."""
-        if not has_data:
-            return torch.full((3 * math.prod(shape),), -torch.inf, dtype=torch.float32, device=device)
-        return torch.stack([self._calib_amax, -self._calib_min, self._calib_max]).reshape(-1)
+    def empty_stats(self, shape: tuple[int, ...], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """``-inf`` maxima and a ``+inf`` minimum: the neutral element of the running max and min."""
+        def full(value: float) -> torch.Tensor:
+            return torch.full(tuple(shape), value, dtype=torch.float32, device=device)
 
-    def _adopt(
-        self, maxed: torch.Tensor, summed: torch.Tensor | None, shape: tuple[int, ...], has_data: bool,
-        device: torch.device,
-    ) -> None:
-        home = self._calib_amax.device if has_data else device
-        stats = maxed.reshape(3, *shape).to(home)
-        self._calib_amax, self._calib_min, self._calib_max = stats[0].clone(), -stats[1], stats[2].clone()
+        return {"amax": full(-math.inf), "min": full(math.inf), "max": full(-math.inf)}
+
+    def _load(self, stats: dict[str, torch.Tensor], shape: tuple[int, ...]) -> None:
+        self._calib_amax, self._calib_min, self._calib_max = stats["amax"], stats["min"], stats["max"]
 
     def compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The running ``(min, max)`` of the signed values (asymmetric quantization); copies."""

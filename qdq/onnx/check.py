@@ -145,6 +145,8 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
+from qdq._union_find import UnionFind
+
 __all__ = ["Finding", "ModelReadError", "RULES", "SEVERITIES", "check_tensorrt", "format_findings", "main", "quantize_groups"]
 
 logger = logging.getLogger(__name__)
@@ -859,28 +861,9 @@ def _check_compute_layers(ix: _Index) -> Iterator[Finding]:
                           "float/fp16 (fine if the layer is skipped on purpose)", (node.name,))
 
 
-class _UnionFind:
-    """Disjoint sets of tensor names; a name never added is its own set."""
-
-    def __init__(self) -> None:
-        self.parent: dict[str, str] = {}
-
-    def find(self, item: str) -> str:
-        parent = self.parent
-        while parent.get(item, item) != item:
-            parent[item] = parent.get(parent[item], parent[item])  # path halving
-            item = parent[item]
-        return item
-
-    def union(self, a: str, b: str) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[rb] = ra
-
-
-def _scale_groups(ix: _Index) -> tuple[_UnionFind, dict[str, list[_Node]]]:
+def _scale_groups(ix: _Index) -> tuple[UnionFind, dict[str, list[_Node]]]:
     """Tensors joined by scale-preserving ops, and the joining nodes of each group (keyed by the group's root)."""
-    groups = _UnionFind()
+    groups = UnionFind()
     joins: list[tuple[str, _Node]] = []
     for node in ix.nodes:
         if node.op == "Concat" and node.in_default_domain and node.output(0):
@@ -911,7 +894,7 @@ def quantize_groups(model: PathOrModel) -> list[list[str]]:
     onnx_model, base_dir = _load(model)
     ix = _Index(onnx_model, base_dir)
     tensor_groups, _ = _scale_groups(ix)
-    qgroups = _UnionFind()
+    qgroups = UnionFind()
     per_tensor = [q for q in ix.qs if (ix.scale_size(q) or 1) == 1]
     anchor: dict[str, str] = {}  # tensor group root -> first Q node of the group
 

@@ -60,6 +60,7 @@ from qdq.onnx import export_formats
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
 from qdq.quant_modules import name_quantizers
 from qdq.switches import preserved_modes, quantizers
+from qdq.tensor_quant import amax_problem
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -121,8 +122,9 @@ def check_exportable(model: nn.Module, allow_bits: Sequence[int] = (8,)) -> None
             problems.append(f"{name}: {q.num_bits}-bit; TensorRT's explicit quantization takes 8-bit Q/DQ only")
         if not q.fake_quant:
             problems.append(f"{name}: fake_quant=False (real quantization) cannot be exported as Q/DQ")
-        if q.amax is not None and not bool(torch.isfinite(q.amax).all() and (q.amax >= 0).all()):
-            problems.append(f"{name}: amax has negative or non-finite values (a learned amax that diverged?)")
+        amax_wrong = amax_problem(q.amax.detach()) if q.amax is not None else None
+        if amax_wrong:
+            problems.append(f"{name}: amax {amax_wrong} (a learned amax that diverged?)")
     if problems:
         raise ExportError("cannot export:\n  " + "\n  ".join(problems))
 
@@ -433,21 +435,40 @@ def export_onnx_distributed(
     return run_on_rank0(work, group=group, what=f"export_onnx to {path}")
 
 
+def _tagged_export_args(export_args: dict[str, Any]) -> tuple[int, tuple, tuple | None, bool, dict[str, Any]]:
+    """``export_onnx``'s keywords for the tagged export: (opset, input names, output names, dynamic batch, the
+    rest for ``torch.onnx.export``), with ``export_onnx``'s defaults (the tagged export names no outputs)."""
+    args = dict(export_args)
+    for own in ("deploy", "simplify", "quantize"):  # export_onnx's post-processing: no bearing on the traced graph
+        args.pop(own, None)
+    opset = args.pop("opset", 17)
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 13:
+        raise ValueError(f"export_with_quantizer_tags: opset must be an int >= 13, got {opset!r}")
+    input_names = tuple(args.pop("input_names", ("input",)))
+    output_names = args.pop("output_names", None)
+    output_names = tuple(output_names) if output_names else None
+    return opset, input_names, output_names, bool(args.pop("dynamic_batch", False)), args
+
+
 def export_with_quantizer_tags(
     model: nn.Module,
     args: Any,
     path: str | os.PathLike,
     dynamo: bool = False,
     export_fn: Any = None,
+    **export_args: Any,
 ) -> dict[str, str]:
     """Exports ``model`` with a distinct scale per enabled quantizer and maps each QuantizeLinear back to its
     quantizer: returns ``{Q node name: quantizer name}``.
 
     Works before calibration (no amax needed) and with either exporter, because the mapping reads the scales, not
-    node or initializer names (which exporters rename). ``export_fn(model, path)``, when given, replaces the
-    built-in export: it must run ``torch.onnx.export`` on the model as it finds it (quantizers already in export
-    mode). Everything is restored afterwards.
+    node or initializer names (which exporters rename). ``export_args`` are the keywords of your
+    :func:`export_onnx` call (``opset``, ``input_names``, ``output_names``, ``dynamic_batch`` and
+    ``torch.onnx.export``'s own), so the graph read is the graph you export. ``export_fn(model, path)``, when
+    given, replaces the built-in export: it must run ``torch.onnx.export`` on the model as it finds it (quantizers
+    already in export mode). Everything is restored afterwards.
     """
+    opset, input_names, output_names, dynamic_batch, kwargs = _tagged_export_args(export_args)
     name_quantizers(model)
     unique: dict[int, tuple[str, TensorQuantizer]] = {}
     for name, q in quantizers(model):
@@ -465,7 +486,9 @@ def export_with_quantizer_tags(
                 if export_fn is not None:
                     export_fn(model, str(path))
                 else:
-                    _torch_export(model, args, Path(path), 17, ("input",), None, False, dynamo, {})
+                    traced_opset = opset if dynamo else min(opset, 20)  # as export_onnx traces
+                    _torch_export(model, args, Path(path), traced_opset, input_names, output_names, dynamic_batch,
+                                  dynamo, kwargs)
         finally:
             for _, q in tags.values():
                 q.set_export_mode(False)

@@ -68,7 +68,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import onnx
 import torch
@@ -263,8 +263,10 @@ def _placed_slots(model: nn.Module) -> set[tuple[str, str]]:
     return {(owner, attr) for owner, _, _, attr in site_quantizers(model)}
 
 
-def _analyse(model: nn.Module, example_inputs: Any, export_fn: Callable | None, dynamo: bool,
-             skip: Sequence[str]) -> tuple[int, list[tuple[str, tuple, str, int, int, str, str]]]:
+def _analyse(
+    model: nn.Module, example_inputs: Any, export_fn: Callable | None, dynamo: bool, skip: Sequence[str],
+    export_args: dict[str, Any],
+) -> tuple[int, list[tuple[str, tuple, str, int, int, str, str]]]:
     """Records the sites, probes them in a tagged export and decides; returns ``(number of sites, decisions)``
     where each decision is ``(owner, key, kind, index, slot, reason, shares)`` (plain data, for a broadcast)."""
     skip = tuple(skip)
@@ -297,7 +299,7 @@ def _analyse(model: nn.Module, example_inputs: Any, export_fn: Callable | None, 
 
         def export() -> None:
             box["q_names"] = export_with_quantizer_tags(model, example_inputs, path, dynamo=dynamo,
-                                                        export_fn=export_fn)
+                                                        export_fn=export_fn, **export_args)
 
         try:
             sites = record_sites(model, run=export, on_site=probe)
@@ -331,6 +333,7 @@ def place_quantizers(
     quant_desc: QuantDescriptor | None = None,
     skip: Iterable[str] = (),
     group: ProcessGroup | None = None,
+    export_args: Mapping[str, Any] | None = None,
 ) -> PlacementReport:
     """Inserts the quantizers TensorRT needs on inline adds, concats and poolings (see the module docstring).
 
@@ -348,6 +351,8 @@ def place_quantizers(
             calibration method set there applies to them too).
         skip: ``fnmatch`` patterns of module paths whose op sites get nothing.
         group: under torch.distributed, the process group: its rank 0 analyses, every rank inserts.
+        export_args: the keywords of your :func:`~qdq.onnx.export.export_onnx` call (``opset``, ``input_names``,
+            ``dynamic_batch``, ...), so the graph analysed is the graph you export.
 
     Returns:
         A :class:`PlacementReport`.
@@ -360,7 +365,7 @@ def place_quantizers(
         quant_desc = QuantConv2d.default_quant_desc_input
     start = time.perf_counter()
     num_sites, decisions = run_on_rank0(
-        _analyse, model, example_inputs, export_fn, dynamo, tuple(skip),
+        _analyse, model, example_inputs, export_fn, dynamo, tuple(skip), dict(export_args or {}),
         group=group, broadcast_result=True, what="place_quantizers (export and graph analysis)",
     )
     name_quantizers(model)

@@ -51,7 +51,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import onnx
 import torch
@@ -147,11 +147,13 @@ def _graph_pairs(
     example_inputs: Any,
     export_fn: Callable[[nn.Module, str], Any] | None,
     dynamo: bool,
+    export_args: dict[str, Any],
 ) -> list[tuple[str, str]]:
     """Exports ``model`` with quantizer tags into a temporary file and reads the pairs that must share a scale."""
     with tempfile.TemporaryDirectory(prefix="qdq-rules-") as tmp:
         path = Path(tmp) / "rules.onnx"
-        q_names = export_with_quantizer_tags(model, example_inputs, path, dynamo=dynamo, export_fn=export_fn)
+        q_names = export_with_quantizer_tags(model, example_inputs, path, dynamo=dynamo, export_fn=export_fn,
+                                             **export_args)
         onnx_model = onnx.load(str(path), load_external_data=False)
     return find_quantizer_pairs(onnx_model, q_names)
 
@@ -165,6 +167,7 @@ def apply_custom_rules_to_quantizer(
     *,
     group: ProcessGroup | None = None,
     placement: bool = True,
+    export_args: Mapping[str, Any] | None = None,
 ) -> list[tuple[str, str]]:
     """Finds the quantizers that must share a scale (from an export of ``model``) and makes them share.
 
@@ -183,6 +186,9 @@ def apply_custom_rules_to_quantizer(
         group: under torch.distributed, the process group (default: the whole world): its rank 0 exports, every rank
             applies the pairs. Ignored in a single process.
         placement: run the automatic Q/DQ placement first (see above).
+        export_args: the keywords of your :func:`~qdq.onnx.export.export_onnx` call (``opset``, ``input_names``,
+            ``output_names``, ``dynamic_batch``, ``torch.onnx.export``'s own), so the graph analysed is the graph
+            you export; default ``export_onnx``'s defaults.
 
     Returns:
         The ``(major, sub)`` quantizer names that were made to share (the same on every rank).
@@ -196,9 +202,9 @@ def apply_custom_rules_to_quantizer(
     if placement:
         from qdq.onnx.placement import place_quantizers
 
-        place_quantizers(model, example_inputs, export_fn, dynamo, group=group)
+        place_quantizers(model, example_inputs, export_fn, dynamo, group=group, export_args=export_args)
     pairs = run_on_rank0(
-        _graph_pairs, model, example_inputs, export_fn, dynamo,
+        _graph_pairs, model, example_inputs, export_fn, dynamo, dict(export_args or {}),
         group=group, broadcast_result=True, what="apply_custom_rules_to_quantizer (export and graph analysis)",
     )
     named = {name: q for name, q in model.named_modules() if isinstance(q, TensorQuantizer)}

@@ -69,7 +69,7 @@ from tqdm.auto import tqdm
 from qdq.ptq.capture import call_order, run_until
 from qdq.distributed import all_reduce_tensors, broadcast_tensors
 from qdq.quant_modules import name_quantizers
-from qdq.switches import disable_quantization
+from qdq.switches import disable_quantization, preserved_modes, restore_quantizer_states
 from qdq.ptq.weight_layers import check_reiterable, output_channel_dim, quantized_layers, weight_grid
 
 if TYPE_CHECKING:
@@ -250,8 +250,7 @@ def adaround(
         raise RuntimeError(f"adaround: {', '.join(missing)} did not run on the first calibration batch")
     units = _units(model, order, names, blocks)
     report = AdaRoundReport()
-    training = {m: m.training for m in model.modules()}
-    try:
+    with preserved_modes(model, quantizer_states=False):
         model.eval()
         bar = tqdm(units, desc="AdaRound", unit="unit", disable=not progress)
         for index, (unit_name, unit, layer_names) in enumerate(bar):
@@ -263,9 +262,6 @@ def adaround(
                 q = candidates[n].weight_quantizer
                 q.set_calibrator(None)
                 report.frozen.append(q.name or f"{n}.weight_quantizer")
-    finally:
-        for m, mode in training.items():
-            m.training = mode
     report.seconds = time.perf_counter() - t_start
     logger.info("%s", report)
     return report
@@ -314,7 +310,7 @@ def _round_unit(model, unit_name, unit, layer_names, candidates, grids, data, nu
         return total / count
 
     quantizers = [candidates[name].weight_quantizer for name in layer_names]
-    states = [q.state() for q in quantizers]
+    states = {q: q.state() for q in quantizers}
     try:
         for q in quantizers:
             q.disable()  # the weights given to functional_call are quantized already
@@ -353,8 +349,7 @@ def _round_unit(model, unit_name, unit, layer_names, candidates, grids, data, nu
             if float((ratio - torch.round(ratio)).abs().max()) > 1e-3:
                 raise RuntimeError(f"adaround: {name}: the rounded weight does not quantize back to its integers")
     finally:
-        for q, state in zip(quantizers, states):
-            q.set_state(state)
+        restore_quantizer_states(states)
     result.seconds = time.perf_counter() - t0
     logger.info("adaround: %s (%d samples): loss %.4g -> %.4g, %.1f%% flipped, %.1f s", unit_name, n,
                 result.loss_nearest, result.loss_adaround, 100 * result.flipped, result.seconds)

@@ -42,7 +42,7 @@ from qdq.ptq.capture import call_order, run_until
 from qdq.distributed import all_reduce_tensors
 from qdq.feeding import feed, model_device
 from qdq.quant_modules import name_quantizers
-from qdq.switches import disable_quantization
+from qdq.switches import disable_quantization, preserved_modes
 from qdq.ptq.weight_layers import check_reiterable, output_channel_dim, quantized_layers
 
 if TYPE_CHECKING:
@@ -168,12 +168,7 @@ def bias_correction(
 
 
 def _feed_all(model: nn.Module, data: Iterable, num_batches: int | None, device, preprocess, progress) -> int:
-    training = {m: m.training for m in model.modules()}
-    try:
+    with preserved_modes(model, quantizer_states=False), torch.no_grad():
         model.eval()
-        with torch.no_grad():
-            return feed(model, data, num_batches, device=torch.device(device) if device is not None else
-                        model_device(model), preprocess=preprocess, desc="Bias correction: float", progress=progress)
-    finally:
-        for m, mode in training.items():
-            m.training = mode
+        return feed(model, data, num_batches, device=torch.device(device) if device is not None else
+                    model_device(model), preprocess=preprocess, desc="Bias correction: float", progress=progress)

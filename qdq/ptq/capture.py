@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from qdq.feeding import feed, model_device
+from qdq.switches import preserved_modes
 
 __all__ = ["run_until", "call_order", "StopForward"]
 
@@ -77,7 +78,6 @@ def run_until(
         raise StopForward
 
     handle = module.register_forward_hook(hook, with_kwargs=True)
-    training = {m: m.training for m in model.modules()}
     device = torch.device(device) if device is not None else model_device(model)
     batches = [0]
 
@@ -87,16 +87,14 @@ def run_until(
         batches[0] += 1
 
     try:
-        model.eval()
-        with torch.no_grad():
+        with preserved_modes(model, quantizer_states=False), torch.no_grad():
+            model.eval()
             fed = feed(_Truncated(model), data, num_batches, device=device, preprocess=preprocess, desc=desc,
                        what="calibration batch", progress=progress, before_batch=before_batch)
         if fed > calls[0]:
             raise RuntimeError(f"{name or type(module).__name__} did not run in calibration batch {fed - 1}")
     finally:
         handle.remove()
-        for m, mode in training.items():
-            m.training = mode
     return fed
 
 
@@ -109,15 +107,12 @@ def call_order(model: nn.Module, modules: Iterable[nn.Module], data: Iterable, *
     handles = []
     for m in modules:
         handles.append(m.register_forward_pre_hook(lambda mod, args: order.append(mod) if mod not in order else None))
-    training = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with preserved_modes(model, quantizer_states=False), torch.no_grad():
+            model.eval()
             feed(model, data, 1, device=torch.device(device) if device is not None else model_device(model),
                  preprocess=preprocess, progress=False)
     finally:
         for h in handles:
             h.remove()
-        for m, mode in training.items():
-            m.training = mode
     return order

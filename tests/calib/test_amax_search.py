@@ -104,3 +104,21 @@ def test_bad_percentile(p):
 def test_shape_mismatch():
     with pytest.raises(ValueError, match="histogram shapes"):
         S.entropy_amax(torch.ones(1, 4), torch.arange(4.0)[None])
+
+
+@pytest.mark.parametrize("ties", ["first", "last"])
+def test_tolerant_argmin_matches_numpy_with_ties_to_floating_noise(ties):
+    """The one argmin helper of the searches (entropy and mse take the last tie, kld the first)."""
+    from qdq.calib.amax_search import tolerant_argmin
+
+    rng = np.random.default_rng(3)
+    v = rng.integers(0, 4, size=(50, 9)).astype(np.float64)
+    v[::3] += 1e-14 * rng.random((17, 9))  # noise below the relative 1e-12: still a tie
+    v[1, 4] = v[1].min() - 1e-9  # above it: a strict minimum
+    got = tolerant_argmin(torch.from_numpy(v), ties).numpy()
+    for row, k in zip(v, got):
+        tied = np.flatnonzero(row <= row.min() + abs(row.min()) * 1e-12 + 1e-300)
+        assert k == (tied[0] if ties == "first" else tied[-1])
+    assert got[1] == 4
+    with pytest.raises(ValueError, match="ties"):
+        tolerant_argmin(torch.from_numpy(v), "middle")

@@ -144,3 +144,36 @@ def test_user_export_fn_and_no_temp_files_in_cwd(tmp_path, monkeypatch):
     assert model.inner._input0_quantizer is model.outer._input1_quantizer
     assert list(tmp_path.iterdir()) == [] and not calls[0].startswith(str(tmp_path))
     assert not any(q.export_mode for _, q in quantizers(model))
+
+
+def test_tagged_export_takes_the_exports_arguments(tmp_path, monkeypatch):
+    """The rules step and the placement export with the user's export arguments (they exported opset 17 with an
+    input named "input" whatever the user's export said)."""
+    import onnx
+
+    from qdq.onnx import export as export_module
+    from qdq.onnx import placement, rules
+
+    args = {"opset": 18, "input_names": ["images"], "dynamic_batch": True}
+    mapping = export_module.export_with_quantizer_tags(NestedConcat(), torch.randn(1, 3, 8, 8), tmp_path / "t.onnx",
+                                                       **args)
+    tagged = onnx.load(str(tmp_path / "t.onnx"))
+    assert {o.version for o in tagged.opset_import if o.domain in ("", "ai.onnx")} == {18}
+    assert [i.name for i in tagged.graph.input] == ["images"]
+    assert tagged.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert len(set(mapping.values())) == len(mapping) > 0
+    seen = []
+
+    def recording(*a, **kw):
+        seen.append({k: kw[k] for k in args if k in kw})
+        return export_module.export_with_quantizer_tags(*a, **kw)
+
+    monkeypatch.setattr(rules, "export_with_quantizer_tags", recording)
+    monkeypatch.setattr(placement, "export_with_quantizer_tags", recording)
+    model = NestedConcat()
+    apply_custom_rules_to_quantizer(model, torch.randn(1, 3, 8, 8), export_args=args)
+    assert seen == [args, args]  # placement, then the rules' own export
+    assert model.inner._input0_quantizer is model.outer._input1_quantizer
+    with pytest.raises(ValueError, match="opset must be an int >= 13"):
+        export_module.export_with_quantizer_tags(NestedConcat(), torch.randn(1, 3, 8, 8), tmp_path / "u.onnx",
+                                                 opset=11)

@@ -50,6 +50,7 @@ from qdq.tensor_quant import (
     affine_qparams,
     fake_affine_quant,
     reduce_range,
+    amax_problem,
     check_amax,
     fake_quantize_by_amax,
     maxbound,
@@ -604,9 +605,9 @@ class TensorQuantizer(nn.Module):
         key = prefix + "_amax"
         if key in state_dict:
             value = state_dict[key]
-            bad = ~torch.isfinite(value) | ((value < 0) if self._symmetric else torch.zeros_like(value, dtype=bool))
-            if bool(bad.any()):
-                errors.append(f"{key}: amax must be finite and >= 0, the checkpoint holds {value[bad][:4].tolist()}")
+            problem = amax_problem(value, nonnegative=self._symmetric)
+            if problem:
+                errors.append(f"{key} ({self._label()}): the checkpoint's amax {problem}")
                 return
             layout = self._amax_layout_error(tuple(value.shape))
             if layout:
