@@ -17,7 +17,14 @@ from qdq.calib.amax_search import (
     register_search,
     search_names,
 )
-from qdq.calib.calibrator import NoDataCollectedError, NonFiniteWarning, StatsMismatchError, _Calibrator, all_reduce_calibrators
+from qdq.calib.calibrator import (
+    NoDataCollectedError,
+    NonFiniteWarning,
+    ShapeChangedError,
+    StatsMismatchError,
+    _Calibrator,
+    all_reduce_calibrators,
+)
 from qdq.calib.histogram import HistogramCalibrator, rebin
 from qdq.calib.kld import kld_amax, kld_cuts, kld_divergence
 from qdq.calib.max import MaxCalibrator
@@ -28,6 +35,7 @@ __all__ = [
     "HistogramCalibrator",
     "NoDataCollectedError",
     "NonFiniteWarning",
+    "ShapeChangedError",
     "StatsMismatchError",
     "all_reduce_calibrators",
     "rebin",

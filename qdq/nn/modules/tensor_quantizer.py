@@ -44,7 +44,8 @@ import torch
 from torch import nn
 
 from qdq import calib, formats
-from qdq.calib.calibrator import NoDataCollectedError
+from qdq.calib.calibrator import NoDataCollectedError, ShapeChangedError
+from qdq.nn.modules.fp8_export import fp8_qdq
 from qdq.tensor_quant import (
     QuantDescriptor,
     affine_qparams,
@@ -396,6 +397,8 @@ class TensorQuantizer(nn.Module):
             if key is None or key != self._collected:
                 try:
                     self._calibrator.collect(formats.block_view(x, self._block_size) if self._block_size else x)
+                except ShapeChangedError as err:  # keeps its class: both ValueError and RuntimeError
+                    raise ShapeChangedError(f"{self._label()}: {err}") from None
                 except ValueError as err:  # negative data for an unsigned quantizer, an axis beyond x's dims
                     raise ValueError(f"{self._label()}: {err}") from None
                 self._collected = key
@@ -461,6 +464,18 @@ class TensorQuantizer(nn.Module):
             return amax if self._scale_amax is None else amax * self._scale_amax
         return amax
 
+    def _get_amax(self, inputs: torch.Tensor) -> torch.Tensor:
+        """pytorch_quantization's private ``_get_amax``: the float32 amax ``forward`` quantizes ``inputs`` with.
+
+        The calibrated (or given, or learned) amax, or, without one, the abs-max of ``inputs`` per kept channel (the
+        dynamic quantization ``forward`` warns about); times ``scale_amax`` when set; detached.
+
+        >>> q = TensorQuantizer(QuantDescriptor(amax=2.0, scale_amax=0.5))
+        >>> q._get_amax(torch.ones(3))
+        tensor(1.)
+        """
+        return self._amax_for(inputs).detach().float()
+
     def _clip(self, x: torch.Tensor) -> torch.Tensor:
         amax = self.effective_amax()
         if amax is None:
@@ -511,6 +526,8 @@ class TensorQuantizer(nn.Module):
         constants instead of tracing the arithmetic that made them.
         """
         scale, zero_point, axis, (qmin, qmax) = self._export_qparams
+        if self.__dict__.get("_export_fp8"):  # FP8 with its real scale: the FP8 Q/DQ pair (fp8_export)
+            return fp8_qdq(x, scale, axis)
         if self._narrow_range and not self._unsigned and self._symmetric:
             # ONNX's int8 saturates at -128: clamp at -127 * scale first (a Clip for activations, folded for weights)
             x = torch.maximum(x, (scale.reshape(self._export_shape) * qmin).to(x.dtype))
@@ -539,6 +556,7 @@ class TensorQuantizer(nn.Module):
         """
         if not on:
             self.__dict__.pop("_export_qparams", None)
+            self.__dict__.pop("_export_fp8", None)
             self._export_mode = False
             return
         zero_point = None
@@ -567,6 +585,7 @@ class TensorQuantizer(nn.Module):
         # for FP8 and 4-bit quantizers, whose Q/DQ qdq.onnx.export_formats writes afterwards
         qrange = self.quant_range if scale is None else ((0, 255) if self._unsigned else (-128, 127))
         self._export_qparams = (flat, zp, axis, qrange)
+        self.__dict__["_export_fp8"] = scale is None and formats.is_fp8(self._num_bits)
         self._export_mode = True
 
     # ----------------------------------------------------------------------------------------------------------
