@@ -341,3 +341,32 @@ def test_calibration_shape_change_through_the_quantizer_keeps_its_class():
     with pytest.raises(RuntimeError, match=r"'conv1.weight_quantizer'.*shape changed: \(4, 1\).*\(2, 1\)") as info:
         q(torch.ones(4, 3))
     assert isinstance(info.value, ShapeChangedError) and isinstance(info.value, ValueError)
+
+
+def test_learned_range_clip_view_reads_and_writes_amax():
+    q = TensorQuantizer(QuantDescriptor(amax=0.5, learn_amax=True), if_quant=False, if_clip=True)
+    assert hasattr(q, "clip") and not hasattr(TensorQuantizer(QuantDescriptor(amax=0.5)), "clip")
+    assert q.clip.clip_value_max is q.amax and q.clip.clip_value_min.item() == -0.5
+    x = torch.linspace(-1, 1, 21)
+    assert torch.equal(q(x).detach(), x.clamp(-0.5, 0.5)) and torch.equal(q.clip(x).detach(), x.clamp(-0.5, 0.5))
+    q.clip.clip_value_max.data.copy_(torch.tensor(0.25))  # pytorch_quantization's way of setting the range
+    assert q.amax.item() == 0.25 and q.clip.clip_value_min.item() == -0.25
+    (q.clip(x) * x).sum().backward()
+    assert q.amax.grad.item() == pytest.approx(float(x[x.abs() > 0.25].abs().sum()))
+
+
+@pytest.mark.parametrize("write", [lambda t: t.data.copy_(torch.tensor(1.0)), lambda t: t.copy_(torch.tensor(1.0)),
+                                   lambda t: t.fill_(0.0), lambda t: t.__setitem__((), 2.0)])
+def test_learned_range_min_cannot_be_written(write):
+    q = TensorQuantizer(QuantDescriptor(amax=0.5, learn_amax=True))
+    with pytest.raises(RuntimeError, match="symmetric"):
+        write(q.clip.clip_value_min)
+    assert q.amax.item() == 0.5
+
+
+def test_load_calib_amax_without_data_says_pytorch_quantizations_words():
+    q = TensorQuantizer(QuantDescriptor(axis=0))
+    q.enable_calib()
+    with pytest.raises(RuntimeError, match="Calibrator returned None.*collected no data|collected no data.*Calibrator "
+                                           "returned None"):
+        q.load_calib_amax()

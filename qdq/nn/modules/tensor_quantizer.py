@@ -281,8 +281,8 @@ class TensorQuantizer(nn.Module):
                 amin, amax = self._calibrator.compute_range()
         except NoDataCollectedError:
             msg = (
-                f"{self._label()}: its calibrator collected no data, so there is no amax to load "
-                "(did calibration data reach this layer?)"
+                f"{self._label()}: its calibrator collected no data (pytorch_quantization: 'Calibrator returned "
+                "None'), so there is no amax to load (did calibration data reach this layer?)"
             )
             if strict:
                 raise RuntimeError(msg) from None
@@ -303,6 +303,22 @@ class TensorQuantizer(nn.Module):
         self.amax = amax
         if self._learn_amax and not isinstance(self._amax, nn.Parameter):
             self.init_learn_amax()
+
+    @property
+    def clip(self) -> "LearnedRange":
+        """pytorch_quantization's learned range, ``quantizer.clip``, present only while amax is learned.
+
+        ``clip.clip_value_max`` is the learned amax ``Parameter`` itself (reads, writes and gradients are amax's);
+        ``clip.clip_value_min`` is ``-amax`` (qdq's learned range is symmetric), a read-only tensor: writing it
+        raises. ``clip(x)`` clamps ``x`` to the range. Not a submodule: the checkpoint key stays ``_amax``.
+
+        >>> q = TensorQuantizer(QuantDescriptor(amax=0.5, learn_amax=True))
+        >>> q.clip.clip_value_min.item(), q.clip.clip_value_max is q.amax
+        (-0.5, True)
+        """
+        if not isinstance(self._amax, nn.Parameter):  # (hasattr(q, "clip") is False, as in pytorch_quantization)
+            raise AttributeError(f"{self._label()} has no learned range 'clip': its amax is not learned")
+        return LearnedRange(self._amax)
 
     def init_learn_amax(self) -> None:
         """Makes amax a trainable ``Parameter`` (its gradient comes from the fake-quant function)."""
@@ -723,6 +739,40 @@ class TensorQuantizer(nn.Module):
             "state TorchScript does not type); export it with qdq.export_onnx, or use torch.jit.trace, torch.export "
             "or torch.compile"
         )
+
+
+class _ReadOnlyBound(torch.Tensor):
+    """``-amax`` as :attr:`TensorQuantizer.clip` gives it: any in-place write (also through ``.data``) raises."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if (name.endswith("_") and not name.endswith("__")) or name in ("__setitem__", "__set__", "__iadd__",
+                                                                        "__isub__", "__imul__", "__itruediv__"):
+            raise RuntimeError("clip.clip_value_min is -amax (the learned range is symmetric) and cannot be written; "
+                               "write clip.clip_value_max or amax instead")
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **(kwargs or {}))
+        if name == "__get__" and isinstance(out, torch.Tensor):  # .data of the bound: still read-only
+            return out.as_subclass(cls)
+        return out
+
+
+class LearnedRange:
+    """pytorch_quantization's ``Clip`` of a learned amax, as a view of qdq's learned amax (see
+    :attr:`TensorQuantizer.clip`)."""
+
+    def __init__(self, amax: nn.Parameter):
+        self.clip_value_max = amax
+        with torch.no_grad():
+            self.clip_value_min = (-amax.detach()).as_subclass(_ReadOnlyBound)
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        amax = self.clip_value_max.to(inputs.dtype)
+        return torch.clamp(inputs, min=-amax, max=amax)
+
+    def __repr__(self) -> str:
+        return f"LearnedRange(clip_value_max=amax {tuple(self.clip_value_max.shape)}, clip_value_min=-amax)"
 
 
 def _amax_tensor(value: Any, label: str, what: str = "amax") -> torch.Tensor:
