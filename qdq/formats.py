@@ -108,8 +108,8 @@ def check_num_bits(num_bits: Any, min_bits: int, max_bits: int) -> int | tuple[i
         if len(pair) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) for b in pair):
             raise TypeError(f"QuantDescriptor: num_bits must be an int or (exponent, mantissa) bits, got {num_bits!r}")
         if pair != FP8_E4M3:
-            raise UnsupportedFormatError(f"QuantDescriptor: num_bits={pair}: the only floating-point format is FP8 E4M3, "
-                             "num_bits=(4, 3) (TensorRT's FP8 Q/DQ type)")
+            raise UnsupportedFormatError(f"QuantDescriptor: num_bits={pair}: the only floating-point format is FP8 "
+                                         "E4M3, num_bits=(4, 3) (TensorRT's FP8 Q/DQ type)")
         return pair
     if isinstance(num_bits, bool) or not isinstance(num_bits, int):
         raise TypeError(f"QuantDescriptor: num_bits must be an int, got {num_bits!r}")

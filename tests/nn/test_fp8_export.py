@@ -22,7 +22,8 @@ FP8 = (4, 3)
 
 def _model(axis=None, seed=0):
     torch.manual_seed(seed)
-    kw = dict(quant_desc_input=QuantDescriptor(num_bits=FP8), quant_desc_weight=QuantDescriptor(num_bits=FP8, axis=axis))
+    kw = dict(quant_desc_input=QuantDescriptor(num_bits=FP8),
+              quant_desc_weight=QuantDescriptor(num_bits=FP8, axis=axis))
     model = nn.Sequential(QuantLinear(16, 32, **kw), nn.ReLU(), QuantLinear(32, 8, **kw)).eval()
     x = torch.randn(16, 16)
     for q in (m for m in model.modules() if isinstance(m, TensorQuantizer)):

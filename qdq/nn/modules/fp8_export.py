@@ -14,7 +14,7 @@ TorchScript (``dynamo=False``), >= 19    ``QuantizeLinear -> DequantizeLinear`` 
                                          and ONNX Runtime run
 TorchScript below opset 19, and the      ``trt::TRT_FP8QuantizeLinear -> trt::TRT_FP8DequantizeLinear``, per tensor
 dynamo exporter (any opset)              only: pytorch_quantization's FP8 form, valid ONNX in any opset (a custom
-                                         domain) that TensorRT's parser reads; ONNX Runtime cannot run it
+                                         domain) written for TensorRT's ONNX parser; ONNX Runtime cannot run it
 =======================================  ===========================================================================
 
 The dynamo exporter decides the opset after the model is traced, so the trace cannot choose the standard ops there.
