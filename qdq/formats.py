@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "UnsupportedFormatError",
     "FP8_E4M3",
     "FP8_E4M3_MAX",
     "BLOCK_SIZES",
@@ -75,6 +76,14 @@ FORMAT_NAMES = ("int8", "fp8", "int4", "float")
 _FP8_DTYPE = torch.float8_e4m3fn
 
 
+class UnsupportedFormatError(ValueError, TypeError):
+    """``num_bits`` names a floating-point format other than FP8 E4M3 (E5M2, E7M3, ...).
+
+    A ``ValueError`` (qdq: a value outside what TensorRT takes) and a ``TypeError`` (what pytorch_quantization raises
+    for a ``num_bits`` tuple other than ``(4, 3)``), so code written for either catches it.
+    """
+
+
 def is_fp8(num_bits: Any) -> bool:
     """Whether ``num_bits`` names FP8 E4M3 (``(4, 3)``, also as a list from a JSON file).
 
@@ -92,15 +101,15 @@ def check_num_bits(num_bits: Any, min_bits: int, max_bits: int) -> int | tuple[i
     >>> check_num_bits((5, 2), 2, 16)
     Traceback (most recent call last):
     ...
-    ValueError: QuantDescriptor: num_bits=(5, 2): the only floating-point format is FP8 E4M3, num_bits=(4, 3) (TensorRT's FP8 Q/DQ type)
+    qdq.formats.UnsupportedFormatError: QuantDescriptor: num_bits=(5, 2): the only floating-point format is FP8 E4M3, num_bits=(4, 3) (TensorRT's FP8 Q/DQ type)
     """
     if isinstance(num_bits, (tuple, list)):
         pair = tuple(num_bits)
         if len(pair) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) for b in pair):
             raise TypeError(f"QuantDescriptor: num_bits must be an int or (exponent, mantissa) bits, got {num_bits!r}")
         if pair != FP8_E4M3:
-            raise ValueError(f"QuantDescriptor: num_bits={pair}: the only floating-point format is FP8 E4M3, "
-                             "num_bits=(4, 3) (TensorRT's FP8 Q/DQ type)")
+            raise UnsupportedFormatError(f"QuantDescriptor: num_bits={pair}: the only floating-point format is FP8 "
+                                         "E4M3, num_bits=(4, 3) (TensorRT's FP8 Q/DQ type)")
         return pair
     if isinstance(num_bits, bool) or not isinstance(num_bits, int):
         raise TypeError(f"QuantDescriptor: num_bits must be an int, got {num_bits!r}")

@@ -64,6 +64,7 @@ import logging
 import math
 from typing import Any, Iterator, Mapping
 
+import numpy as np
 import torch
 
 from qdq import formats as _formats
@@ -223,7 +224,11 @@ def _normalize_axis(axis: Any) -> int | tuple[int, ...] | None:
 
 
 def _normalize_amax(amax: Any) -> float | tuple | None:
-    """Turns a user amax (number, list, array, tensor) into an immutable float or nested tuple, checked."""
+    """Turns a user amax (number, list, array, tensor) into an immutable float or nested tuple, checked.
+
+    The values are rounded to float32, the precision every quantizer holds amax in (as pytorch_quantization's
+    descriptor does), so a descriptor and the quantizer built from it hold the same numbers.
+    """
     if amax is None:
         return None
     if isinstance(amax, torch.Tensor):
@@ -235,10 +240,14 @@ def _normalize_amax(amax: Any) -> float | tuple | None:
         if isinstance(v, (list, tuple)):
             return tuple(freeze(e) for e in v)
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise TypeError(f"QuantDescriptor: amax must be a number or a nested list of numbers, got {v!r}")
+            raise TypeError(f"QuantDescriptor: amax must be float, list or ndarray (a number, a nested list of "
+                            f"numbers, an array or a tensor), got {v!r}")
         if not math.isfinite(v) or v < 0:
             raise ValueError(f"QuantDescriptor: amax must be finite and >= 0, got {v!r}")
-        return float(v)
+        v32 = float(np.float32(v))
+        if not math.isfinite(v32):
+            raise ValueError(f"QuantDescriptor: amax {v!r} overflows float32")
+        return v32
 
     return freeze(amax)
 
@@ -367,7 +376,20 @@ class QuantDescriptor:
     name = property(lambda self: self._name)
     fake_quant = property(lambda self: self._fake_quant)
     axis = property(lambda self: self._axis)
-    amax = property(lambda self: self._amax)
+
+    @property
+    def amax(self) -> np.ndarray | None:
+        """The fixed amax as a read-only float32 array (as pytorch_quantization gives it), ``None`` if not set.
+
+        >>> QuantDescriptor(amax=[1.3, 1.4]).amax
+        array([1.3, 1.4], dtype=float32)
+        """
+        if self._amax is None:
+            return None
+        value = np.array(self._amax, dtype=np.float32)
+        value.flags.writeable = False  # the descriptor is immutable: a change goes through replace(amax=...)
+        return value
+
     learn_amax = property(lambda self: self._learn_amax)
     scale_amax = property(lambda self: self._scale_amax)
     calib_method = property(lambda self: self._calib_method)
@@ -383,8 +405,8 @@ class QuantDescriptor:
         return None if self._calib_method in CALIB_METHODS else self._calib_method
 
     def dict(self) -> dict[str, Any]:
-        """Every field, as plain Python values (``from_dict(d.dict()) == d``)."""
-        return {f: getattr(self, f) for f in self._FIELDS}
+        """Every field, as plain Python values (``from_dict(d.dict()) == d``); amax as a float or nested tuple."""
+        return {f: getattr(self, "_" + f) for f in self._FIELDS}
 
     to_dict = dict
 
@@ -398,6 +420,40 @@ class QuantDescriptor:
         if version != cls.VERSION:
             raise ValueError(f"QuantDescriptor: unsupported descriptor version {version!r} (this is {cls.VERSION})")
         return cls(**data)
+
+    def to_yaml(self) -> str:
+        """The descriptor as YAML (pytorch_quantization's method; needs PyYAML): the fields that differ from their
+        defaults, with ``num_bits`` and ``name`` always written.
+
+        >>> d = QuantDescriptor(num_bits=4, axis=(1, 2), amax=0.5)
+        >>> print(d.to_yaml().strip())
+        amax: 0.5
+        axis:
+        - 1
+        - 2
+        name: null
+        num_bits: 4
+        >>> QuantDescriptor.from_yaml(d.to_yaml()) == d
+        True
+        """
+        yaml = _import_yaml("QuantDescriptor.to_yaml")
+        defaults = QuantDescriptor().dict()
+        data = {k: _plain(v) for k, v in self.dict().items() if k in ("num_bits", "name") or v != defaults[k]}
+        return yaml.safe_dump(data, width=120)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "QuantDescriptor":
+        """Builds a descriptor from :meth:`to_yaml` output (or any YAML mapping of its fields); needs PyYAML."""
+        yaml = _import_yaml("QuantDescriptor.from_yaml")
+        data = yaml.safe_load(text)
+        if not isinstance(data, Mapping):
+            raise TypeError(f"QuantDescriptor.from_yaml: the YAML must be a mapping of fields, got "
+                            f"{type(data).__name__}")
+        data = dict(data)
+        for key in ("axis", "num_bits"):  # YAML has lists only; these fields are tuples
+            if isinstance(data.get(key), list):
+                data[key] = tuple(data[key])
+        return cls.from_dict(data)
 
     def replace(self, **changes: Any) -> "QuantDescriptor":
         """A copy with some fields changed (the descriptor itself never changes)."""
@@ -418,6 +474,20 @@ class QuantDescriptor:
 
     def __reduce__(self):
         return (_descriptor_from_dict, (self.dict(),))
+
+
+def _plain(value: Any) -> Any:
+    """Tuples (also nested) as lists, for YAML."""
+    return [_plain(v) for v in value] if isinstance(value, tuple) else value
+
+
+def _import_yaml(what: str):
+    try:
+        import yaml
+    except ImportError:
+        raise ImportError(f"{what} needs PyYAML (pip install pyyaml); QuantDescriptor.dict()/from_dict() need "
+                          "nothing") from None
+    return yaml
 
 
 def _check_format(values: dict) -> None:
@@ -1124,12 +1194,11 @@ class _ScaledE4M3(torch.autograd.Function):
     def forward(ctx, inputs, amax=None, E=4, M=3):
         if (E, M) != (4, 3):
             raise NotImplementedError(f"scaled_e4m3: only E=4, M=3 is supported, got E={E}, M={M}")
-        bound = torch.tensor(448.0, device=inputs.device)
+        bound = torch.tensor(_formats.FP8_E4M3_MAX, device=inputs.device)
         amax_t = bound if amax is None else torch.as_tensor(amax, dtype=torch.float32, device=inputs.device)
         ctx.save_for_backward(inputs, amax_t)
-        scale = 448.0 / amax_t
-        x = inputs.float() * scale
-        y = x.clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float() / scale
+        # qdq's one FP8 arithmetic (that of TensorQuantizer(num_bits=(4, 3)) and of the exported Q/DQ)
+        y = _formats.fake_quantize_fp8(inputs, _formats.fp8_scale(amax_t.detach()))
         return torch.where(inputs.abs() < _PQ_EPS, torch.zeros((), device=inputs.device), y).to(inputs.dtype)
 
     @staticmethod
@@ -1142,6 +1211,11 @@ class _ScaledE4M3(torch.autograd.Function):
 def scaled_e4m3(inputs: torch.Tensor, amax: torch.Tensor | None = None, E: int = 4, M: int = 3) -> torch.Tensor:
     """pytorch_quantization's ``scaled_e4m3``: fake FP8 E4M3 with ``amax`` mapped to 448 (``None``: no scaling),
     saturating at +-448, magnitudes below 2**-24 set to 0; torch's float8_e4m3fn cast does the rounding.
+
+    The arithmetic is :func:`qdq.formats.fake_quantize_fp8` with ``scale = amax / 448`` (divide, cast, multiply, as
+    ONNX's FP8 QuantizeLinear/DequantizeLinear compute), so an FP8 :class:`~qdq.nn.TensorQuantizer` gives exactly
+    ``scaled_e4m3(x, quantizer._get_amax(x))``. pytorch_quantization multiplied by ``448 / amax`` and divided by it:
+    results can differ from it by one float32 ulp.
 
     >>> scaled_e4m3(torch.tensor([0.3, 500.0, -1e-9])).tolist()
     [0.3125, 448.0, 0.0]

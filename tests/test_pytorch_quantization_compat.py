@@ -109,6 +109,18 @@ def test_clip_function_and_module_gradients():
         quant_nn.Clip(torch.zeros(2), 1.0, learn_min=True)
 
 
+def test_clip_learnable_bounds_start_from_numbers_as_in_pytorch_quantization():
+    with pytest.raises(ValueError, match="must be scalar.*not a tensor"):
+        quant_nn.Clip(torch.tensor(0.3), torch.tensor(0.7), learn_min=True)
+    with pytest.raises(ValueError, match="must be scalar.*shape \\(2,\\)"):
+        quant_nn.Clip(np.zeros(2), 1.0, learn_min=True)
+    clip = quant_nn.Clip(np.array([-0.25]), np.float32(0.5), learn_min=True, learn_max=True)
+    assert (clip.clip_value_min.item(), clip.clip_value_max.item()) == (-0.25, 0.5)
+    assert clip.clip_value_min.shape == () and clip.clip_value_min.requires_grad
+    fixed = quant_nn.Clip(torch.tensor(-1.0), torch.tensor([1.0, 2.0]))  # fixed bounds: tensors as before
+    assert fixed(torch.tensor([-3.0, 3.0])).tolist() == [-1.0, 2.0]
+
+
 def test_optim_helper():
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
     groups = helper.group_parameters(model, [["^0"], ["^1"]], lrs=[0.1, 0.2], momentums=[0.9, 0.8])

@@ -62,8 +62,60 @@ class TestQuantDescriptor:
             QuantDescriptor(amax=amax)
 
     def test_amax_forms(self):
-        assert QuantDescriptor(amax=torch.tensor([1.0, 2.0])).amax == (1.0, 2.0)
+        """amax reads back as a read-only float32 array (pytorch_quantization's type); dict() keeps plain values."""
+        d = QuantDescriptor(amax=torch.tensor([1.0, 2.0]))
+        assert isinstance(d.amax, np.ndarray) and d.amax.dtype == np.float32
+        np.testing.assert_array_equal(d.amax, np.float32([1.0, 2.0]))
+        assert d.dict()["amax"] == (1.0, 2.0)
+        with pytest.raises(ValueError, match="read-only"):
+            d.amax[0] = 5.0
+        assert d.amax[0] == 1.0
         assert QuantDescriptor(amax=np.float32(3.0)).amax == 3.0
+        np.testing.assert_array_equal(QuantDescriptor(amax=np.array([[0.5], [0.25]])).amax, [[0.5], [0.25]])
+
+    def test_amax_is_rounded_to_float32_like_the_quantizer(self):
+        d = QuantDescriptor(amax=[3.142, 2.718])
+        assert d.dict()["amax"] == (float(np.float32(3.142)), float(np.float32(2.718)))
+        assert QuantDescriptor.from_dict(d.dict()) == d
+        with pytest.raises(ValueError, match="overflows float32"):
+            QuantDescriptor(amax=1e39)
+
+    @pytest.mark.parametrize("kw", [dict(num_bits=2, name="a", axis=(1, 2), amax=3.1415926536), dict(amax=[0.1, 0.2]),
+                                    dict(num_bits=(4, 3), axis=0), dict(unsigned=True, narrow_range=True,
+                                                                         calib_method="histogram", scale_amax=0.5)])
+    def test_yaml_round_trip(self, kw):
+        pytest.importorskip("yaml")
+        d = QuantDescriptor(**kw)
+        text = d.to_yaml()
+        assert QuantDescriptor.from_yaml(text) == d
+        assert "num_bits:" in text and "name:" in text and "fake_quant" not in text  # defaults left out
+
+    def test_yaml_values_and_errors(self):
+        yaml = pytest.importorskip("yaml")
+        d = QuantDescriptor(num_bits=4, axis=(1, 2), amax=0.5)
+        assert yaml.safe_load(d.to_yaml()) == {"num_bits": 4, "name": None, "axis": [1, 2], "amax": 0.5}
+        with pytest.raises(TypeError, match="mapping of fields"):
+            QuantDescriptor.from_yaml("- 1\n- 2\n")
+        with pytest.raises(TypeError, match="unknown keys"):
+            QuantDescriptor.from_yaml("num_bit: 8\n")
+
+    def test_yaml_without_pyyaml_is_a_clear_error(self, monkeypatch):
+        import builtins
+
+        real_import = builtins.__import__
+
+        def no_yaml(name, *args, **kwargs):
+            if name == "yaml":
+                raise ImportError("No module named 'yaml'")
+            return real_import(name, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "__import__", no_yaml)
+        with pytest.raises(ImportError, match="to_yaml needs PyYAML"):
+            QuantDescriptor().to_yaml()
+
+    def test_amax_type_error_names_the_accepted_types(self):
+        with pytest.raises(TypeError, match="must be float, list or ndarray"):
+            QuantDescriptor(amax="oops")
 
     def test_calib_method_error_lists_every_method(self):
         with pytest.raises(ValueError, match=r"calib_method must be one of \('max', 'histogram', 'entropy', 'mse', "

@@ -22,7 +22,13 @@ from qdq.calib.amax_search import (
     register_search,
     search_names,
 )
-from qdq.calib.calibrator import NoDataCollectedError, NonFiniteWarning, StatsMismatchError, _Calibrator
+from qdq.calib.calibrator import (
+    NoDataCollectedError,
+    NonFiniteWarning,
+    ShapeChangedError,
+    StatsMismatchError,
+    _Calibrator,
+)
 from qdq.calib.histogram import HistogramCalibrator, rebin
 from qdq.calib.kld import kld_amax, kld_cuts, kld_divergence
 from qdq.calib.max import MaxCalibrator
@@ -33,6 +39,7 @@ __all__ = [
     "HistogramCalibrator",
     "NoDataCollectedError",
     "NonFiniteWarning",
+    "ShapeChangedError",
     "StatsMismatchError",
     "rebin",
     "entropy_amax",

@@ -45,7 +45,7 @@ import torch
 
 from qdq.tensor_quant import _kept_dims
 
-__all__ = ["NoDataCollectedError", "NonFiniteWarning", "StatsMismatchError", "Stats"]
+__all__ = ["NoDataCollectedError", "NonFiniteWarning", "ShapeChangedError", "StatsMismatchError", "Stats"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,23 @@ _COMBINE_OPS = ("max", "min", "sum")
 
 class NoDataCollectedError(RuntimeError):
     """``compute_amax`` was asked of a calibrator that collected nothing."""
+
+
+class ShapeChangedError(ValueError, RuntimeError):
+    """A calibrator got a tensor whose per-channel statistics shape differs from the one collected so far.
+
+    Both a ``ValueError`` (qdq: a wrong value passed in) and a ``RuntimeError`` (what pytorch_quantization raises,
+    "shape changed"), so code written for either catches it. The message names both shapes.
+
+        >>> import torch
+        >>> from qdq.calib import MaxCalibrator
+        >>> cal = MaxCalibrator(8, axis=0)
+        >>> cal.collect(torch.ones(2, 3))
+        >>> cal.collect(torch.ones(4, 3))
+        Traceback (most recent call last):
+        ...
+        qdq.calib.calibrator.ShapeChangedError: MaxCalibrator: per-channel amax shape changed: (4, 1) for this tensor (4, 3) does not match the (2, 1) collected so far
+    """
 
 
 class NonFiniteWarning(UserWarning):

@@ -43,7 +43,7 @@ import warnings
 import torch
 
 from qdq.calib.amax_search import check_search_keywords, get_search, search_names
-from qdq.calib.calibrator import NoDataCollectedError, NonFiniteWarning, _Calibrator
+from qdq.calib.calibrator import NoDataCollectedError, NonFiniteWarning, ShapeChangedError, _Calibrator
 
 __all__ = ["HistogramCalibrator", "rebin", "merge_bins", "bin_exponent"]
 
@@ -253,9 +253,9 @@ class HistogramCalibrator(_Calibrator):
             self._low = torch.full((channels,), math.inf, dtype=torch.float32, device=dev)
             self._skipped = torch.zeros((), dtype=torch.int64, device=dev)
         elif shape != self._shape:
-            raise ValueError(
-                f"HistogramCalibrator: this tensor {tuple(x.shape)} has per-channel shape {shape}, "
-                f"but {self._shape} was collected so far"
+            raise ShapeChangedError(
+                f"HistogramCalibrator: per-channel shape changed: this tensor {tuple(x.shape)} has per-channel "
+                f"shape {shape}, but {self._shape} was collected so far"
             )
         x = x.to(self._counts.device)
         if self._axis is None and (x.device.type == "cpu" or self._num_bins <= _HISTC_BINS):

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from qdq.calib.calibrator import NoDataCollectedError, _Calibrator
+from qdq.calib.calibrator import NoDataCollectedError, ShapeChangedError, _Calibrator
 
 __all__ = ["MaxCalibrator"]
 
@@ -75,8 +75,8 @@ class MaxCalibrator(_Calibrator):
             self._calib_amax, self._calib_min, self._calib_max = amax, low, high
         else:
             if amax.shape != self._calib_amax.shape:
-                raise ValueError(
-                    f"MaxCalibrator: per-channel amax of shape {tuple(amax.shape)} for this tensor "
+                raise ShapeChangedError(
+                    f"MaxCalibrator: per-channel amax shape changed: {tuple(amax.shape)} for this tensor "
                     f"{tuple(x.shape)} does not match the {tuple(self._calib_amax.shape)} collected so far"
                 )
             device = self._calib_amax.device

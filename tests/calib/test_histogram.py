@@ -242,3 +242,13 @@ def test_skip_zeros():
 def test_bad_num_bins(num_bins):
     with pytest.raises(ValueError, match="num_bins"):
         HistogramCalibrator(num_bins=num_bins)
+
+
+def test_channel_count_change_is_value_and_runtime_error():
+    from qdq.calib import ShapeChangedError
+
+    cal = HistogramCalibrator(8, 0, False)
+    cal.collect(torch.rand(4, 10))
+    with pytest.raises(RuntimeError, match=r"shape changed: .*\(5, 1\), but \(4, 1\)") as info:
+        cal.collect(torch.rand(5, 10))
+    assert isinstance(info.value, ShapeChangedError) and isinstance(info.value, ValueError)

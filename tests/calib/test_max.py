@@ -77,3 +77,14 @@ def test_only_max_method():
     assert cal.compute_amax(method="max").item() == 1.0
     with pytest.raises(ValueError, match="histogram calibrator"):
         cal.compute_amax(method="entropy")
+
+
+def test_channel_count_change_is_value_and_runtime_error_naming_both_shapes():
+    from qdq.calib import ShapeChangedError
+
+    cal = MaxCalibrator(8, 0, False)
+    cal.collect(torch.rand(32, 63, 7, 7))
+    with pytest.raises(RuntimeError, match=r"shape changed: \(33, 1, 1, 1\).*\(32, 1, 1, 1\)") as info:
+        cal.collect(torch.rand(33, 63, 7, 7))
+    assert isinstance(info.value, ShapeChangedError) and isinstance(info.value, ValueError)
+    assert cal.num_batches == 1  # the refused tensor was not counted

@@ -286,3 +286,87 @@ def test_weight_cache_inference_mode_kept_apart():
     with torch.no_grad():
         b = q(w)
     assert a.is_inference() and not b.is_inference() and torch.equal(a, b)
+
+
+def test_descriptor_amax_loads_as_the_same_float32_values():
+    d = QuantDescriptor(amax=[3.142, 2.718])
+    q = TensorQuantizer(d)
+    np.testing.assert_array_equal(q.amax.numpy(), d.amax)
+    q.load_state_dict(q.state_dict())
+    np.testing.assert_array_equal(q.amax.numpy(), d.amax)
+
+
+@pytest.mark.parametrize("axis", [None, 1])
+def test_fp8_quantizer_equals_scaled_e4m3_with_its_get_amax(axis):
+    """pytorch_quantization's relation: quantizer(x) == scaled_e4m3(x, quantizer._get_amax(x)), bit for bit."""
+    from qdq.formats import fake_fp8_quant
+    from qdq.tensor_quant import reduce_amax, scaled_e4m3
+
+    torch.manual_seed(0)
+    q = TensorQuantizer(QuantDescriptor(num_bits=(4, 3), axis=axis))
+    x = torch.rand(3, 63, 7, 7)
+    with pytest.warns(UserWarning, match="dynamic quantization"):
+        out = q(x)
+    amax = q._get_amax(x)
+    assert torch.equal(amax, reduce_amax(x, axis, keepdims=True)) and amax.dtype == torch.float32
+    assert torch.equal(out, scaled_e4m3(x, amax, 4, 3))
+    assert torch.equal(out, fake_fp8_quant(x, amax))
+
+
+def test_get_amax_is_the_amax_forward_uses():
+    q = TensorQuantizer(QuantDescriptor(amax=2.0, scale_amax=0.5))
+    assert q._get_amax(torch.ones(3)).item() == 1.0
+    q.amax = 4.0
+    assert q._get_amax(torch.ones(3)).item() == 2.0
+    assert not q._get_amax(torch.ones(3)).requires_grad
+
+
+def test_unsupported_float_format_is_value_and_type_error():
+    from qdq.formats import UnsupportedFormatError
+
+    for pair in [(5, 2), (7, 3)]:
+        with pytest.raises(TypeError, match="only floating-point format is FP8 E4M3"):
+            QuantDescriptor(num_bits=pair)
+        with pytest.raises(ValueError, match=r"num_bits=\(%d, %d\)" % pair):
+            QuantDescriptor(num_bits=pair)
+    assert issubclass(UnsupportedFormatError, ValueError) and issubclass(UnsupportedFormatError, TypeError)
+
+
+def test_calibration_shape_change_through_the_quantizer_keeps_its_class():
+    from qdq.calib import ShapeChangedError
+
+    q = TensorQuantizer(QuantDescriptor(axis=0), if_calib=True, if_quant=False)
+    q.name = "conv1.weight_quantizer"
+    q(torch.ones(2, 3))
+    with pytest.raises(RuntimeError, match=r"'conv1.weight_quantizer'.*shape changed: \(4, 1\).*\(2, 1\)") as info:
+        q(torch.ones(4, 3))
+    assert isinstance(info.value, ShapeChangedError) and isinstance(info.value, ValueError)
+
+
+def test_learned_range_clip_view_reads_and_writes_amax():
+    q = TensorQuantizer(QuantDescriptor(amax=0.5, learn_amax=True), if_quant=False, if_clip=True)
+    assert hasattr(q, "clip") and not hasattr(TensorQuantizer(QuantDescriptor(amax=0.5)), "clip")
+    assert q.clip.clip_value_max is q.amax and q.clip.clip_value_min.item() == -0.5
+    x = torch.linspace(-1, 1, 21)
+    assert torch.equal(q(x).detach(), x.clamp(-0.5, 0.5)) and torch.equal(q.clip(x).detach(), x.clamp(-0.5, 0.5))
+    q.clip.clip_value_max.data.copy_(torch.tensor(0.25))  # pytorch_quantization's way of setting the range
+    assert q.amax.item() == 0.25 and q.clip.clip_value_min.item() == -0.25
+    (q.clip(x) * x).sum().backward()
+    assert q.amax.grad.item() == pytest.approx(float(x[x.abs() > 0.25].abs().sum()))
+
+
+@pytest.mark.parametrize("write", [lambda t: t.data.copy_(torch.tensor(1.0)), lambda t: t.copy_(torch.tensor(1.0)),
+                                   lambda t: t.fill_(0.0), lambda t: t.__setitem__((), 2.0)])
+def test_learned_range_min_cannot_be_written(write):
+    q = TensorQuantizer(QuantDescriptor(amax=0.5, learn_amax=True))
+    with pytest.raises(RuntimeError, match="symmetric"):
+        write(q.clip.clip_value_min)
+    assert q.amax.item() == 0.5
+
+
+def test_load_calib_amax_without_data_says_pytorch_quantizations_words():
+    q = TensorQuantizer(QuantDescriptor(axis=0))
+    q.enable_calib()
+    with pytest.raises(RuntimeError, match="Calibrator returned None.*collected no data|collected no data.*Calibrator "
+                                           "returned None"):
+        q.load_calib_amax()

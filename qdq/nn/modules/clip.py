@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -25,7 +26,8 @@ class Clip(nn.Module):
     Args:
         clip_value_min: lower bound.
         clip_value_max: upper bound.
-        learn_min: make the lower bound a trainable parameter (it must then be a scalar).
+        learn_min: make the lower bound a trainable parameter, initialized from ``clip_value_min``, which must then
+            be a number or a one-element numpy array (as in pytorch_quantization, a tensor is refused).
         learn_max: the same for the upper bound.
     """
 
@@ -38,12 +40,16 @@ class Clip(nn.Module):
     def _bound(value, learn: bool, what: str):
         if not learn:
             return value
-        if isinstance(value, torch.Tensor):
-            if value.numel() != 1:
-                raise ValueError(f"Clip: {what} must be a scalar to be learned, got shape {tuple(value.shape)}")
-            return nn.Parameter(value.detach().clone().float().reshape(()))
+        if isinstance(value, torch.Tensor):  # as pytorch_quantization: a learnable bound starts from a number
+            raise ValueError(f"Clip: {what} must be scalar for initializing a learnable range: a number or a "
+                             f"one-element numpy array, not a tensor (of shape {tuple(value.shape)}; pass float(t))")
+        if isinstance(value, np.ndarray) or isinstance(value, np.generic):
+            if value.size != 1:
+                raise ValueError(f"Clip: {what} must be scalar for initializing a learnable range, got an array of "
+                                 f"shape {value.shape}")
+            value = value.reshape(()).item()
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"Clip: {what} must be a scalar to be learned, got {value!r}")
+            raise ValueError(f"Clip: {what} must be scalar for initializing a learnable range, got {value!r}")
         return nn.Parameter(torch.tensor(float(value)))
 
     def forward(self, inputs):

@@ -44,7 +44,8 @@ import torch
 from torch import nn
 
 from qdq import calib, formats
-from qdq.calib.calibrator import NoDataCollectedError
+from qdq.calib.calibrator import NoDataCollectedError, ShapeChangedError
+from qdq.nn.modules.fp8_export import fp8_qdq
 from qdq.tensor_quant import (
     QuantDescriptor,
     affine_qparams,
@@ -285,8 +286,8 @@ class TensorQuantizer(nn.Module):
                 amin, amax = self._calibrator.compute_range()
         except NoDataCollectedError:
             msg = (
-                f"{self._label()}: its calibrator collected no data, so there is no amax to load "
-                "(did calibration data reach this layer?)"
+                f"{self._label()}: its calibrator collected no data (pytorch_quantization: 'Calibrator returned "
+                "None'), so there is no amax to load (did calibration data reach this layer?)"
             )
             if strict:
                 raise RuntimeError(msg) from None
@@ -320,6 +321,22 @@ class TensorQuantizer(nn.Module):
         if method is None:
             return args, {"method": search, **params, **kwargs}
         return args, {**params, **kwargs}
+
+    @property
+    def clip(self) -> "LearnedRange":
+        """pytorch_quantization's learned range, ``quantizer.clip``, present only while amax is learned.
+
+        ``clip.clip_value_max`` is the learned amax ``Parameter`` itself (reads, writes and gradients are amax's);
+        ``clip.clip_value_min`` is ``-amax`` (qdq's learned range is symmetric), a read-only tensor: writing it
+        raises. ``clip(x)`` clamps ``x`` to the range. Not a submodule: the checkpoint key stays ``_amax``.
+
+        >>> q = TensorQuantizer(QuantDescriptor(amax=0.5, learn_amax=True))
+        >>> q.clip.clip_value_min.item(), q.clip.clip_value_max is q.amax
+        (-0.5, True)
+        """
+        if not isinstance(self._amax, nn.Parameter):  # (hasattr(q, "clip") is False, as in pytorch_quantization)
+            raise AttributeError(f"{self._label()} has no learned range 'clip': its amax is not learned")
+        return LearnedRange(self._amax)
 
     def init_learn_amax(self) -> None:
         """Makes amax a trainable ``Parameter`` (its gradient comes from the fake-quant function)."""
@@ -414,6 +431,8 @@ class TensorQuantizer(nn.Module):
             if key is None or key != self._collected:
                 try:
                     self._calibrator.collect(formats.block_view(x, self._block_size) if self._block_size else x)
+                except ShapeChangedError as err:  # keeps its class: both ValueError and RuntimeError
+                    raise ShapeChangedError(f"{self._label()}: {err}") from None
                 except ValueError as err:  # negative data for an unsigned quantizer, an axis beyond x's dims
                     raise ValueError(f"{self._label()}: {err}") from None
                 self._collected = key
@@ -479,6 +498,18 @@ class TensorQuantizer(nn.Module):
             return amax if self._scale_amax is None else amax * self._scale_amax
         return amax
 
+    def _get_amax(self, inputs: torch.Tensor) -> torch.Tensor:
+        """pytorch_quantization's private ``_get_amax``: the float32 amax ``forward`` quantizes ``inputs`` with.
+
+        The calibrated (or given, or learned) amax, or, without one, the abs-max of ``inputs`` per kept channel (the
+        dynamic quantization ``forward`` warns about); times ``scale_amax`` when set; detached.
+
+        >>> q = TensorQuantizer(QuantDescriptor(amax=2.0, scale_amax=0.5))
+        >>> q._get_amax(torch.ones(3))
+        tensor(1.)
+        """
+        return self._amax_for(inputs).detach().float()
+
     def _clip(self, x: torch.Tensor) -> torch.Tensor:
         amax = self.effective_amax()
         if amax is None:
@@ -529,6 +560,8 @@ class TensorQuantizer(nn.Module):
         constants instead of tracing the arithmetic that made them.
         """
         scale, zero_point, axis, (qmin, qmax) = self._export_qparams
+        if self.__dict__.get("_export_fp8"):  # FP8 with its real scale: the FP8 Q/DQ pair (fp8_export)
+            return fp8_qdq(x, scale, axis)
         if self._narrow_range and not self._unsigned and self._symmetric:
             # ONNX's int8 saturates at -128: clamp at -127 * scale first (a Clip for activations, folded for weights)
             x = torch.maximum(x, (scale.reshape(self._export_shape) * qmin).to(x.dtype))
@@ -557,6 +590,7 @@ class TensorQuantizer(nn.Module):
         """
         if not on:
             self.__dict__.pop("_export_qparams", None)
+            self.__dict__.pop("_export_fp8", None)
             self._export_mode = False
             return
         zero_point = None
@@ -585,6 +619,7 @@ class TensorQuantizer(nn.Module):
         # for FP8 and 4-bit quantizers, whose Q/DQ qdq.onnx.export_formats writes afterwards
         qrange = self.quant_range if scale is None else ((0, 255) if self._unsigned else (-128, 127))
         self._export_qparams = (flat, zp, axis, qrange)
+        self.__dict__["_export_fp8"] = scale is None and formats.is_fp8(self._num_bits)
         self._export_mode = True
 
     # ----------------------------------------------------------------------------------------------------------
@@ -722,6 +757,40 @@ class TensorQuantizer(nn.Module):
             "state TorchScript does not type); export it with qdq.export_onnx, or use torch.jit.trace, torch.export "
             "or torch.compile"
         )
+
+
+class _ReadOnlyBound(torch.Tensor):
+    """``-amax`` as :attr:`TensorQuantizer.clip` gives it: any in-place write (also through ``.data``) raises."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if (name.endswith("_") and not name.endswith("__")) or name in ("__setitem__", "__set__", "__iadd__",
+                                                                        "__isub__", "__imul__", "__itruediv__"):
+            raise RuntimeError("clip.clip_value_min is -amax (the learned range is symmetric) and cannot be written; "
+                               "write clip.clip_value_max or amax instead")
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **(kwargs or {}))
+        if name == "__get__" and isinstance(out, torch.Tensor):  # .data of the bound: still read-only
+            return out.as_subclass(cls)
+        return out
+
+
+class LearnedRange:
+    """pytorch_quantization's ``Clip`` of a learned amax, as a view of qdq's learned amax (see
+    :attr:`TensorQuantizer.clip`)."""
+
+    def __init__(self, amax: nn.Parameter):
+        self.clip_value_max = amax
+        with torch.no_grad():
+            self.clip_value_min = (-amax.detach()).as_subclass(_ReadOnlyBound)
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        amax = self.clip_value_max.to(inputs.dtype)
+        return torch.clamp(inputs, min=-amax, max=amax)
+
+    def __repr__(self) -> str:
+        return f"LearnedRange(clip_value_max=amax {tuple(self.clip_value_max.shape)}, clip_value_min=-amax)"
 
 
 def _amax_tensor(value: Any, label: str, what: str = "amax") -> torch.Tensor:
