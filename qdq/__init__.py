@@ -65,7 +65,7 @@ _EXPORTS = {
     "fold_bn": "qdq.fold_batchnorm",
     "save_calib_table": "qdq.calib_table",
     "load_calib_table": "qdq.calib_table",
-    "write_tensorrt_cache": "qdq.calib_table",
+    "write_tensorrt_cache": "qdq.onnx.trt_cache",  # a model or {tensor: amax}
     "create_quant_config": "qdq.config",
     "quantize_model": "qdq.config",
     "calibrate_from_config": "qdq.config",

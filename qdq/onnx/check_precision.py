@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from typing import TYPE_CHECKING, Iterator
@@ -32,7 +33,7 @@ from onnx import TensorProto
 if TYPE_CHECKING:
     from qdq.onnx.check import Finding, _Index
 
-__all__ = ["check_float32_remainder", "float32_nodes"]
+__all__ = ["check_float32_remainder", "float32_nodes", "strongly_typed_scale_dtype"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,3 +72,13 @@ def check_float32_remainder(ix: "_Index") -> Iterator["Finding"]:
                   f"{len(nodes)} nodes compute in float32 ({ops}; e.g. {examples}); TensorRT 11 builds a strongly "
                   "typed network in the file's types, so they run in FP32, not FP16: export with "
                   "export_onnx(..., float_dtype=torch.float16)", tuple(n.name for n in nodes))
+
+
+def strongly_typed_scale_dtype(finding: "Finding") -> "Finding":
+    """A ``scale-dtype`` warning about float16/bfloat16 scales as info: in a strongly typed build such scales are
+    what makes a DequantizeLinear output float16 (any other finding is returned as it is)."""
+    if finding.rule != "scale-dtype" or finding.severity != "warning":
+        return finding
+    message = finding.message.replace("TensorRT 10 takes it, older versions need float32 scales",
+                                      "the strongly typed form (TensorRT 10 and 11 take it)")
+    return dataclasses.replace(finding, severity="info", message=message)
