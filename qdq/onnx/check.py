@@ -43,8 +43,8 @@ rule                        severity  what it checks - why TensorRT cares
                                       convolution) an error: TensorRT runs int4 weight-only on MatMul/Gemm only.
 ``zero-point-nonzero``      error     Zero points are all zero - TensorRT supports symmetric quantization only.
 ``scale-dtype``             warning,  Scales are float32; float16 or bfloat16 is a warning (TensorRT 10 takes them,
-                            error     older versions need float32; info with ``strongly_typed=True``, where float16
-                                      scales are what types a DQ's output float16), any other type an error.
+                            error     older versions need float32; not reported with ``strongly_typed=True``, where
+                                      float16 scales make a DQ's output float16), any other type an error.
 ``scale-value``             error     Scales are finite and > 0 - TensorRT rejects zero, negative and non-finite scales -
                                       and at least 1 / FLT_MAX (about 2.9e-39), whose reciprocal is finite in float32.
 ``per-channel-activation``  error     A Q/DQ of an activation (not constant data) has one scale - TensorRT quantizes
@@ -1116,7 +1116,7 @@ def check_tensorrt(model: PathOrModel, strongly_typed: bool = False) -> list[Fin
     if strongly_typed:
         from qdq.onnx.check_precision import check_float32_remainder, strongly_typed_scale_dtype
 
-        findings = [strongly_typed_scale_dtype(f) for f in findings] + list(check_float32_remainder(ix))
+        findings = [f for f in findings if strongly_typed_scale_dtype(f)] + list(check_float32_remainder(ix))
     rule_order = {rule: i for i, rule in enumerate(RULES)}
     findings.sort(key=lambda f: (SEVERITIES.index(f.severity), rule_order[f.rule]))
     counts = Counter(f.severity for f in findings)

@@ -22,7 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections import Counter
 from typing import TYPE_CHECKING, Iterator
@@ -74,11 +73,7 @@ def check_float32_remainder(ix: "_Index") -> Iterator["Finding"]:
                   "export_onnx(..., float_dtype=torch.float16)", tuple(n.name for n in nodes))
 
 
-def strongly_typed_scale_dtype(finding: "Finding") -> "Finding":
-    """A ``scale-dtype`` warning about float16/bfloat16 scales as info: in a strongly typed build such scales are
-    what makes a DequantizeLinear output float16 (any other finding is returned as it is)."""
-    if finding.rule != "scale-dtype" or finding.severity != "warning":
-        return finding
-    message = finding.message.replace("TensorRT 10 takes it, older versions need float32 scales",
-                                      "the strongly typed form (TensorRT 10 and 11 take it)")
-    return dataclasses.replace(finding, severity="info", message=message)
+def strongly_typed_scale_dtype(finding: "Finding") -> bool:
+    """Whether a finding stands in a strongly typed build: a ``scale-dtype`` warning about float16/bfloat16 scales
+    does not (such scales are what makes a DequantizeLinear output float16 there); every other finding does."""
+    return not (finding.rule == "scale-dtype" and finding.severity == "warning")

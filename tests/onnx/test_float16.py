@@ -70,6 +70,7 @@ def test_the_file_is_float16_inside_float32_at_the_edges(tmp_path, deploy):
     assert _float_tensors(proto) == set()  # float32 only at the graph input and output
     findings = check_tensorrt(proto, strongly_typed=True)
     assert [f for f in findings if f.severity != "info"] == []
+    assert {f.rule for f in check_tensorrt(proto)} == {"scale-dtype"}  # float16 scales: older TensorRT needs float32
     report = qdq.verify(model, proto, x)
     assert report.ok and report.float16 and report.rounding.max_step_difference <= 1, str(report)
 
@@ -82,6 +83,17 @@ def _weight_values(proto, x):
     del probe.graph.output[:]
     probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
     return run_onnxruntime(probe, x)
+
+
+def test_dynamo_exporter(tmp_path):
+    model = _small()
+    round_scales_to_float16(model)
+    x = torch.randn(1, 3, 12, 12)
+    info = export_onnx(model, x, tmp_path / "m.onnx", float_dtype=torch.float16, dynamo=True)
+    assert info.opset == 19 and _float_tensors(info.model) == set()
+    assert check_tensorrt(info.model, strongly_typed=True) == []
+    report = qdq.verify(model, info.path, x)
+    assert report.ok and report.rounding.max_step_difference <= 1, str(report)
 
 
 def test_weights_quantize_to_the_model_integers_in_both_forms(tmp_path):
