@@ -38,13 +38,24 @@ def test_inexact_scales_are_an_error_naming_the_quantizer(tmp_path):
     assert scale_problems(model) == [] and 0 < max(changes.values()) < 2.0**-11 * 1.01
 
 
-def test_a_scale_below_float16s_normal_range_is_an_error(tmp_path):
+def test_small_scales_are_float16_subnormals_and_zero_is_an_error(tmp_path):
     model = _small()
-    model[3].input_quantizer.amax = 1e-4  # scale 7.9e-7: subnormal in float16
-    with pytest.raises(ValueError, match=r"3\._input_quantizer: scales from 7.87e-07"):
-        round_scales_to_float16(model)
-    with pytest.raises(ExportError, match=r"3\._input_quantizer: has a scale 7.87402e-07 below float16's smallest"):
+    model[3].input_quantizer.amax = 1e-4  # scale 7.9e-7: a float16 subnormal after rounding
+    model[7].input_quantizer.amax = 1e-6  # scale 7.9e-9: zero in float16
+    with pytest.raises(ExportError, match=r"7\._input_quantizer: has a scale 7.87402e-09 that underflows to zero"):
         export_onnx(model, torch.randn(1, 3, 12, 12), tmp_path / "m.onnx", float_dtype=torch.float16)
+    round_scales_to_float16(model)
+    assert float(model[7].input_quantizer.scale) == 2.0**-24
+    assert float(model[3].input_quantizer.scale) == 13 * 2.0**-24  # the nearest subnormal of 7.874e-7
+    info = export_onnx(model, torch.randn(1, 3, 12, 12), tmp_path / "m.onnx", float_dtype=torch.float16)
+    assert check_tensorrt(info.model, strongly_typed=True) == []
+
+
+def test_a_scale_above_float16s_range_is_an_error():
+    model = _small()
+    model[3].input_quantizer.amax = 1e7  # scale 78740
+    with pytest.raises(ValueError, match=r"3\._input_quantizer: scales up to 7.87e\+04 are above float16's largest"):
+        round_scales_to_float16(model)
 
 
 def test_float_dtype_other_than_float16_is_refused(tmp_path):
