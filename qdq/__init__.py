@@ -85,6 +85,7 @@ _EXPORTS = {
     "deactivate": "qdq.quant_modules",
     "enable_onnx_export": "qdq.quant_modules",
     "place_quantizers": "qdq.onnx",
+    "round_scales_to_float16": "qdq.onnx.float16",
 }
 
 __all__ = ["__version__", *_EXPORTS]
