@@ -146,8 +146,8 @@ def round_scales_to_float16(model: nn.Module) -> dict[str, float]:
     """Moves each enabled quantizer's amax so that its scale ``amax / 127`` is the nearest float16 value.
 
     Run it after calibration and before a float16 export (and before QAT fine-tuning, so that training sees the
-    final scales). The change of each scale is below ``2**-11`` relative. Returns ``{quantizer: largest relative
-    change of its amax}``.
+    final scales). The change of each scale is below ``2**-11`` relative (normal float16 values). Returns
+    ``{quantizer: largest relative change of its amax}`` (channels of amax 0 left out).
 
     Scales below ``2**-14`` become float16 subnormals, exact but with fewer significant bits (an amax below about
     ``127 * 2**-14 = 0.0078``: small weight channels are common, 130 of the 22,008 channels of the pretrained
@@ -195,7 +195,8 @@ def round_scales_to_float16(model: nn.Module) -> dict[str, float]:
         if _fp16_problem(q.scale.detach().float().cpu().numpy()) is not None:
             raise ValueError(f"{name}: its scale is not a float16 value after rounding its amax (scale_amax "
                              f"{q.scale_amax!r}); set its amax to 127 times a float16 value by hand")
-        changes[name] = float(((target - amax).abs() / amax.clamp(min=1e-30)).max())
+        live = amax > 0  # a dead channel (amax 0) gets the smallest step: no relative change to report
+        changes[name] = float(((target - amax).abs()[live] / amax[live]).max()) if bool(live.any()) else 0.0
     logger.info("float16 scales: %d quantizers rounded, largest relative amax change %.3g", len(changes),
                 max(changes.values(), default=0.0))
     return changes
