@@ -19,9 +19,9 @@ Two comparisons:
 the float32 PyTorch model the same way: every QuantizeLinear against qdq's quantization of the float16 tensor ONNX
 Runtime fed it (its scale is the quantizer's own, exactly), within one step; the outputs (float32, after the file's
 last Cast) within ``output_tolerance_steps`` output steps plus :data:`FLOAT16_OUTPUT_RTOL` of ``max|reference|``,
-for the float16 rounding of the remainder (about ``2**-11`` relative per op, a few one-step flips more). Measured:
-torchvision resnet18 with random weights, 4.75 output steps in float16 against 3.24 in float32, 1 of 2.0 million
-QuantizeLinear values one step apart.
+for the float16 rounding of the remainder (about ``2**-11`` relative per op, a few one-step flips more). Measured
+(8 images): EfficientNet-Lite0 with its trained weights, 3.68 output steps in float16 against 2.61 in float32, 0 of
+55 million QuantizeLinear values one step apart; torchvision resnet18 with random weights, 4.75 against 3.24.
 
 By default ONNX Runtime runs with graph optimizations off, i.e. the ONNX semantics of the file as written;
 ``optimized=True`` lets it fuse Q/DQ into integer kernels, as a deployment would.
