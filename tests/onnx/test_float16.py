@@ -220,3 +220,25 @@ def test_silu_and_squeeze_excitation_float16_in_onnxruntime(tmp_path):
     ops = {n.op_type for n in f16.model.graph.node}
     assert {"Sigmoid", "Mul", "GlobalAveragePool"} <= ops or {"Sigmoid", "Mul", "ReduceMean"} <= ops
     _check_case(model, f32, f16, (1, 3, 96, 96), tolerance_steps=64.0)
+
+
+def test_fusion_predictor_rates_the_float_remainder_fp16(tmp_path):
+    model = _small()
+    model[7].input_quantizer.disable()  # the classifier stays float
+    model[7].weight_quantizer.disable()
+    round_scales_to_float16(model)
+    x = torch.randn(1, 3, 12, 12)
+    f32 = export_onnx(model, x, tmp_path / "m32.onnx")
+    f16 = export_onnx(model, x, tmp_path / "m16.onnx", float_dtype=torch.float16)
+    p32 = {layer.op: layer.precision for layer in predict_fusion(f32.model).layers}
+    p16 = {layer.op: layer.precision for layer in predict_fusion(f16.model).layers}
+    assert p32["Gemm"] == "FP32" and p32["Conv"] == "INT8"
+    assert p16["Gemm"] == "FP16" and p16["Conv"] == "INT8"
+
+
+def test_check_module_command_line(tmp_path, capsys):
+    from qdq.onnx.check import main
+
+    export_onnx(_small(), torch.randn(1, 3, 12, 12), tmp_path / "m.onnx")
+    assert main([str(tmp_path / "m.onnx"), "--strongly-typed", "-q"]) == 0
+    assert "float32-remainder" in capsys.readouterr().out
