@@ -19,7 +19,7 @@ TensorRT 11 builds every Q/DQ network strongly typed: each layer runs in the typ
 * **float32 graph inputs and outputs**, with a Cast to float16 after each input and a Cast to float32 before each
   output: callers keep feeding and reading float32 (as for the float32 file), and the Casts are two cheap layers at
   the engine's edges.
-* **Ops kept in float32**: a few ops with no float16 form in ONNX Runtime or TensorRT (:data:`FLOAT32_OPS`) keep
+* **Ops kept in float32**: a few ops with no float16 form in ONNX or ONNX Runtime (:data:`FLOAT32_OPS`) keep
   float32 with Casts around them, and inputs that ONNX types float32 only (Resize's ``scales``) stay float32. Both
   are reported by the checker's ``float32-remainder`` rule with ``strongly_typed=True``.
 
@@ -60,10 +60,13 @@ logger = logging.getLogger(__name__)
 
 #: The lowest opset whose QuantizeLinear/DequantizeLinear take float16 scales (and so float16 data).
 FLOAT16_MIN_OPSET = 19
-#: Ops kept in float32 (Casts around them): no float16 kernel in ONNX Runtime's CPU provider or in TensorRT.
-FLOAT32_OPS = frozenset({"Upsample", "NonMaxSuppression", "Celu", "RoiAlign"})
+#: Ops kept in float32 (Casts around them): ONNX types Celu and NonMaxSuppression float32 only. Measured with
+#: onnxruntime 1.31: its CPU provider runs Conv, ConvTranspose, Gemm, MatMul, Einsum, the poolings, Resize, Upsample,
+#: RoiAlign, BatchNormalization, LayerNormalization, InstanceNormalization, Softmax, Gelu, Erf and the elementwise
+#: ops in float16.
+FLOAT32_OPS = frozenset({"NonMaxSuppression", "Celu"})
 #: Inputs that ONNX types float32 only, whatever the op's data type: ``{op: slots}``.
-FLOAT32_SLOTS = {"Resize": (2,), "Upsample": (1,)}
+FLOAT32_SLOTS = {"Resize": (2,), "Upsample": (1,)}  # the scales
 
 _FP16_MIN_NORMAL = float(np.finfo(np.float16).tiny)  # 2**-14
 _FP16_MIN_SUBNORMAL = 2.0**-24

@@ -242,3 +242,21 @@ def test_check_module_command_line(tmp_path, capsys):
     export_onnx(_small(), torch.randn(1, 3, 12, 12), tmp_path / "m.onnx")
     assert main([str(tmp_path / "m.onnx"), "--strongly-typed", "-q"]) == 0
     assert "float32-remainder" in capsys.readouterr().out
+
+
+def test_an_op_without_float16_form_stays_float32_between_casts(tmp_path):
+    """ONNX types Celu float32 only: it keeps float32 with Casts around it, and the checker says so."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.CELU(), torch.nn.Conv2d(4, 4, 1)).eval()
+    qdq.replace_to_quantization_module(model)
+    qdq.calibrate_model(model, [torch.randn(2, 3, 8, 8)], progress=False)
+    round_scales_to_float16(model)
+    x = torch.randn(2, 3, 8, 8)
+    info = export_onnx(model, x[:1], tmp_path / "m.onnx", float_dtype=torch.float16, dynamic_batch=True)
+    ops = [n.op_type for n in info.model.graph.node]
+    i = ops.index("Celu")
+    assert ops[i - 1] == "Cast" and ops[i + 1] == "Cast"
+    found = [f for f in check_tensorrt(info.model, strongly_typed=True) if f.rule == "float32-remainder"]
+    assert len(found) == 1 and "1 Celu" in found[0].message
+    report = qdq.verify(model, info.path, x)
+    assert report.ok, str(report)
