@@ -65,7 +65,7 @@ _EXPORTS = {
     "fold_bn": "qdq.fold_batchnorm",
     "save_calib_table": "qdq.calib_table",
     "load_calib_table": "qdq.calib_table",
-    "write_tensorrt_cache": "qdq.calib_table",
+    "write_tensorrt_cache": "qdq.onnx.trt_cache",  # a model or {tensor: amax}
     "create_quant_config": "qdq.config",
     "load_quant_config": "qdq.config",
     "save_quant_config": "qdq.config",
@@ -88,6 +88,7 @@ _EXPORTS = {
     "deactivate": "qdq.quant_modules",
     "enable_onnx_export": "qdq.quant_modules",
     "place_quantizers": "qdq.onnx",
+    "round_scales_to_float16": "qdq.onnx.float16",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -3,6 +3,7 @@
     qdq demo [--out DIR]                     the whole journey on bundled data, in about 20 s on two CPU cores
     qdq check model.onnx [--quiet]           TensorRT rule check of a QDQ ONNX file (exit 1 on errors)
     qdq check model.onnx --fusion | --json   ... with the TensorRT fusion prediction (per-layer precision)
+    qdq check model.onnx --strongly-typed    ... warning about a float32 remainder (TensorRT 11 builds)
     qdq ptq --model NAME --data DIR --out model.onnx [--weights FILE] [--method mse] [--num-batches 8]
             [--format int8|fp8|int4] [--block-size 64]
                                              post-training quantization of a classifier to a QDQ ONNX file
@@ -103,6 +104,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--fusion", action="store_true", help="also print the TensorRT fusion prediction per layer "
                        "(precision, FLOPs, precision transitions)")
     check.add_argument("--json", action="store_true", help="print findings and the fusion prediction as JSON")
+    check.add_argument("--strongly-typed", action="store_true", help="the engine is built strongly typed (TensorRT "
+                       "11): warn about layers the file computes in float32 (export with float_dtype=torch.float16)")
 
     ptq = sub.add_parser(
         "ptq", help="post-training quantization of a classifier to a QDQ ONNX file",
@@ -154,7 +157,7 @@ def _cmd_check(args) -> int:
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     try:
-        findings = check_tensorrt(path)
+        findings = check_tensorrt(path, strongly_typed=getattr(args, "strongly_typed", False))
     except (ModelReadError, OSError) as err:
         raise UserError(str(err)) from None
     if getattr(args, "json", False) or getattr(args, "fusion", False):

@@ -42,6 +42,7 @@ __all__ = [
     "format_fusion",
     "write_model_tensorrt_cache",
     "qdq_to_float_and_cache",
+    "write_tensorrt_cache",
 ]
 
 _LAZY = {
@@ -58,6 +59,7 @@ _LAZY = {
     "format_fusion": "qdq.onnx.fusion",
     "write_model_tensorrt_cache": "qdq.onnx.trt_cache",
     "qdq_to_float_and_cache": "qdq.onnx.trt_cache",
+    "write_tensorrt_cache": "qdq.onnx.trt_cache",
 }
 
 

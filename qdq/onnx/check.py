@@ -43,7 +43,8 @@ rule                        severity  what it checks - why TensorRT cares
                                       convolution) an error: TensorRT runs int4 weight-only on MatMul/Gemm only.
 ``zero-point-nonzero``      error     Zero points are all zero - TensorRT supports symmetric quantization only.
 ``scale-dtype``             warning,  Scales are float32; float16 or bfloat16 is a warning (TensorRT 10 takes them,
-                            error     older versions need float32), any other type an error.
+                            error     older versions need float32; not reported with ``strongly_typed=True``, where
+                                      float16 scales make a DQ's output float16), any other type an error.
 ``scale-value``             error     Scales are finite and > 0 - TensorRT rejects zero, negative and non-finite scales -
                                       and at least 1 / FLT_MAX (about 2.9e-39), whose reciprocal is finite in float32.
 ``per-channel-activation``  error     A Q/DQ of an activation (not constant data) has one scale - TensorRT quantizes
@@ -78,6 +79,9 @@ rule                        severity  what it checks - why TensorRT cares
                                       Conv only in that form.
 ``add-float``               warning   A residual Add with neither input from a DQ in a quantized model - it runs in
                                       float, and TensorRT converts its inputs and output around it.
+``float32-remainder``       warning   With ``strongly_typed=True`` only: nodes computing in float32 (DQ with float32
+                                      scales, float layers) - TensorRT 11 builds them in FP32, not FP16
+                                      (:mod:`qdq.onnx.check_precision`; fix: ``float_dtype=torch.float16``).
 ``attention-pair``          warning   BMM1 and BMM2 of an attention (MatMul -> Softmax -> MatMul) both quantized or
                                       both float - TensorRT's fused attention runs in INT8 only with both quantized.
 ``attention-mask``          warning   No Q/DQ on the attention scores or the mask before the Softmax - the fused
@@ -180,6 +184,7 @@ RULES = (
     "add-scale-mismatch",
     "add-one-side",
     "add-float",
+    "float32-remainder",  # strongly typed builds only: qdq/onnx/check_precision.py
     "attention-pair",  # the attention rules live in qdq/onnx/check_attention.py
     "attention-mask",
     "attention-shape",
@@ -1064,12 +1069,14 @@ def _load(model: PathOrModel) -> tuple[onnx.ModelProto, str]:
     return read_onnx(model), str(Path(model).parent)
 
 
-def check_tensorrt(model: PathOrModel) -> list[Finding]:
+def check_tensorrt(model: PathOrModel, strongly_typed: bool = False) -> list[Finding]:
     """Checks a QDQ ONNX model against TensorRT's explicit-quantization rules (see the module's table).
 
     Args:
         model: a path (``str`` or ``os.PathLike``) or an ``onnx.ModelProto``. External data is read, when a rule
             needs a value, from the model file's folder.
+        strongly_typed: the engine is built strongly typed (TensorRT 11): also report a float32 remainder
+            (``float32-remainder``).
 
     Returns:
         The findings: errors, then warnings, then info; within a severity in the order of :data:`RULES`, and within
@@ -1089,6 +1096,10 @@ def check_tensorrt(model: PathOrModel) -> list[Finding]:
     proto, base_dir = _load(model)
     ix = _Index(proto, base_dir)
     findings = [finding for check in _CHECKS for finding in check(ix)]
+    if strongly_typed:
+        from qdq.onnx.check_precision import check_float32_remainder, strongly_typed_scale_dtype
+
+        findings = [f for f in findings if strongly_typed_scale_dtype(f)] + list(check_float32_remainder(ix))
     rule_order = {rule: i for i, rule in enumerate(RULES)}
     findings.sort(key=lambda f: (SEVERITIES.index(f.severity), rule_order[f.rule]))
     counts = Counter(f.severity for f in findings)
@@ -1135,12 +1146,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("model", help="path of the .onnx file")
     parser.add_argument("-q", "--quiet", action="store_true", help="list errors and warnings only (info hidden)")
+    parser.add_argument("--strongly-typed", action="store_true",
+                        help="the engine is built strongly typed (TensorRT 11): warn about a float32 remainder")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help or a usage error: argparse has printed what to say
         return exc.code if isinstance(exc.code, int) else 2
     try:
-        findings = check_tensorrt(args.model)
+        findings = check_tensorrt(args.model, strongly_typed=args.strongly_typed)
     except (OSError, ModelReadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

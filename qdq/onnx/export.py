@@ -306,6 +306,7 @@ def export_onnx(
     deploy: bool = False,
     simplify: bool = False,
     quantize: bool = True,
+    float_dtype: torch.dtype | None = None,
     **kwargs: Any,
 ) -> ExportInfo:
     """Exports ``model`` to a QDQ ONNX file (see the module docstring).
@@ -322,6 +323,9 @@ def export_onnx(
         deploy: store weights as int8 initializers feeding DequantizeLinear.
         simplify: fold constants (keeping every Q/DQ) and drop dead nodes.
         quantize: ``False`` exports the float model (all quantizers off), e.g. as the fp32 baseline.
+        float_dtype: ``torch.float16`` writes the unquantized remainder in float16 with float16 Q/DQ scales (opset
+            >= 19), for TensorRT 11's strongly typed builds (:mod:`qdq.onnx.float16`: every scale must be an exact
+            float16 value, see ``round_scales_to_float16``); ``None`` or ``torch.float32``: float32.
         kwargs: passed to ``torch.onnx.export``.
     """
     if isinstance(opset, bool) or not isinstance(opset, int):
@@ -332,8 +336,16 @@ def export_onnx(
     if path.is_dir():
         raise IsADirectoryError(f"export_onnx: {path} is a folder; give the path of the .onnx file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
+    half = _float16_requested(float_dtype)
     if quantize:
         check_exportable(model)
+        if half:
+            from qdq.onnx.float16 import scale_problems
+
+            problems = scale_problems(model)
+            if problems:
+                raise ExportError("cannot export with float16 scales (call qdq.onnx.float16.round_scales_to_float16("
+                                  "model) after calibration, or export in float32):\n  " + "\n  ".join(problems))
     if isinstance(args, torch.Tensor):
         args = (args,)
     exporter = "dynamo" if dynamo else "torchscript"
@@ -342,6 +354,9 @@ def export_onnx(
     if needed > opset:
         logger.info("FP8/INT4 Q/DQ need opset %d: exporting with opset %d instead of %d", needed, needed, opset)
         opset = needed
+    if half and opset < 19:
+        logger.info("float16 Q/DQ scales need opset 19: exporting with opset 19 instead of %d", opset)
+        opset = 19
     # the TorchScript exporter writes opset <= 20; opset 21 (int4 Q/DQ) only adds types to the ops it changes
     traced_opset = opset if dynamo else min(opset, 20)
     with export_mode(model, quantize=quantize, tags=tags), torch.no_grad(), _no_fused_attention():
@@ -360,6 +375,13 @@ def export_onnx(
         export_formats.rewrite_formats(onnx_model, specs, deploy=deploy)
     if deploy:
         onnx_model = to_deploy_form(onnx_model)
+    if half:
+        from qdq.onnx.float16 import convert_to_float16
+
+        try:
+            convert_to_float16(onnx_model)
+        except ValueError as err:
+            raise ExportError(f"float16 conversion of {path}: {err}") from err
     onnx.save(onnx_model, str(path))
     onnx.checker.check_model(onnx_model)
     pairs = sum(1 for n in onnx_model.graph.node if n.op_type == "DequantizeLinear")
@@ -369,6 +391,14 @@ def export_onnx(
     logger.info("exported %s with the %s exporter: opset %d, %d Q/DQ pairs%s", path, exporter, opset_used, pairs,
                 " (deploy form)" if deploy else "")
     return info
+
+
+def _float16_requested(float_dtype: Any) -> bool:
+    if float_dtype is None or float_dtype == torch.float32:
+        return False
+    if float_dtype == torch.float16:
+        return True
+    raise ValueError(f"export_onnx: float_dtype must be torch.float16, torch.float32 or None, got {float_dtype!r}")
 
 
 def _format_tags(model: nn.Module) -> tuple[dict[int, float], dict[float, "export_formats.FormatSpec"]]:

@@ -15,6 +15,14 @@ Two comparisons:
   placement measured 4.7 output steps with 4 of 6.9 million QuantizeLinear values one step apart; random-weight
   networks amplify more). The rounding comparison is the exact one.
 
+**Float16 files** (``export_onnx(..., float_dtype=torch.float16)``, :mod:`qdq.onnx.float16`) are compared with
+the float32 PyTorch model the same way: every QuantizeLinear against qdq's quantization of the float16 tensor ONNX
+Runtime fed it (its scale is the quantizer's own, exactly), within one step; the outputs (float32, after the file's
+last Cast) within ``output_tolerance_steps`` output steps plus :data:`FLOAT16_OUTPUT_RTOL` of ``max|reference|``,
+for the float16 rounding of the remainder (about ``2**-11`` relative per op, a few one-step flips more). Measured
+(8 images): EfficientNet-Lite0 with its trained weights, 3.68 output steps in float16 against 2.61 in float32, 0 of
+55 million QuantizeLinear values one step apart; torchvision resnet18 with random weights, 4.75 against 3.24.
+
 By default ONNX Runtime runs with graph optimizations off, i.e. the ONNX semantics of the file as written;
 ``optimized=True`` lets it fuse Q/DQ into integer kernels, as a deployment would.
 
@@ -47,10 +55,13 @@ from torch import nn
 
 from qdq.switches import preserved_modes
 
-__all__ = ["verify", "VerifyReport", "OutputParity", "RoundingParity", "run_onnxruntime", "DEFAULT_OUTPUT_TOLERANCE_STEPS"]
+__all__ = ["verify", "VerifyReport", "OutputParity", "RoundingParity", "run_onnxruntime", "DEFAULT_OUTPUT_TOLERANCE_STEPS",
+           "FLOAT16_OUTPUT_RTOL"]
 
 #: How many output quantization steps ONNX Runtime's outputs may differ from PyTorch's (see the module docstring).
 DEFAULT_OUTPUT_TOLERANCE_STEPS = 8.0
+#: The extra output tolerance of a float16 file, relative to the output's largest magnitude (see the module docstring).
+FLOAT16_OUTPUT_RTOL = 2.0**-8
 
 
 @dataclass
@@ -61,6 +72,7 @@ class OutputParity:
     max_error_steps: float
     num_elements: int
     num_beyond_one_step: int
+    allowed_steps: float | None = None  # this output's tolerance in steps when it differs from the report's
 
 
 @dataclass
@@ -78,19 +90,22 @@ class VerifyReport:
     outputs: list[OutputParity] = field(default_factory=list)
     rounding: RoundingParity = field(default_factory=RoundingParity)
     output_tolerance_steps: float = DEFAULT_OUTPUT_TOLERANCE_STEPS
+    float16: bool = False  # the file computes its float remainder in float16
 
     @property
     def ok(self) -> bool:
         """Every QuantizeLinear within one step of qdq's arithmetic, every output element within the tolerance."""
         return self.rounding.max_step_difference <= 1 and all(
-            o.max_error_steps <= self.output_tolerance_steps * (1 + 1e-6) for o in self.outputs
+            o.max_error_steps <= (o.allowed_steps if o.allowed_steps is not None else self.output_tolerance_steps)
+            * (1 + 1e-6) for o in self.outputs
         )
 
     def __str__(self) -> str:
         r = self.rounding
         lines = [
             f"{'OK' if self.ok else 'MISMATCH'}: ONNX Runtime against PyTorch, tolerance "
-            f"{self.output_tolerance_steps:g} output step(s) and 1 QuantizeLinear step",
+            f"{self.output_tolerance_steps:g} output step(s) and 1 QuantizeLinear step"
+            + (f" (float16 file: outputs also {FLOAT16_OUTPUT_RTOL:g} of max |output|)" if self.float16 else ""),
             f"rounding: {r.num_quantizers} QuantizeLinear, {r.num_differing} of {r.num_elements} values one step "
             f"apart (ties), largest difference {r.max_step_difference} step(s)"
         ]
@@ -242,6 +257,11 @@ def _fp8_step_difference(x: np.ndarray, q_ort: np.ndarray, scale: np.ndarray, no
     return np.abs(_fp8_ordinal(ref) - _fp8_ordinal(ort_bits))
 
 
+def _is_float16(model: onnx.ModelProto) -> bool:
+    """Whether the file computes in float16: a float16 Q/DQ scale or initializer."""
+    return any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
+
+
 def verify(
     model: nn.Module,
     path_or_model: str | os.PathLike | onnx.ModelProto,
@@ -268,7 +288,9 @@ def verify(
         raise ValueError(f"ONNX Runtime gave {len(got)} outputs, PyTorch {len(reference)}")
     steps = _output_steps(onnx_model)
     names = list(output_names) if output_names else [o.name for o in onnx_model.graph.output]
-    report = VerifyReport(rounding=_rounding_parity(onnx_model, args), output_tolerance_steps=output_tolerance_steps)
+    half = _is_float16(onnx_model)
+    report = VerifyReport(rounding=_rounding_parity(onnx_model, args), output_tolerance_steps=output_tolerance_steps,
+                          float16=half)
     for name, ref, out in zip(names, reference, got):
         if ref.shape != out.shape:
             raise ValueError(f"output {name}: ONNX Runtime shape {out.shape} differs from PyTorch {ref.shape}")
@@ -282,5 +304,7 @@ def verify(
             max_error_steps=max_err / step,
             num_elements=int(err.size),
             num_beyond_one_step=int((err > step * (1 + 1e-6)).sum()),
+            allowed_steps=(output_tolerance_steps + FLOAT16_OUTPUT_RTOL * float(np.abs(ref).max(initial=0.0)) / step)
+            if half else None,
         ))
     return report

@@ -7,6 +7,9 @@ Two ways to get one:
   float, both with the TorchScript exporter), reads each activation QuantizeLinear of the QDQ file (the tensor it
   quantizes and its scale) and writes the cache under the tensor names of the float file that
   ``export_onnx(..., quantize=False)`` writes for the same inputs, which it also writes when ``float_path`` is given;
+* :func:`write_tensorrt_cache` (``qdq.write_tensorrt_cache``) takes either: a model as first argument
+  (``write_tensorrt_cache(model, path, example_inputs)``) goes to :func:`write_model_tensorrt_cache`; a mapping
+  ``{tensor name: amax}`` (``write_tensorrt_cache(amax, path)``) goes to :func:`qdq.calib_table.write_tensorrt_cache`;
 * :func:`qdq_to_float_and_cache` (a QDQ file): removes every Q/DQ pair (weights keep their fake-quantized values, so
   the engine computes with the weights the QDQ model had) and returns the float model and ``{tensor: amax}``, what
   NVIDIA's qdq_translator does for DLA.
@@ -41,10 +44,15 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from qdq.calib_table import TENSORRT_HEADER, write_tensorrt_cache
+from collections.abc import Mapping
+
+from torch import nn
+
+from qdq.calib_table import TENSORRT_HEADER
+from qdq.calib_table import write_tensorrt_cache as write_cache_from_amax
 from qdq.onnx.export import _constant_values, export_onnx
 
-__all__ = ["qdq_to_float_and_cache", "write_model_tensorrt_cache"]
+__all__ = ["qdq_to_float_and_cache", "write_model_tensorrt_cache", "write_tensorrt_cache"]
 
 
 def _dequantized_weight(w: np.ndarray, scale: np.ndarray, axis: int, quantized: bool) -> np.ndarray:
@@ -148,5 +156,45 @@ def write_model_tensorrt_cache(model: Any, path: str | os.PathLike, example_inpu
     if unknown:
         raise ValueError(f"quantized tensors without a name in the float export: {', '.join(unknown[:10])} "
                          "(write the cache from the QDQ file with qdq_to_float_and_cache instead)")
-    write_tensorrt_cache(cache, path, header=header)
+    write_cache_from_amax(cache, path, header=header)
     return cache
+
+
+def write_tensorrt_cache(source: Any, path: str | os.PathLike, example_inputs: Any = None, *,
+                         header: str = TENSORRT_HEADER, **kwargs: Any) -> dict[str, float] | None:
+    """Writes a TensorRT calibration cache from a calibrated model or from ``{tensor name: amax}``.
+
+    * ``write_tensorrt_cache(model, path, example_inputs, float_path=None, **export_kwargs)``: an ``nn.Module``
+      goes to :func:`write_model_tensorrt_cache` (the cache under the tensor names of the float ONNX that
+      ``export_onnx(model, example_inputs, ..., quantize=False)`` writes); returns ``{tensor name: amax}``.
+    * ``write_tensorrt_cache(amax, path)``: a mapping goes to :func:`qdq.calib_table.write_tensorrt_cache`
+      unchanged; returns ``None``.
+
+    Raises:
+        TypeError: ``source`` is neither a module nor a mapping, a model without ``example_inputs``, or a mapping
+            with ``example_inputs`` or export options.
+
+    Example:
+        >>> import os, tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     write_tensorrt_cache({"input": 127.0}, os.path.join(tmp, "c.cache"))
+        ...     write_tensorrt_cache("model.onnx", os.path.join(tmp, "c.cache"))
+        Traceback (most recent call last):
+        ...
+        TypeError: write_tensorrt_cache takes a calibrated nn.Module (with example_inputs) or a mapping {tensor name: amax}, got str (for a QDQ file, use qdq.onnx.qdq_to_float_and_cache)
+    """
+    if isinstance(source, nn.Module):
+        if example_inputs is None:
+            raise TypeError("write_tensorrt_cache(model, path, example_inputs): a model needs example_inputs, the "
+                            "export input whose float ONNX names the cache's tensors")
+        return write_model_tensorrt_cache(source, path, example_inputs, header=header, **kwargs)
+    if isinstance(source, Mapping):
+        if example_inputs is not None or kwargs:
+            raise TypeError("write_tensorrt_cache(amax, path): a mapping {tensor name: amax} takes no example_inputs "
+                            f"or export options (got {'example_inputs' if example_inputs is not None else ''}"
+                            f"{', ' if example_inputs is not None and kwargs else ''}{', '.join(kwargs)})")
+        write_cache_from_amax(source, path, header=header)
+        return None
+    hint = " (for a QDQ file, use qdq.onnx.qdq_to_float_and_cache)" if isinstance(source, (str, os.PathLike)) else ""
+    raise TypeError("write_tensorrt_cache takes a calibrated nn.Module (with example_inputs) or a mapping "
+                    f"{{tensor name: amax}}, got {type(source).__name__}{hint}")

@@ -49,3 +49,41 @@ def test_qdq_file_to_float_model_keeps_the_quantized_weights(tmp_path):
     for converted in (float_fake, float_deploy):
         (out,) = run_onnxruntime(converted, x)
         np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_public_write_tensorrt_cache_takes_a_model(tmp_path):
+    """qdq.write_tensorrt_cache(model, path, example_inputs): the cache under the float export's tensor names, read
+    back as each input quantizer's amax."""
+    model = _model()
+    x = torch.randn(1, 3, 8, 8)
+    cache = qdq.write_tensorrt_cache(model, tmp_path / "c.cache", x, float_path=tmp_path / "float.onnx")
+    header, scales = read_tensorrt_cache(tmp_path / "c.cache")
+    assert header == qdq.calib_table.TENSORRT_HEADER and set(scales) == set(cache)
+    float_model = onnx.load(str(tmp_path / "float.onnx"))
+    # each cached tensor is the input of the layer whose quantizer it came from, in the float file
+    readers = {}
+    for node in float_model.graph.node:
+        if node.op_type in ("Conv", "Gemm"):
+            readers[node.input[0]] = node
+    layers = [model[0], model[2], model[5]]
+    assert sorted(readers) == sorted(scales) and len(scales) == len(layers)
+    by_order = [n.input[0] for n in float_model.graph.node if n.op_type in ("Conv", "Gemm")]
+    for tensor, layer in zip(by_order, layers):
+        amax = float(layer.input_quantizer.amax)
+        assert abs(scales[tensor] * 127 - amax) <= 1e-6 * amax
+        assert scales[tensor] == np.float32(np.float32(amax) / np.float32(127))
+    # the same file written from the amax mapping
+    assert qdq.write_tensorrt_cache(cache, tmp_path / "d.cache") is None
+    assert (tmp_path / "d.cache").read_text() == (tmp_path / "c.cache").read_text()
+
+
+def test_public_write_tensorrt_cache_refuses_what_it_cannot_take(tmp_path):
+    import pytest
+
+    model = _model()
+    with pytest.raises(TypeError, match="a model needs example_inputs"):
+        qdq.write_tensorrt_cache(model, tmp_path / "c.cache")
+    with pytest.raises(TypeError, match="takes no example_inputs"):
+        qdq.write_tensorrt_cache({"input": 1.0}, tmp_path / "c.cache", torch.randn(1, 3, 8, 8))
+    with pytest.raises(TypeError, match="qdq_to_float_and_cache"):
+        qdq.write_tensorrt_cache("model.onnx", tmp_path / "c.cache")
