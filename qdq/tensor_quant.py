@@ -406,7 +406,7 @@ class QuantDescriptor:
 
     def dict(self) -> dict[str, Any]:
         """Every field, as plain Python values (``from_dict(d.dict()) == d``); amax as a float or nested tuple."""
-        return {f: getattr(self, "_" + f) for f in self._FIELDS}
+        return {f: self._amax if f == "amax" else getattr(self, f) for f in self._FIELDS}
 
     to_dict = dict
 
