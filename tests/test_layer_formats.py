@@ -142,3 +142,16 @@ def test_search_with_no_budget_keeps_everything_float():
 def test_cost_table_is_documented_for_every_format():
     assert set(FORMAT_COSTS) == set(qdq.formats.FORMAT_NAMES)
     assert FORMAT_COSTS["float"] == 1.0 and FORMAT_COSTS["int8"] == FORMAT_COSTS["fp8"] < FORMAT_COSTS["int4"] < 1
+
+
+def test_fp8_default_on_efficientnet_lite0_keeps_the_depthwise_convolutions_float():
+    """The layers the rule keeps float on EfficientNet-Lite0 (whose convolutions are Conv2d subclasses): the 16
+    depthwise convolutions, the 3-channel stem and the two 1x1 convolutions with 16 channels."""
+    efficientnet = pytest.importorskip("efficientnet_lite_pytorch")
+    model = efficientnet.EfficientNet.from_name("efficientnet-lite0")
+    qdq.replace_to_quantization_module(model)
+    formats = set_model_format(model, "fp8")
+    kept = sorted(p for p, f in formats.items() if f == "float")
+    depthwise = sorted(f"_blocks.{i}._depthwise_conv" for i in range(16))
+    assert kept == sorted(depthwise + ["_conv_stem", "_blocks.0._project_conv", "_blocks.1._expand_conv"])
+    assert list(formats.values()).count("fp8") == 31 and formats["_fc"] == "fp8"
