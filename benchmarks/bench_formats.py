@@ -15,7 +15,9 @@ Sections (all numbers measured in this run, ratios side by side):
    the bare fake-quant functions on one tensor, interleaved round by round; ``overhead = time / fp32 time``.
 3. A ViT (timm ``vit_tiny_patch16_224``, random weights: the CIFAR-10 ViT example is not part of this benchmark):
    FP8 everywhere and INT4 weight-only (block 64) Linear layers: ONNX Runtime parity, checker errors, overhead.
-4. With ``--search``: the per-layer format search on EfficientNet-Lite0 under a top-1 tolerance.
+4. ``--sections fp8_kinds``: EfficientNet-Lite0 with FP8 on every layer but one kind (stem, expand, depthwise,
+   project, head, fc) and on one kind only: where FP8 loses accuracy (the depthwise convolutions).
+5. With ``--search``: the per-layer format search on EfficientNet-Lite0 under a top-1 tolerance.
 
 Writes ``results.json`` in ``--out``.
 """
@@ -204,6 +206,50 @@ def section_vit(ctx: Context, result: dict) -> None:
     result["vit_tiny_random"] = out
 
 
+def _kind(path: str) -> str:
+    """The layer kind of an EfficientNet-Lite0 layer path: stem, expand, depthwise, project, head or fc."""
+    for kind, key in (("stem", "_conv_stem"), ("head", "_conv_head"), ("fc", "_fc"), ("expand", "_expand_conv"),
+                      ("depthwise", "_depthwise_conv"), ("project", "_project_conv")):
+        if key in path:
+            return kind
+    return "other"
+
+
+def section_fp8_kinds(ctx: Context, result: dict) -> None:
+    """Which EfficientNet-Lite0 layers FP8 hurts: FP8 on every layer but one kind (that kind float), and FP8 on one
+    kind only, max calibration; logit SQNR and top-1 against fp32."""
+    from qdq.layer_formats import format_layers
+
+    calib, evalb = imagenet_batches(ctx, calib=ctx.option("calib"), evaluate=ctx.option("evaluate"))
+    fp32 = efficientnet_fp32()
+    labels = labels_of(evalb)
+    ref = forward_all(fp32, evalb)
+    model = quantized(fp32, "fp8", fp8_fallback=None)
+    import qdq
+
+    qdq.calibrate_model(model, calib, method="max", progress=False)
+    layers = format_layers(model)
+    kinds: dict[str, list[str]] = {}
+    for path in layers:
+        kinds.setdefault(_kind(path), []).append(path)
+    rows = {}
+
+    def run(name: str, fp8: set) -> None:
+        for path, layer in layers.items():
+            for q in (layer._input_quantizer, layer._weight_quantizer):
+                q.enable() if path in fp8 else q.disable()
+        rows[name] = logit_scores(ref, forward_all(model, evalb), labels)
+        print(f"  {name}: top-1 {rows[name]['top1']:.2f}%, agreement {rows[name]['agreement']:.2f}%, SQNR "
+              f"{rows[name]['sqnr_db']:.2f} dB", flush=True)
+
+    run("fp8 every layer", set(layers))
+    for kind, paths in kinds.items():
+        run(f"fp8, {kind} float ({len(paths)} layers)", set(layers) - set(paths))
+    for kind, paths in kinds.items():
+        run(f"fp8 on {kind} only", set(paths))
+    result["fp8_layer_kinds"] = {"fp32_top1": logit_scores(ref, ref, labels)["top1"], "rows": rows}
+
+
 def section_search(ctx: Context, result: dict) -> None:
     import qdq
     from qdq.evaluate import top1_accuracy
@@ -238,7 +284,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tolerance", type=float, default=0.3, help="format search top-1 tolerance (points)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--sections", default="accuracy,overhead,vit",
-                        help="comma-separated sections to run (default: %(default)s)")
+                        help="comma-separated sections to run: accuracy, overhead, vit, fp8_kinds (which layer "
+                             "kinds FP8 hurts) (default: %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out or tempfile.mkdtemp(prefix="qdq-formats-"))
@@ -249,7 +296,8 @@ def main(argv=None) -> int:
     ctx = Context(out=out, quick=args.quick, options=options)
     result = {"machine": machine(), "threads": set_threads(args.threads), "options": options}
     t0 = time.perf_counter()
-    for name, section in (("accuracy", section_accuracy), ("overhead", section_overhead), ("vit", section_vit)):
+    for name, section in (("accuracy", section_accuracy), ("overhead", section_overhead), ("vit", section_vit),
+                          ("fp8_kinds", section_fp8_kinds)):
         if name not in args.sections.split(","):
             continue
         print(f"[{name}]", flush=True)
