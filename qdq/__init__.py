@@ -83,6 +83,7 @@ _EXPORTS = {
     "set_layer_format": "qdq.layer_formats",
     "set_model_format": "qdq.layer_formats",
     "search_formats": "qdq.layer_formats",
+    "fp8_exclusion": "qdq.layer_formats",
     "quantize_attention": "qdq.attention",
     "initialize": "qdq.quant_modules",
     "deactivate": "qdq.quant_modules",

@@ -5,7 +5,7 @@
     qdq check model.onnx --fusion | --json   ... with the TensorRT fusion prediction (per-layer precision)
     qdq check model.onnx --strongly-typed    ... warning about a float32 remainder (TensorRT 11 builds)
     qdq ptq --model NAME --data DIR --out model.onnx [--weights FILE] [--method mse] [--num-batches 8]
-            [--format int8|fp8|int4] [--block-size 64]
+            [--format int8|fp8|int4] [--fp8-fallback float|int8|none] [--block-size 64]
                                              post-training quantization of a classifier to a QDQ ONNX file
 
 User mistakes (a missing or unreadable file, an unknown model or method, a count below 1) end with a one-line
@@ -132,6 +132,10 @@ def _parser() -> argparse.ArgumentParser:
     ptq.add_argument("--format", default="int8", choices=("int8", "fp8", "int4"),
                      help="int8, fp8 (E4M3, opset 19) or int4 (weight-only on the Linear layers, the others int8; "
                           "opset 21) (default: %(default)s)")
+    ptq.add_argument("--fp8-fallback", default="float", choices=("float", "int8", "none"),
+                     help="with --format fp8: the format of the layers TensorRT has no FP8 kernel for (depthwise and "
+                          "small convolutions, qdq.layer_formats.fp8_exclusion); none puts them in FP8 too "
+                          "(default: %(default)s)")
     ptq.add_argument("--block-size", type=int, default=64, choices=(32, 64, 128),
                      help="INT4 block size along the input features (default: %(default)s)")
     ptq.add_argument("--list-models", action="store_true", help="list the model names and exit")
@@ -239,7 +243,8 @@ def _cmd_ptq(args) -> int:
     if args.format != "int8":
         from qdq.layer_formats import set_model_format
 
-        formats = set_model_format(model, args.format, block_size=args.block_size)
+        formats = set_model_format(model, args.format, block_size=args.block_size,
+                                   fp8_fallback=None if args.fp8_fallback == "none" else args.fp8_fallback)
         counts = {f: list(formats.values()).count(f) for f in dict.fromkeys(formats.values())}
         print(f"format {args.format}: " + ", ".join(f"{n} layers {f}" for f, n in counts.items()))
     calib = qdq.calibrate_model(model, source, num_batches=args.num_batches, method=args.method,

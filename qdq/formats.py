@@ -168,10 +168,17 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def fake_quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``dequantize_fp8(quantize_fp8(x, scale), scale)`` in float32; no custom gradient.
 
+    The dequantized values are written into the buffer of the quotient ``x / scale`` (not a new tensor): on the CPU
+    a fresh activation-sized tensor costs about as much as the arithmetic.
+
     >>> fake_quantize_fp8(torch.tensor([0.1, 0.3]), torch.tensor(1.0))
     tensor([0.1016, 0.3125])
     """
-    return dequantize_fp8(quantize_fp8(x, scale), scale)
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    y = torch.div(x if x.dtype == torch.float32 else x.float(), scale)  # a new tensor: reused for the result
+    q = y.clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(_FP8_DTYPE)
+    # the same numbers as dequantize_fp8(q, scale), written into the quotient's memory: no new float32 tensor
+    return y.copy_(q).mul_(scale)
 
 
 class FakeFP8QuantFunction(torch.autograd.Function):

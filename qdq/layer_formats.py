@@ -15,6 +15,16 @@ format       input quantizer                       weight quantizer
 The input quantizer keeps its calibrator kind (max or histogram), so a model converted with histogram inputs is
 calibrated with the same method in every format. New quantizers have no amax: calibrate after changing formats.
 
+FP8 for the whole model (:func:`set_model_format` with ``"fp8"``) leaves the layers TensorRT has no FP8 kernel for
+in higher precision (``fp8_fallback``, float by default), as ModelOpt's FP8 mode does (its rule, in
+:func:`fp8_exclusion`): convolutions with at most :data:`FP8_MIN_CHANNELS` input channels per group or output
+channels (every depthwise convolution, a 3-channel stem) or a kernel of more than :data:`FP8_MAX_KERNEL_AREA`
+elements, and Linear layers with fewer than 16 input or output features. On EfficientNet-Lite0 this is also what
+accuracy asks for. E4M3's 3 mantissa bits give every tensor about 32 dB SQNR (INT8 per channel: 40-51 dB on its
+weights), and a depthwise convolution, whose 9 or 25 weights per channel nearly cancel, turns that into 20-40 dB at
+its output; with max calibration, on the 400 evaluation images of the ImageNet sample (fp32 88.25%, INT8 88.50%),
+FP8 on every layer gives 83.00% and this default 89.25% (``benchmarks/bench_formats.py``).
+
 The search (:func:`search_formats`):
 
 1. calibrates every layer in every candidate format once (the statistics are those of the float activations, so a
@@ -78,6 +88,9 @@ from qdq.tensor_quant import QuantDescriptor
 
 __all__ = [
     "FORMAT_COSTS",
+    "FP8_MIN_CHANNELS",
+    "FP8_MAX_KERNEL_AREA",
+    "fp8_exclusion",
     "format_layers",
     "layer_formats",
     "set_layer_format",
@@ -92,6 +105,36 @@ logger = logging.getLogger(__name__)
 
 #: Cost per FLOP of each format relative to float16 (see the module docstring for the reasons).
 FORMAT_COSTS: dict[str, float] = {"float": 1.0, "int8": 0.5, "fp8": 0.5, "int4": 0.85}
+
+
+#: Convolutions with at most this many input channels per group or output channels stay out of FP8 (and Linear
+#: layers with fewer input or output features): ModelOpt's FP8 rule for TensorRT's FP8 convolution kernels.
+FP8_MIN_CHANNELS = 16
+#: Convolutions whose kernel has more elements than this stay out of FP8 (ModelOpt's FP8 rule).
+FP8_MAX_KERNEL_AREA = 32
+
+
+def fp8_exclusion(layer: nn.Module) -> str | None:
+    """Why TensorRT would not run ``layer`` in FP8, or ``None`` when it would (convolutions and Linear layers).
+
+    >>> fp8_exclusion(torch.nn.Conv2d(32, 32, 3, groups=32))
+    '1 input channels per group (FP8 convolutions need more than 16)'
+    >>> fp8_exclusion(torch.nn.Conv2d(32, 64, 1)) is None
+    True
+    """
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        per_group = layer.in_channels // layer.groups
+        if per_group <= FP8_MIN_CHANNELS:
+            return f"{per_group} input channels per group (FP8 convolutions need more than {FP8_MIN_CHANNELS})"
+        if layer.out_channels <= FP8_MIN_CHANNELS:
+            return f"{layer.out_channels} output channels (FP8 convolutions need more than {FP8_MIN_CHANNELS})"
+        area = math.prod(layer.kernel_size)
+        if area > FP8_MAX_KERNEL_AREA:
+            return f"a {area}-element kernel (FP8 convolutions take at most {FP8_MAX_KERNEL_AREA})"
+    elif isinstance(layer, nn.Linear) and min(layer.in_features, layer.out_features) < FP8_MIN_CHANNELS:
+        return (f"{layer.in_features} input and {layer.out_features} output features (FP8 GEMMs need at least "
+                f"{FP8_MIN_CHANNELS})")
+    return None
 
 
 def _quantizer_attrs(layer: nn.Module) -> tuple[str | None, str | None]:
@@ -185,22 +228,48 @@ def set_layer_format(model: nn.Module, layer: str, fmt: str, block_size: int = 6
 
 
 def set_model_format(model: nn.Module, fmt: str, block_size: int = 64,
-                     layers: Iterable[str] | None = None) -> dict[str, str]:
+                     layers: Iterable[str] | None = None, fp8_fallback: str | None = "float") -> dict[str, str]:
     """Sets ``fmt`` on every layer (or on ``layers``); returns :func:`layer_formats`.
 
     ``fmt="int4"`` sets INT4 weight-only on the Linear layers whose input features ``block_size`` divides and leaves
     the other layers as they are (logged). With ``fmt`` ``"int8"`` or ``"fp8"`` and no ``layers``, quantizers of
     layers without weights (pooling, Add, Concat inputs) take the format too, so that TensorRT sees one type.
+
+    ``fmt="fp8"`` with no ``layers`` gives the layers :func:`fp8_exclusion` names (depthwise and small
+    convolutions) the format ``fp8_fallback`` instead (``"float"``, or ``"int8"`` for a mixed model; logged);
+    ``fp8_fallback=None`` puts every layer in FP8. Layers listed in ``layers`` get ``fmt`` as asked.
+
+    >>> import qdq
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3), torch.nn.Conv2d(32, 32, 3, groups=32),
+    ...                             torch.nn.Conv2d(32, 64, 1))
+    >>> _ = qdq.replace_to_quantization_module(model)
+    >>> set_model_format(model, "fp8")
+    {'0': 'float', '1': 'float', '2': 'fp8'}
+    >>> set_model_format(model, "fp8", fp8_fallback=None)
+    {'0': 'fp8', '1': 'fp8', '2': 'fp8'}
     """
+    if fp8_fallback not in (None, "float", "int8"):
+        raise ValueError(f"set_model_format: fp8_fallback must be 'float', 'int8' or None, got {fp8_fallback!r}")
     chosen = list(format_layers(model)) if layers is None else list(layers)
     skipped = []
+    kept: dict[str, str] = {}
     for path in chosen:
         module = format_layers(model)[path] if path in format_layers(model) else None
         if fmt == "int4" and module is not None and not (
                 isinstance(module, nn.Linear) and module.in_features % block_size == 0):
             skipped.append(path)
             continue
+        why = fp8_exclusion(module) if fmt == "fp8" and layers is None and fp8_fallback and module is not None \
+            else None
+        if why is not None:
+            kept[path] = why
+            set_layer_format(model, path, fp8_fallback, block_size)
+            continue
         set_layer_format(model, path, fmt, block_size)
+    if kept:
+        logger.info("FP8: %d layers TensorRT has no FP8 kernel for stay in %s (fp8_fallback): %s", len(kept),
+                    fp8_fallback, "; ".join(f"{p}: {w}" for p, w in list(kept.items())[:8])
+                    + (" ..." if len(kept) > 8 else ""))
     if layers is None and fmt in ("int8", "fp8"):  # pooling, Add, Concat inputs: the same format, not mixed
         bits = 8 if fmt == "int8" else (4, 3)
         for path, module in model.named_modules():

@@ -63,9 +63,11 @@ def test_ptq_end_to_end(tmp_path, capsys):
     assert json.loads((tmp_path / "table.json").read_text())["method"] == "percentile"
 
 
-@pytest.mark.parametrize("fmt, expected", [("fp8", "format fp8: 21 layers fp8"),
-                                           ("int4", "format int4: 20 layers int8, 1 layers int4")])
-def test_ptq_formats(tmp_path, capsys, fmt, expected):
+@pytest.mark.parametrize("fmt, expected, extra", [
+    ("fp8", "format fp8: 2 layers float, 19 layers fp8", []),  # the 3-channel stem and the 5-class head stay float
+    ("fp8", "format fp8: 21 layers fp8", ["--fp8-fallback", "none"]),
+    ("int4", "format int4: 20 layers int8, 1 layers int4", [])])
+def test_ptq_formats(tmp_path, capsys, fmt, expected, extra):
     import onnx
     from onnx import TensorProto
 
@@ -75,7 +77,7 @@ def test_ptq_formats(tmp_path, capsys, fmt, expected):
     out = tmp_path / "r18.onnx"
     code = main(["ptq", "--model", "resnet18", "--weights", str(weights), "--num-classes", "5", "--data",
                  str(tmp_path / "images"), "--method", "max", "--num-batches", "1", "--batch-size", "2",
-                 "--format", fmt, "--out", str(out)])
+                 "--format", fmt, "--out", str(out), *extra])
     text = capsys.readouterr().out
     assert code == 0, text
     assert expected in text and "0 errors" in text

@@ -203,3 +203,20 @@ def test_dequantize_fp8_never_writes_into_its_input():
     q = torch.tensor([1.0, 2.0])
     formats.dequantize_fp8(q, torch.tensor(0.5))
     assert q.tolist() == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fake_quantize_fp8_is_bit_for_bit_quantize_then_dequantize(dtype):
+    """The buffer-reusing fake quantization gives the same bits as the two documented steps (ties, -0, NaN,
+    saturation, per-channel scales) and never writes into its input."""
+    grid, _ = _fp8_grid()
+    mids = (grid[1:] + grid[:-1]) / 2
+    v = np.concatenate([grid, mids, -mids, [1e9, -1e9, -0.0, np.nan, 2.0**-12, -(2.0**-12)]]).astype(np.float32)
+    x = torch.tensor(v).reshape(1, -1).repeat(3, 1).to(dtype)
+    before = x.clone()
+    for scale in (torch.tensor(1.0), torch.tensor([[0.5], [3.0], [1e-3]])):
+        got = formats.fake_quantize_fp8(x, scale)
+        expected = formats.dequantize_fp8(formats.quantize_fp8(x, scale), scale)
+        assert got.dtype == torch.float32 and torch.equal(got.view(torch.int32), expected.view(torch.int32))
+    assert torch.equal(x.view(torch.int16 if dtype == torch.float16 else torch.int32),
+                       before.view(torch.int16 if dtype == torch.float16 else torch.int32))
