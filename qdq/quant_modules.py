@@ -27,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import inspect
 import logging
@@ -216,18 +215,17 @@ def _weight_quantizers(module) -> list[tuple[str, str]]:
     return []
 
 
-#: The fake-quantized weights of the generated forwards now running in this context: ``{id(module): {name: view}}``.
-#: A context variable, not module state: nested and concurrent forwards (threads, async tasks) each see their own.
-_WEIGHT_VIEWS: contextvars.ContextVar[dict[int, dict[str, torch.Tensor]] | None] = contextvars.ContextVar(
-    "qdq_weight_views", default=None
-)
+#: Instance attribute of a generated subclass with its own forward: the stack of ``{name: fake-quantized weight}`` of
+#: its forwards now running (nested calls push their own). Not the weight's own name: nothing shadows the Parameter.
+_VIEWS = "_qdq_weight_views"
 
 
 class _QuantizedWeight:
     """Class attribute ``weight`` of a generated subclass with its own forward: inside that forward ``self.weight``
     is the fake-quantized weight (computed once per call, through the quantizer's eval-mode weight cache),
-    everywhere else the layer's Parameter. Nothing is written into the module while the forward runs: the views
-    live in :data:`_WEIGHT_VIEWS`.
+    everywhere else the layer's Parameter. The views live on the instance under :data:`_VIEWS`, a stack pushed and
+    popped by the forward (plain attribute state, which ``torch.compile(fullgraph=True)`` and torch.export trace);
+    the Parameter is never replaced.
     """
 
     def __init__(self, name: str):
@@ -236,11 +234,9 @@ class _QuantizedWeight:
     def __get__(self, module, owner=None):
         if module is None:
             return self
-        views = _WEIGHT_VIEWS.get()
-        if views is not None:
-            mine = views.get(id(module))
-            if mine is not None and self.name in mine:
-                return mine[self.name]
+        stack = module.__dict__.get(_VIEWS)
+        if stack and self.name in stack[-1]:
+            return stack[-1][self.name]
         if self.name in module.__dict__:  # a plain attribute set after the Parameter was deleted
             return module.__dict__[self.name]
         return nn.Module.__getattr__(module, self.name)  # the Parameter (or AttributeError, as nn.Module says)
@@ -275,12 +271,12 @@ def _subclass_forward(float_sub: type):
         views = {name: getattr(self, attr)(self._parameters[name]) for name, attr in _weight_quantizers(self)}
         if not views:
             return original(self, *args, **kwargs)
-        running = _WEIGHT_VIEWS.get()
-        token = _WEIGHT_VIEWS.set({**running, id(self): views} if running else {id(self): views})
+        stack = self.__dict__.setdefault(_VIEWS, [])
+        stack.append(views)
         try:
             return original(self, *args, **kwargs)
         finally:
-            _WEIGHT_VIEWS.reset(token)
+            stack.pop()
 
     return forward
 
@@ -327,8 +323,12 @@ def _quant_subclass(float_sub: type, quant_cls: type, float_base: type) -> type:
             raise NotImplementedError(f"{float_sub.__qualname__} overrides forward; recurrent layers with their own "
                                       "forward cannot be quantized automatically")
         attrs["forward"] = _subclass_forward(float_sub)
-        if issubclass(quant_cls, QuantMixin):
+        own_weight = any("weight" in vars(c) for c in float_sub.__mro__)  # e.g. a property: the class keeps it
+        if issubclass(quant_cls, QuantMixin) and not own_weight:
             attrs["weight"] = _QuantizedWeight("weight")
+        elif issubclass(quant_cls, QuantMixin):
+            logger.warning("%s defines its own 'weight' attribute; its forward reads that, so its weight is not "
+                           "fake-quantized there (ignore the layer, or quantize it by hand)", float_sub.__qualname__)
     return type(f"Quant{float_sub.__name__}", (quant_cls, float_sub), attrs)
 
 

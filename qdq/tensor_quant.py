@@ -23,11 +23,12 @@ unsigned               ``[0, 255]``          ``[0, 255]``
 
 Fake quantization runs PyTorch's fused kernels (``torch.fake_quantize_per_tensor_affine`` and
 ``torch.fake_quantize_per_channel_affine``) on GPUs, under tracing (both ONNX exporters turn them into
-QuantizeLinear/DequantizeLinear) and where autograd records; in eager CPU code, where those kernels run a scalar loop,
-the same arithmetic runs as vectorized tensor ops (15-30x faster there). Both multiply by the float32 reciprocal of
-the scale and round half to even, so both give identical numbers. ONNX defines QuantizeLinear with a division, which can differ from the reciprocal product by one ulp and so,
-on an exact rounding tie, by one quantization step: that is why exported models are compared with ONNX Runtime to
-the step, not bit for bit.
+QuantizeLinear/DequantizeLinear) and where autograd records through them; in eager CPU code (QAT's forward included),
+where those kernels run a scalar loop, the same arithmetic runs as vectorized tensor ops (3-30x faster there). Both
+multiply by the float32 reciprocal of the scale and round half to even, so both give identical numbers for finite
+inputs. ONNX defines QuantizeLinear with a division,
+which can differ from the reciprocal product by one ulp and so, on an exact rounding tie, by one quantization step:
+that is why exported models are compared with ONNX Runtime to the step, not bit for bit.
 
 FP8 E4M3 (``num_bits=(4, 3)``) and blocked INT4 (``block_size``) have their arithmetic in :mod:`qdq.formats`;
 the functions here dispatch to it (``fake_tensor_quant(x, amax, num_bits=(4, 3))``).
@@ -456,8 +457,19 @@ class QuantDescriptor:
         return cls.from_dict(data)
 
     def replace(self, **changes: Any) -> "QuantDescriptor":
-        """A copy with some fields changed (the descriptor itself never changes)."""
-        return type(self).from_dict({**self.dict(), **changes})
+        """A copy with some fields changed (the descriptor itself never changes). A new ``calib_method`` without
+        ``calib_args`` starts from its own defaults, keeping only the settings it takes (``num_bins`` for every
+        histogram method).
+
+        >>> QuantDescriptor(calib_method="entropy").replace(calib_method="percentile").calib_args
+        {'num_bins': 2048, 'percentile': 99.99}
+        """
+        fields = self.dict()
+        method = changes.get("calib_method", self._calib_method)
+        if method != self._calib_method and "calib_args" not in changes:
+            allowed = {} if method == "max" else {"num_bins", *_SEARCH_ARGS.get(method, {})}
+            fields["calib_args"] = {k: v for k, v in fields["calib_args"].items() if k in allowed}
+        return type(self).from_dict({**fields, **changes})
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, QuantDescriptor) and self.dict() == other.dict()
@@ -690,20 +702,23 @@ def _channel_axis(scale: torch.Tensor, x: torch.Tensor) -> int | None:
 _EAGER_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-def _eager_cpu(x: torch.Tensor) -> bool:
-    """Whether ``x`` is an ordinary CPU tensor in eager execution, outside any tracing and needing no gradient.
+def _eager_cpu(x: torch.Tensor, scale: torch.Tensor | None = None) -> bool:
+    """Whether ``x`` is an ordinary CPU tensor in eager execution, outside any tracing, and autograd records nothing
+    through :func:`fake_quantize` (as inside :class:`FakeTensorQuantFunction`, whose forward runs without it).
 
     There, :func:`fake_quantize` runs as four vectorized tensor ops on one buffer instead of the fused kernels,
-    whose CPU loop is scalar: 15-30x slower on one core (``benchmarks/core_ops.py``). The numbers are the same
-    (tested bit for bit, ties included). Under tracing (the ONNX exporters, torch.export, torch.compile, jit), on
-    other devices and when autograd records, the fused kernels run: the exporters turn them into
+    whose CPU loop is scalar: 3-30x slower on one core, the more the smaller the tensor (``benchmarks/core_ops.py``).
+    For finite inputs the numbers are the same (tested, ties included); a NaN stays NaN here, where the fused kernel
+    gives ``qmin * scale``. Under tracing (the ONNX exporters, torch.export, torch.compile, jit), on other devices and
+    when autograd records through the call, the fused kernels run: the exporters turn them into
     QuantizeLinear/DequantizeLinear, compilers fuse them, and their gradient is the straight-through one.
     """
+    grad = torch.is_grad_enabled() and (x.requires_grad or (scale is not None and scale.requires_grad))
     return (
         not torch.compiler.is_compiling()
         and type(x) in _EAGER_TYPES  # FakeTensor / FunctionalTensor while exporting
         and x.device.type == "cpu"
-        and not (x.requires_grad and torch.is_grad_enabled())
+        and not grad
         and not torch.jit.is_tracing()
     )
 
@@ -807,7 +822,7 @@ def fake_quantize(
     qmin, qmax = _resolve_range(qmin, qmax, num_bits, unsigned, narrow_range)
     x = x.float()
     scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
-    if _eager_cpu(x):
+    if _eager_cpu(x, scale):
         _channel_axis(scale, x)  # the shape check, with its message
         zp = None
         if isinstance(zero_point, torch.Tensor):

@@ -212,6 +212,61 @@ def test_subclass_forward_sees_its_own_weight_when_nested():
     assert torch.equal(outer.inner.seen[0], outer.inner.weight_quantizer(outer.inner.weight))
 
 
+class SamePadLinear(nn.Linear):
+    """Its own forward, reading ``self.weight``, calling itself ``depth`` times (nested forwards of one module)."""
+
+    def forward(self, x, depth=0):
+        y = F.linear(x, self.weight, self.bias)
+        return self(y, depth - 1) if depth > 0 else y
+
+
+def _calibrated_same_pad():
+    torch.manual_seed(0)
+    model = nn.Sequential(SamePadLinear(4, 4))
+    replace_to_quantization_module(model)
+    model[0].input_quantizer.amax, model[0].weight_quantizer.amax = 4.0, torch.full((4, 1), 0.3)
+    return model.eval()
+
+
+def test_subclass_forward_nested_in_itself_reads_the_quantized_weight():
+    layer = _calibrated_same_pad()[0]
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        got = layer(x, depth=2)
+        w, fq_in = layer.weight_quantizer(layer.weight), layer.input_quantizer
+        expected = F.linear(fq_in(F.linear(fq_in(F.linear(fq_in(x), w, layer.bias)), w, layer.bias)), w, layer.bias)
+    assert torch.equal(got, expected)
+    assert isinstance(layer.weight, nn.Parameter) and layer.__dict__[quant_modules._VIEWS] == []
+
+
+def test_subclass_forward_compiles_fullgraph_with_the_same_numbers():
+    model = _calibrated_same_pad()
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True, backend="eager")(x)
+    assert torch.equal(compiled, eager)
+
+
+def test_subclass_with_its_own_weight_property_keeps_it_and_says_so(caplog):
+    class DerivedWeight(nn.Linear):
+        @property
+        def weight(self):
+            return self.raw * 2
+
+        def __init__(self):
+            super().__init__(4, 2)
+            self.raw = nn.Parameter(self._parameters.pop("weight").detach())
+
+        def forward(self, x):
+            return F.linear(x, self.weight, self.bias)
+
+    with caplog.at_level(logging.WARNING, logger="qdq.quant_modules"):
+        cls = quant_modules._quant_subclass(DerivedWeight, quant_nn.QuantLinear, nn.Linear)
+    assert "defines its own 'weight' attribute" in caplog.text
+    assert vars(cls).get("weight") is None
+
+
 def test_subclass_forward_without_a_positional_input_is_refused():
     class KeywordOnly(nn.Conv2d):
         def forward(self, *, x):

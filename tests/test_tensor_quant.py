@@ -262,7 +262,7 @@ def test_non_contiguous(axis):
 
 def test_multi_axis_plain_path_matches_and_logs(caplog, monkeypatch):
     """Where the fused kernels run (GPUs, tracing), a scale varying along two dimensions takes plain math, logged."""
-    monkeypatch.setattr(tq, "_eager_cpu", lambda x: False)
+    monkeypatch.setattr(tq, "_eager_cpu", lambda x, scale=None: False)
     x = torch.randn(3, 4, 5)
     amax = torch.rand(3, 4, 1) + 0.2
     with caplog.at_level("INFO", logger="qdq.tensor_quant"):
@@ -314,6 +314,21 @@ def test_fused_kernels_where_traced_or_recorded():
     assert x.grad.tolist() == [1.0, 1.0, 0.0]
     with torch.no_grad():
         assert tq._eager_cpu(x)
+    scale_grad = torch.tensor(0.1, requires_grad=True)
+    assert not tq._eager_cpu(torch.randn(3), scale_grad)  # a gradient for the scale: the fused op's rules apply
+
+
+def test_eager_cpu_path_keeps_nan():
+    """A NaN input stays NaN in the eager CPU path (torch's fused kernel would give qmin * scale), pinned here."""
+    out = tq.fake_quantize(torch.tensor([float("nan"), 0.25, -1e9]), torch.tensor(0.5))
+    assert torch.isnan(out[0]) and out[1:].tolist() == [0.0, -64.0]
+
+
+def test_replace_switches_calib_method_with_its_own_settings():
+    d = QuantDescriptor(calib_method="entropy", calib_args={"num_bins": 512})
+    assert d.replace(calib_method="max").calib_args == {}
+    assert d.replace(calib_method="percentile").calib_args == {"num_bins": 512, "percentile": 99.99}
+    assert QuantDescriptor(calib_method="histogram").replace(calib_method="max") == QuantDescriptor()
 
 
 def test_fake_quant_is_dequantize_of_quantize():

@@ -46,7 +46,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -185,6 +185,8 @@ def _torch_export(model, args, path, opset, input_names, output_names, dynamic_b
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*ONNX exporter.*")
         warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch.onnx")
+        # the TorchScript exporter's note on strided Slice (models with "same" padding): nothing for the user to do
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
         if dynamo:
             quiet = io.StringIO()
             with contextlib.redirect_stdout(quiet):
@@ -350,15 +352,8 @@ def export_onnx(
         args = (args,)
     exporter = "dynamo" if dynamo else "torchscript"
     tags, specs = _format_tags(model) if quantize else ({}, {})
-    needed = max((export_formats.MIN_OPSETS[s.format] for s in specs.values()), default=opset)
-    if needed > opset:
-        logger.info("FP8/INT4 Q/DQ need opset %d: exporting with opset %d instead of %d", needed, needed, opset)
-        opset = needed
-    if half and opset < 19:
-        logger.info("float16 Q/DQ scales need opset 19: exporting with opset 19 instead of %d", opset)
-        opset = 19
-    # the TorchScript exporter writes opset <= 20; opset 21 (int4 Q/DQ) only adds types to the ops it changes
-    traced_opset = opset if dynamo else min(opset, 20)
+    opset = _export_opset(opset, (s.format for s in specs.values()), half)
+    traced_opset = _traced_opset(opset, dynamo)
     with export_mode(model, quantize=quantize, tags=tags), torch.no_grad(), _no_fused_attention():
         try:
             _torch_export(model, args, path, traced_opset, input_names, output_names, dynamic_batch, dynamo, kwargs)
@@ -391,6 +386,27 @@ def export_onnx(
     logger.info("exported %s with the %s exporter: opset %d, %d Q/DQ pairs%s", path, exporter, opset_used, pairs,
                 " (deploy form)" if deploy else "")
     return info
+
+
+def _export_opset(opset: int, formats: Iterable[str], half: bool) -> int:
+    """The opset the file is written in: ``opset``, raised (and logged) to what its FP8/INT4 Q/DQ or float16 scales
+    need."""
+    from qdq.onnx.float16 import FLOAT16_MIN_OPSET
+
+    needs = {f"{f} Q/DQ": export_formats.MIN_OPSETS[f] for f in formats}
+    if half:
+        needs["float16 scales"] = FLOAT16_MIN_OPSET
+    what, needed = max(needs.items(), key=lambda item: item[1], default=("", opset))
+    if needed > opset:
+        logger.info("%s need opset %d: exporting with opset %d instead of %d", what, needed, needed, opset)
+        return needed
+    return opset
+
+
+def _traced_opset(opset: int, dynamo: bool) -> int:
+    """The opset torch traces in: the TorchScript exporter writes opset <= 20 (opset 21, int4 Q/DQ, only adds types
+    to the ops it changes; the file is converted afterwards)."""
+    return opset if dynamo else min(opset, 20)
 
 
 def _float16_requested(float_dtype: Any) -> bool:
@@ -471,9 +487,11 @@ def _tagged_export_args(export_args: dict[str, Any]) -> tuple[int, tuple, tuple 
     args = dict(export_args)
     for own in ("deploy", "simplify", "quantize"):  # export_onnx's post-processing: no bearing on the traced graph
         args.pop(own, None)
+    half = _float16_requested(args.pop("float_dtype", None))
     opset = args.pop("opset", 17)
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < 13:
         raise ValueError(f"export_with_quantizer_tags: opset must be an int >= 13, got {opset!r}")
+    opset = _export_opset(opset, (), half)  # as export_onnx raises it; FP8/INT4 once the quantizers are known
     input_names = tuple(args.pop("input_names", ("input",)))
     output_names = args.pop("output_names", None)
     output_names = tuple(output_names) if output_names else None
@@ -516,7 +534,8 @@ def export_with_quantizer_tags(
                 if export_fn is not None:
                     export_fn(model, str(path))
                 else:
-                    traced_opset = opset if dynamo else min(opset, 20)  # as export_onnx traces
+                    formats = {export_formats.format_of(q) for _, q in tags.values()} & {"fp8", "int4"}
+                    traced_opset = _traced_opset(_export_opset(opset, formats, False), dynamo)  # as export_onnx
                     _torch_export(model, args, Path(path), traced_opset, input_names, output_names, dynamic_batch,
                                   dynamo, kwargs)
         finally:

@@ -363,9 +363,11 @@ def place_quantizers(
         from qdq.nn import QuantConv2d
 
         quant_desc = QuantConv2d.default_quant_desc_input
+    export_args = dict(export_args or {})
+    dynamo = bool(export_args.pop("dynamo", dynamo))  # export_onnx's own keyword, as the user's call has it
     start = time.perf_counter()
     num_sites, decisions = run_on_rank0(
-        _analyse, model, example_inputs, export_fn, dynamo, tuple(skip), dict(export_args or {}),
+        _analyse, model, example_inputs, export_fn, dynamo, tuple(skip), export_args,
         group=group, broadcast_result=True, what="place_quantizers (export and graph analysis)",
     )
     name_quantizers(model)

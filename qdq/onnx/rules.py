@@ -199,12 +199,14 @@ def apply_custom_rules_to_quantizer(
         example_inputs, export_fn = None, example_inputs
     if example_inputs is None and export_fn is None:
         raise ValueError("apply_custom_rules_to_quantizer needs example_inputs (or an export_fn) to export the model")
+    export_args = dict(export_args or {})
+    dynamo = bool(export_args.pop("dynamo", dynamo))  # export_onnx's own keyword, as the user's call has it
     if placement:
         from qdq.onnx.placement import place_quantizers
 
         place_quantizers(model, example_inputs, export_fn, dynamo, group=group, export_args=export_args)
     pairs = run_on_rank0(
-        _graph_pairs, model, example_inputs, export_fn, dynamo, dict(export_args or {}),
+        _graph_pairs, model, example_inputs, export_fn, dynamo, export_args,
         group=group, broadcast_result=True, what="apply_custom_rules_to_quantizer (export and graph analysis)",
     )
     named = {name: q for name, q in model.named_modules() if isinstance(q, TensorQuantizer)}

@@ -177,3 +177,12 @@ def test_tagged_export_takes_the_exports_arguments(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="opset must be an int >= 13"):
         export_module.export_with_quantizer_tags(NestedConcat(), torch.randn(1, 3, 8, 8), tmp_path / "u.onnx",
                                                  opset=11)
+    # every keyword of an export_onnx call is taken: its own (float_dtype raises the opset as export_onnx does,
+    # dynamo chooses the exporter) as well as torch.onnx.export's
+    export_module.export_with_quantizer_tags(NestedConcat(), torch.randn(1, 3, 8, 8), tmp_path / "h.onnx",
+                                             float_dtype=torch.float16, deploy=True)
+    half = onnx.load(str(tmp_path / "h.onnx"))
+    assert {o.version for o in half.opset_import if o.domain in ("", "ai.onnx")} == {19}
+    model = NestedConcat()
+    apply_custom_rules_to_quantizer(model, torch.randn(1, 3, 8, 8), export_args={"dynamo": False, "opset": 17})
+    assert model.inner._input0_quantizer is model.outer._input1_quantizer
