@@ -294,7 +294,17 @@ def test_quantizers_outside_the_config_use_their_own_calibrator():
     model = Residual()
     apply_quant_config(model, {"version": 2})
     calibrate_from_config(model, batches(2, (8, 4)), {"version": 2}, progress=False)
-    assert model.add._input0_quantizer.amax is not None and model.add._input1_quantizer.amax is not None
+    for q in (model.add._input0_quantizer, model.add._input1_quantizer):  # max calibrators: the max seen
+        assert torch.equal(q.amax, q.calibrator.compute_amax())
+    # a histogram quantizer outside the config whose descriptor names no search takes the global input search
+    model = Residual()
+    model.add = quant_nn.QuantAdd(quant_desc_input=QuantDescriptor(calib_method="histogram"))
+    config = {"version": 2, "global": {"input": {"calib_method": "entropy"}}}
+    apply_quant_config(model, config)
+    calibrate_from_config(model, batches(2, (4096, 4)), config, progress=False)
+    q = model.add._input0_quantizer
+    assert torch.equal(q.amax, q.calibrator.compute_amax("entropy"))
+    assert not torch.equal(q.amax, q.calibrator.compute_amax("max"))
 
 
 def test_calibration_refuses_a_model_quantized_with_another_config():

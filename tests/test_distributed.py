@@ -246,6 +246,40 @@ def test_two_ranks_calibrate_to_the_union_for_every_method(tmp_path):
     _check_calibration(results, 2, ())
 
 
+_CONFIG = {"version": 2, "global": {"num_batches": None, "input": {"calib_method": "entropy"}}}
+
+
+def _config_model() -> nn.Module:
+    from qdq.config import apply_quant_config
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    apply_quant_config(model, _CONFIG)
+    return model
+
+
+def _config_worker(rank: int, world: int, out: Path) -> None:
+    from qdq.config import calibrate_from_config
+
+    model = _config_model()
+    report = calibrate_from_config(model, _shard(_batches(), rank, world), _CONFIG, progress=False)
+    _save(out, rank, {"state": _state(model), "world": report.sync.world_size})
+
+
+def test_per_layer_config_calibration_agrees_across_ranks_with_one_process(tmp_path):
+    """calibrate_from_config combines the ranks' histograms as calibrate_model does: one amax, that of all data."""
+    from qdq.config import calibrate_from_config
+
+    ranks = _launch(_config_worker, 2, tmp_path)
+    reference = _config_model()
+    calibrate_from_config(reference, _batches(), _CONFIG, progress=False)
+    expected = _state(reference)
+    assert [r["world"] for r in ranks] == [2, 2]
+    for r in ranks:
+        for name, want in expected.items():
+            assert torch.equal(r["state"][name]["amax"], want["amax"]), name
+
+
 @pytest.mark.slow
 def test_three_ranks_one_without_batches(tmp_path):
     """A rank whose data yields nothing takes part with empty statistics and ends with the same amax."""

@@ -52,9 +52,6 @@ logger = logging.getLogger(__name__)
 #: A calibrator's statistics: named tensors (``{}`` when nothing was collected).
 Stats = dict
 
-_COMBINE_OPS = ("max", "min", "sum")
-
-
 class NoDataCollectedError(RuntimeError):
     """``compute_amax`` was asked of a calibrator that collected nothing."""
 

@@ -153,7 +153,7 @@ def _count_bincount(flat: torch.Tensor, scale: torch.Tensor, n: int, finite: boo
     return counts[:n]
 
 
-def _count_histc(flat: torch.Tensor, scale: torch.Tensor, n: int, finite: bool = False) -> torch.Tensor:
+def _count_histc(flat: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tensor:
     """The counts of :func:`_count_bincount` without reading the device on the host: ``histc`` of
     ``trunc(x * scale)`` over ``[-n, n]`` with ``2n`` bins puts the integer ``t`` in bin ``t + n`` exactly while
     ``(t + n) * 2n < 2**24`` (``n <= 2048``), then the negative half folds onto the positive one. ``histc`` skips
@@ -297,8 +297,8 @@ class HistogramCalibrator(_Calibrator):
             m = torch.where(finite, flat if self._unsigned else flat.abs(), 0.0).amax()
         m = m.clamp(min=0).reshape(1)
         e = bin_exponent(m, n)
-        count = _count_bincount if on_cpu else _count_histc
-        counts = count(flat, _pow2(-e), n, finite_data)
+        scale = _pow2(-e)
+        counts = _count_bincount(flat, scale, n, finite_data) if on_cpu else _count_histc(flat, scale, n)
         if self._skip_zeros:
             counts[0] -= (flat == 0).sum()
         self._merge(counts[None], e, m)

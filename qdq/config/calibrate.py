@@ -14,6 +14,7 @@ from qdq.calib import HistogramCalibrator, MaxCalibrator
 from qdq.calibrate import CalibrationReport, collect_stats, handle_no_data
 from qdq.config.apply import quantizer_roles, skip_rules
 from qdq.config.schema import Problems, QuantConfigError, checked_config, descriptor_of, layer_path, resolve_section
+from qdq.distributed import is_distributed, sync_calibrators
 from qdq.nn.modules._utils import QuantInputMixin, QuantMixin
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
 from qdq.switches import quantizers
@@ -128,6 +129,8 @@ def calibrate_from_config(
     fed = collect_stats(model, data, device, batches, preprocess=preprocess, progress=progress)
     report = CalibrationReport(method="per-layer", batches=fed, collect_seconds=time.perf_counter() - start)
     start = time.perf_counter()
+    if is_distributed():  # every rank sets the amax of the union of the data, as calibrate_model does
+        report.sync = sync_calibrators(model)
     outside = 0
     global_input = descriptor_of(glob["input"])
     for name, q in quantizers(model):
