@@ -22,6 +22,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -93,35 +94,49 @@ def _quantized(fp32: nn.Module, bits: int, per_tensor: bool, cle: bool) -> tuple
     return model, info
 
 
-def run(args) -> dict:
+def _row(args, fp32, calib, evaluation, block_types, ref, labels, bits, steps, label, iterations) -> dict:
+    t0 = time.perf_counter()
+    model, info = _quantized(fp32, bits, args.per_tensor, "cle" in steps)
+    qdq.calibrate_model(model, calib, method=args.method, progress=False)
+    if iterations is not None:
+        rep = qdq.adaround(model, calib, iterations=iterations, batch_size=args.ada_batch,
+                           blocks=block_types if "ada_blocks" in steps else None, recompute=args.recompute,
+                           progress=False)
+        info["iterations"] = iterations
+        info["adaround_seconds"] = rep.seconds
+        info["units"] = {n: {"seconds": r.seconds, "capture_seconds": r.capture_seconds, "samples": r.samples,
+                             "loss_nearest": r.loss_nearest, "loss_adaround": r.loss_adaround,
+                             "flipped": r.flipped, "kept_nearest": r.kept_nearest}
+                         for n, r in rep.layers.items()}
+    if "bc" in steps:
+        info["bc_seconds"] = qdq.bias_correction(model, calib, progress=False).seconds
+    seconds = time.perf_counter() - t0
+    logits, _ = collect_logits(model, evaluation, desc=label)
+    return {"bits": bits, "top1": 100 * top1_accuracy(logits, labels), "agreement": 100 * top1_agreement(ref, logits),
+            "seconds": seconds, **info}
+
+
+def run(args, path: Path | None = None) -> dict:
     torch.manual_seed(0)
     fp32, calib, evaluation, block_types = _data(args)
     ref, labels = collect_logits(fp32, evaluation, desc="fp32")
-    result = {"model": args.model, "fp32_top1": 100 * top1_accuracy(ref, labels), "images": len(labels),
+    result = {"model": args.model, "command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%d %H:%M UTC",
+              time.gmtime()), "load": os.getloadavg(), "fp32_top1": 100 * top1_accuracy(ref, labels), "images": len(labels),
               "calib_images": sum(len(b[0]) for b in calib), "iterations": args.iterations, "rows": {}}
     print(f"{args.model}: fp32 top-1 {result['fp32_top1']:.2f}% on {len(labels)} images", flush=True)
     for bits in args.bits:
         for label in args.rows:
             steps = ROWS[label]
-            t0 = time.perf_counter()
-            model, info = _quantized(fp32, bits, args.per_tensor, "cle" in steps)
-            qdq.calibrate_model(model, calib, method=args.method, progress=False)
-            if "ada" in steps or "ada_blocks" in steps:
-                rep = qdq.adaround(model, calib, iterations=args.iterations, batch_size=args.ada_batch,
-                                   blocks=block_types if "ada_blocks" in steps else None, progress=False)
-                info["adaround_seconds"] = rep.seconds
-                info["units"] = {n: {"seconds": r.seconds, "loss_nearest": r.loss_nearest,
-                                     "loss_adaround": r.loss_adaround, "flipped": r.flipped}
-                                 for n, r in rep.layers.items()}
-            if "bc" in steps:
-                info["bc_seconds"] = qdq.bias_correction(model, calib, progress=False).seconds
-            seconds = time.perf_counter() - t0
-            logits, _ = collect_logits(model, evaluation, desc=label)
-            row = {"bits": bits, "top1": 100 * top1_accuracy(logits, labels),
-                   "agreement": 100 * top1_agreement(ref, logits), "seconds": seconds, **info}
-            result["rows"][f"W{bits}A8 {label}"] = row
-            print(f"W{bits}A8 {label:18s} top-1 {row['top1']:6.2f}%  agree {row['agreement']:6.2f}%  "
-                  f"{seconds:7.1f} s", flush=True)
+            adarounds = "ada" in steps or "ada_blocks" in steps
+            for iterations in (args.iterations if adarounds else [None]):
+                key = f"W{bits}A8 {label}" + (f" {iterations} it" if adarounds and len(args.iterations) > 1 else "")
+                result["rows"][key] = row = _row(args, fp32, calib, evaluation, block_types, ref, labels, bits,
+                                                 steps, key, iterations)
+                row["finished"], row["load"] = time.strftime("%H:%M UTC", time.gmtime()), os.getloadavg()
+                print(f"{key:28s} top-1 {row['top1']:6.2f}%  agree {row['agreement']:6.2f}%  "
+                      f"{row['seconds']:7.1f} s", flush=True)
+                if path is not None:  # after every row: a run cut short keeps what it measured
+                    path.write_text(json.dumps(result, indent=1, default=str))
     return result
 
 
@@ -132,7 +147,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 4])
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
-    parser.add_argument("--iterations", type=int, default=500, help="AdaRound steps per unit")
+    parser.add_argument("--iterations", type=int, nargs="+", default=[500],
+                        help="AdaRound steps per unit (several: one row each, for accuracy against iterations)")
+    parser.add_argument("--recompute", action="store_true",
+                        help="AdaRound feeds the model from the start for every unit (instead of paused forwards)")
+    parser.add_argument("--verbose", action="store_true", help="log each AdaRound unit as it finishes")
     parser.add_argument("--ada-batch", type=int, default=32, help="AdaRound samples per step")
     parser.add_argument("--calib-images", type=int, default=256)
     parser.add_argument("--eval-images", type=int, default=10000, help="cifar test images (evenly spread over the test set)")
@@ -140,15 +159,18 @@ def main() -> None:
     parser.add_argument("--method", default="mse", help="activation calibration method")
     parser.add_argument("--per-tensor", action="store_true", help="per-tensor weights")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tag", default="", help="suffix of the JSON file name")
     args = parser.parse_args()
     if args.model == "cifar" and args.checkpoint is None:
         parser.error("--model cifar needs --checkpoint")
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
-    result = run(args)
+    if args.verbose:
+        logging.getLogger("qdq.ptq").setLevel(logging.INFO)
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "_per_tensor" if args.per_tensor else ""
-    path = args.out / f"ptq_{args.model}{suffix}.json"
+    path = args.out / f"ptq_{args.model}{suffix}{args.tag}.json"
+    result = run(args, path)
     path.write_text(json.dumps(result, indent=1, default=str))
     print(f"wrote {path}")
 

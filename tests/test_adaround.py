@@ -62,6 +62,71 @@ def test_fixed_seed_reproduces():
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 3, 1)
+        self.c = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.c(x + self.b(torch.relu(self.a(x))))
+
+
+def _rounded(recompute):
+    torch.manual_seed(0)
+    model = _Residual().eval()
+    qdq.replace_to_quantization_module(model)
+    for m in model.modules():
+        if hasattr(m, "_weight_quantizer"):
+            m._weight_quantizer = qdq.TensorQuantizer(QuantDescriptor(num_bits=3, axis=0))
+    data = _data(3)
+    qdq.calibrate_model(model, data, progress=False)
+    float_model = _Residual().eval()
+    float_model.load_state_dict({k: v for k, v in model.state_dict().items() if "quantizer" not in k}, strict=False)
+    report = qdq.adaround(model, data, iterations=40, batch_size=8, recompute=recompute, progress=False)
+    return model, float_model, data, report
+
+
+@pytest.mark.slow
+def test_paused_forwards_and_recompute_round_alike_against_the_float_model():
+    paused, float_model, data, report = _rounded(False)
+    recomputed, _, _, report_r = _rounded(True)
+    for name in ("a", "b", "c"):
+        assert torch.equal(paused.get_submodule(name).weight, recomputed.get_submodule(name).weight), name
+        assert report.layers[name].loss_nearest == pytest.approx(report_r.layers[name].loss_nearest, rel=1e-6)
+        assert report.layers[name].samples == 24
+        assert 0 < report.layers[name].capture_seconds <= report.layers[name].seconds
+    # the reference of the last layer is the float model's own output (the float weights of the layers rounded
+    # before it): its nearest-rounding loss is recomputed here from scratch
+    x = torch.cat(data)
+    target = float_model(x)
+    with torch.no_grad():
+        inner = recomputed.b(torch.relu(recomputed.a(x)))  # the quantized model's input to c
+        c = recomputed.c
+        q = c.weight_quantizer
+        scale = q.amax / q.maxbound
+        nearest = torch.clamp(torch.round(float_model.c.weight / scale), -q.maxbound, q.maxbound) * scale
+        q.disable()
+        out = torch.nn.functional.conv2d(c.input_quantizer(x + inner), nearest, c.bias)
+        q.enable()
+    expected = float((out - target).pow(2).sum(1).mean())
+    assert report_r.layers["c"].loss_nearest == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_rounding_worse_than_nearest_is_not_kept():
+    model, data = _model(), _data()
+    qdq.calibrate_model(model, data, progress=False)
+    nearest = {n: _integers(m) for n, m in model.named_modules() if hasattr(m, "_weight_quantizer")}
+    report = qdq.adaround(model, data, iterations=3, lr=50.0, warmup=0.0, progress=False)  # steps far too large
+    kept = [n for n, r in report.layers.items() if r.kept_nearest]
+    assert kept
+    for name in kept:
+        assert torch.equal(_integers(model.get_submodule(name)), nearest[name]), name
+        assert report.layers[name].flipped == 0 and report.layers[name].loss_adaround == report.layers[name].loss_nearest
+    assert all(r.loss_adaround <= r.loss_nearest for r in report.layers.values())
+
+
 def test_calibrate_model_keeps_the_frozen_weight_amax():
     model, data = _model(), _data()
     qdq.calibrate_model(model, data, progress=False)

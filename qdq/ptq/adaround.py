@@ -10,7 +10,7 @@ model stays what TensorRT builds.
 
 Layer by layer, in forward order: the layer's input is taken from the quantized model with the layers before it
 already rounded (so later layers compensate earlier errors), its target output from the float model (quantization
-off). With ``blocks=`` (module classes or dotted names, e.g. torchvision's ``BasicBlock``) the unit is the whole
+off and the float weights of the layers already rounded, so that the target is the float model's own). With ``blocks=`` (module classes or dotted names, e.g. torchvision's ``BasicBlock``) the unit is the whole
 block instead: the roundings of all its layers are learned together against the float block's output, as BRECQ
 does, which captures the interaction of the layers inside a residual block.
 
@@ -25,9 +25,14 @@ chosen integers on the same grid.
 
 Cost and memory
 ---------------
-Per unit: one pass of the quantized model and one of the float model that stop at the unit (their inputs and
-outputs on the calibration data are what memory holds: one unit's worth), then ``iterations`` steps on batches of
-``batch_size`` samples. ``report.layers[name].seconds`` gives the time per unit.
+The data runs through the model once for all units: each calibration batch's forward runs in its own thread and
+pauses at each unit (:class:`~qdq.ptq.capture.PausedForwards`), once in the quantized model (the unit's input) and
+once in the float model (its output), and goes on to the next unit after this one is rounded. Memory holds what
+those paused forwards keep alive (the unit's inputs and outputs on the calibration data, and tensors held for
+later, such as a residual) and one concatenated copy of the unit's inputs and outputs. With ``recompute=True`` the
+model is fed from the start for every unit instead (about ``units / 2`` forwards of the data; memory: one unit's
+inputs and outputs). Then ``iterations`` steps on batches of ``batch_size`` samples. ``report.layers[name]`` gives
+the time per unit (``seconds``, of which ``capture_seconds`` feeding the data).
 
 Under torch.distributed every rank captures its own shard; the gradients are averaged over the ranks at every step
 (every rank starts from the same ``V`` and the same seed), and the final integers are broadcast from rank 0, so all
@@ -56,6 +61,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -66,7 +72,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from qdq.ptq.capture import call_order, run_until
+from qdq.ptq.capture import PausedForwards, call_order, run_until
 from qdq.distributed import all_reduce_tensors, broadcast_tensors
 from qdq.quant_modules import name_quantizers
 from qdq.switches import disable_quantization, preserved_modes, restore_quantizer_states
@@ -102,19 +108,24 @@ class UnitResult:
         samples: calibration samples captured.
         iterations: optimisation steps.
         seconds: wall time of the unit (capture and optimisation).
+        capture_seconds: the part of ``seconds`` spent feeding the data to the unit (its inputs and float outputs).
         loss_nearest: reconstruction error (squared, summed over channels, mean over the rest) of the unit with
             nearest rounding, on up to 256 captured samples.
         loss_adaround: the same with the learned rounding.
         flipped: fraction of the unit's weights rounded the other way than nearest.
+        kept_nearest: the learned rounding's loss was higher than nearest rounding's (on the same samples, averaged
+            over the ranks), so nearest rounding was kept.
     """
 
     layers: list[str]
     samples: int = 0
     iterations: int = 0
     seconds: float = 0.0
+    capture_seconds: float = 0.0
     loss_nearest: float = float("nan")
     loss_adaround: float = float("nan")
     flipped: float = 0.0
+    kept_nearest: bool = False
 
 
 @dataclass
@@ -164,20 +175,43 @@ def _units(model: nn.Module, order: list[nn.Module], names: dict[int, str],
     return units
 
 
-def _capture(model: nn.Module, unit: nn.Module, name: str, data: Iterable, num_batches: int | None, device,
-             preprocess, quantized: bool, keep: str) -> tuple[torch.Tensor, dict]:
-    """The unit's first positional input (``keep="input"``) or its output, on all batches, concatenated."""
+def _gather(calls: list[tuple[tuple, dict, Any]], name: str, keep: str) -> tuple[torch.Tensor, dict]:
+    """The unit's first positional input (``keep="input"``) or its output over the captured calls, concatenated."""
     kept: list[torch.Tensor] = []
     extra: dict = {}
-
-    def on_call(args: tuple, kwargs: dict, out: Any) -> None:
-        value = args[0] if keep == "input" else out
+    for args, kwargs, out in calls:
+        value = args[0] if args and keep == "input" else out
         if not args or not isinstance(value, torch.Tensor):
             raise TypeError(f"adaround: {name} must take a tensor as first argument and return a tensor")
         if len(args) > 1 or any(isinstance(v, torch.Tensor) for v in kwargs.values()):
             raise TypeError(f"adaround: {name} takes more than one tensor; make units of single-input modules")
         extra.update(kwargs)
         kept.append(value.detach())
+    return torch.cat(kept), extra
+
+
+@contextlib.contextmanager
+def _float_weights(layers: dict[str, nn.Module], originals: dict[str, torch.Tensor]):
+    """The float weights of the layers rounded so far put back for a while (the float model's reference)."""
+    rounded = {n: layers[n].weight.detach().clone() for n in originals}
+    with torch.no_grad():
+        for n, w in originals.items():
+            layers[n].weight.copy_(w)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, w in rounded.items():
+                layers[n].weight.copy_(w)
+
+
+def _capture(model: nn.Module, unit: nn.Module, name: str, data: Iterable, num_batches: int | None, device,
+             preprocess, quantized: bool, keep: str) -> tuple[torch.Tensor, dict]:
+    """``_gather`` over a feed of the model from the start that stops at the unit (``recompute=True``)."""
+    calls: list = []
+
+    def on_call(args: tuple, kwargs: dict, out: Any) -> None:
+        calls.append((args, kwargs, out))
 
     if quantized:
         run_until(model, unit, data, on_call, num_batches, device=device, preprocess=preprocess, progress=False,
@@ -186,7 +220,7 @@ def _capture(model: nn.Module, unit: nn.Module, name: str, data: Iterable, num_b
         with disable_quantization(model):
             run_until(model, unit, data, on_call, num_batches, device=device, preprocess=preprocess, progress=False,
                       name=name)
-    return torch.cat(kept), extra
+    return _gather(calls, name, keep)
 
 
 def _recon(out: torch.Tensor, target: torch.Tensor, cdim: int) -> torch.Tensor:
@@ -207,6 +241,7 @@ def adaround(
     blocks: Sequence[str | type] | None = None,
     layers: Sequence[str] | None = None,
     seed: int = 0,
+    recompute: bool = False,
     device: torch.device | str | None = None,
     preprocess: Callable[[Any], Any] | None = None,
     progress: bool = True,
@@ -227,6 +262,8 @@ def adaround(
         blocks: module classes or dotted names whose layers are reconstructed together (BRECQ-style).
         layers: dotted names of the layers to round (default: every layer with an enabled weight quantizer).
         seed: seed of the sampling (the result is reproducible).
+        recompute: feed the model from the start for every unit (memory: one unit's inputs and outputs) instead of
+            one paused forward of each batch through all the units (memory: what the forwards keep alive).
         device: where batches go (default: the model's).
         preprocess: ``batch -> model input``.
         progress: tqdm progress bars.
@@ -250,14 +287,43 @@ def adaround(
         raise RuntimeError(f"adaround: {', '.join(missing)} did not run on the first calibration batch")
     units = _units(model, order, names, blocks)
     report = AdaRoundReport()
-    with preserved_modes(model, quantizer_states=False):
+    originals: dict[str, torch.Tensor] = {}  # the float weights of the layers rounded so far
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(preserved_modes(model, quantizer_states=False))
         model.eval()
+        if not recompute:
+            unit_names = {id(u): n for n, u, _ in units}
+            watch = [u for _, u, _ in units]
+            quantized = stack.enter_context(PausedForwards(
+                model, watch, data, num_batches, at="input", device=device, preprocess=preprocess, names=unit_names))
+            reference = stack.enter_context(PausedForwards(
+                model, watch, data, num_batches, at="output", device=device, preprocess=preprocess,
+                context=lambda: disable_quantization(model), names=unit_names))
         bar = tqdm(units, desc="AdaRound", unit="unit", disable=not progress)
         for index, (unit_name, unit, layer_names) in enumerate(bar):
             bar.set_postfix_str(unit_name)
-            report.layers[unit_name] = _round_unit(
-                model, unit_name, unit, layer_names, candidates, grids, data, num_batches, device, preprocess,
-                iterations, batch_size, lr, reg, beta, warmup, seed + index, group)
+            t0 = time.perf_counter()
+            if recompute:
+                inputs, kwargs = _capture(model, unit, unit_name, data, num_batches, device, preprocess, True,
+                                          "input")
+                with _float_weights(candidates, originals):
+                    target, _ = _capture(model, unit, unit_name, data, num_batches, device, preprocess, False,
+                                         "output")
+            else:
+                inputs, kwargs = _gather(quantized.advance(unit), unit_name, "input")
+                target, _ = _gather(reference.advance(unit), unit_name, "output")
+            capture_seconds = time.perf_counter() - t0
+            for n in layer_names:
+                originals[n] = candidates[n].weight.detach().clone()
+            result = _round_unit(unit_name, unit, layer_names, candidates, grids, inputs, kwargs, target,
+                                 iterations, batch_size, lr, reg, beta, warmup, seed + index, group)
+            del inputs, target
+            result.capture_seconds = capture_seconds
+            result.seconds = time.perf_counter() - t0
+            logger.info("adaround: %s (%d samples): loss %.4g -> %.4g, %.1f%% flipped, %.1f s (capture %.1f s)",
+                        unit_name, result.samples, result.loss_nearest, result.loss_adaround, 100 * result.flipped,
+                        result.seconds, result.capture_seconds)
+            report.layers[unit_name] = result
             for n in layer_names:
                 q = candidates[n].weight_quantizer
                 q.set_calibrator(None)
@@ -267,12 +333,9 @@ def adaround(
     return report
 
 
-def _round_unit(model, unit_name, unit, layer_names, candidates, grids, data, num_batches, device, preprocess,
-                iterations, batch_size, lr, reg, beta, warmup, seed, group) -> UnitResult:
-    t0 = time.perf_counter()
+def _round_unit(unit_name, unit, layer_names, candidates, grids, inputs, kwargs, target, iterations, batch_size, lr,
+                reg, beta, warmup, seed, group) -> UnitResult:
     result = UnitResult(list(layer_names), iterations=iterations)
-    inputs, kwargs = _capture(model, unit, unit_name, data, num_batches, device, preprocess, True, "input")
-    target, _ = _capture(model, unit, unit_name, data, num_batches, device, preprocess, False, "output")
     result.samples = n = inputs.shape[0]
     cdim = output_channel_dim(candidates[layer_names[-1]])
     prefix = {name: (name[len(unit_name) + 1:] if name != unit_name else "") for name in layer_names}
@@ -336,7 +399,13 @@ def _round_unit(model, unit_name, unit, layer_names, candidates, grids, data, nu
         hard = weights(True)
         broadcast_tensors(list(hard.values()), group)
         nearest = weights(None)
-        result.loss_adaround = loss_on(hard)
+        losses = torch.tensor([result.loss_nearest, loss_on(hard)], dtype=torch.float64, device=inputs.device)
+        all_reduce_tensors([losses], "mean", group)  # the ranks decide alike
+        result.loss_nearest, result.loss_adaround = float(losses[0]), float(losses[1])
+        if result.loss_adaround > result.loss_nearest:  # the learned rounding did not pay on the data: keep nearest
+            logger.info("adaround: %s: learned rounding worse than nearest (%.4g > %.4g); nearest kept", unit_name,
+                        result.loss_adaround, result.loss_nearest)
+            hard, result.kept_nearest, result.loss_adaround = nearest, True, result.loss_nearest
         flipped = sum(int((hard[k] != nearest[k]).sum()) for k in hard)
         result.flipped = flipped / sum(v.numel() for v in hard.values())
         for name in layer_names:
@@ -350,7 +419,4 @@ def _round_unit(model, unit_name, unit, layer_names, candidates, grids, data, nu
                 raise RuntimeError(f"adaround: {name}: the rounded weight does not quantize back to its integers")
     finally:
         restore_quantizer_states(states)
-    result.seconds = time.perf_counter() - t0
-    logger.info("adaround: %s (%d samples): loss %.4g -> %.4g, %.1f%% flipped, %.1f s", unit_name, n,
-                result.loss_nearest, result.loss_adaround, 100 * result.flipped, result.seconds)
     return result
