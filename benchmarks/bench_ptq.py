@@ -49,6 +49,7 @@ ROWS = {
     "AdaRound": ("ada",),
     "AdaRound blocks": ("ada_blocks",),
     "CLE+AdaRound+BC": ("cle", "ada", "bc"),
+    "CLE float": ("cle", "float"),  # the equalized float model, not quantized (differs with --cle-relu6 relu)
 }
 
 
@@ -78,11 +79,12 @@ def _data(args):
     return model.eval(), list(calib), list(evaluation), (MBConvBlock,)
 
 
-def _quantized(fp32: nn.Module, bits: int, per_tensor: bool, cle: bool) -> tuple[nn.Module, dict]:
+def _quantized(fp32: nn.Module, bits: int, per_tensor: bool, cle: bool, relu6: str = "clamp") -> tuple[nn.Module, dict]:
     model = copy.deepcopy(fp32).eval()
     info = {}
     if cle:
-        report = qdq.equalize(model)
+        report = qdq.equalize(model, relu6=relu6)
+        info["cle_relu6"] = relu6
         info["cle_pairs"], info["absorbed"] = len(report.pairs), len(report.absorbed)
     else:
         qdq.fold_bn(model)
@@ -96,7 +98,13 @@ def _quantized(fp32: nn.Module, bits: int, per_tensor: bool, cle: bool) -> tuple
 
 def _row(args, fp32, calib, evaluation, block_types, ref, labels, bits, steps, label, iterations) -> dict:
     t0 = time.perf_counter()
-    model, info = _quantized(fp32, bits, args.per_tensor, "cle" in steps)
+    if "float" in steps:
+        model = copy.deepcopy(fp32).eval()
+        info = {"cle_pairs": len(qdq.equalize(model, relu6=args.cle_relu6).pairs), "cle_relu6": args.cle_relu6}
+        logits, _ = collect_logits(model, evaluation, desc=label)
+        return {"bits": None, "top1": 100 * top1_accuracy(logits, labels),
+                "agreement": 100 * top1_agreement(ref, logits), "seconds": time.perf_counter() - t0, **info}
+    model, info = _quantized(fp32, bits, args.per_tensor, "cle" in steps, args.cle_relu6)
     qdq.calibrate_model(model, calib, method=args.method, progress=False)
     if iterations is not None:
         rep = qdq.adaround(model, calib, iterations=iterations, batch_size=args.ada_batch,
@@ -158,6 +166,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="calibration batch size")
     parser.add_argument("--method", default="mse", help="activation calibration method")
     parser.add_argument("--per-tensor", action="store_true", help="per-tensor weights")
+    parser.add_argument("--cle-relu6", choices=["clamp", "relu", "skip"], default="clamp",
+                        help="qdq.equalize's relu6= (relu: ReLU6 becomes ReLU, which equalizes reused ReLU6 modules)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tag", default="", help="suffix of the JSON file name")
     args = parser.parse_args()

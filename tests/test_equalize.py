@@ -111,3 +111,34 @@ def test_resnet_basic_blocks_with_a_reused_relu_stay_equal():
     assert ("layer1.0.conv1", "layer1.0.relu", "layer1.0.conv2") in report.pairs and len(report.pairs) == 8
     with torch.no_grad():
         assert torch.allclose(model(x), expected, rtol=1e-4, atol=1e-4)
+
+
+class _SharedReLU6(nn.Module):
+    """One ReLU6 module called twice (as EfficientNet's blocks do with their ``_swish``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 6, 3, groups=6), nn.Conv2d(6, 4, 1)
+        self.act = nn.ReLU6()
+
+    def forward(self, x):
+        return self.c(self.act(self.b(self.act(self.a(x)))))
+
+
+def test_a_relu6_called_twice_is_left_with_clamp_and_equalized_as_relu():
+    torch.manual_seed(0)
+    model = _SharedReLU6().eval()
+    with torch.no_grad():
+        model.a.weight[:3] *= 30
+    report = qdq.equalize(copy.deepcopy(model), absorb_high_bias=False)
+    assert report.pairs == [] and any("called more than once" in why for _, why in report.not_equalized)
+    relu = copy.deepcopy(model)
+    report = qdq.equalize(relu, relu6="relu", absorb_high_bias=False)
+    assert report.pairs == [("a", "act", "b"), ("b", "act", "c")] and isinstance(relu.act, nn.ReLU)
+    x = torch.rand(2, 3, 5, 5) * 0.01  # small inputs: no pre-activation reaches 6, where ReLU and ReLU6 agree
+    reference = copy.deepcopy(model)
+    reference.act = nn.ReLU()
+    torch.testing.assert_close(relu(x), reference(x), rtol=1e-4, atol=1e-6)
+    ranges = relu.a.weight.detach().flatten(1).abs().amax(1)
+    assert float(ranges.max() / ranges.min()) < float(model.a.weight.detach().flatten(1).abs().amax(1).max() /
+                                                      model.a.weight.detach().flatten(1).abs().amax(1).min()) / 3

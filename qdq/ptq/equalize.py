@@ -144,7 +144,8 @@ def _out_channels(layer: nn.Module) -> int:
     return layer.out_features if isinstance(layer, Linear) else layer.out_channels
 
 
-def _find_pairs(model: nn.Module, graph: fx.Graph) -> tuple[list[tuple[str, str, str, str]], list[tuple[str, str]]]:
+def _find_pairs(model: nn.Module, graph: fx.Graph,
+                relu6: str = "clamp") -> tuple[list[tuple[str, str, str, str]], list[tuple[str, str]]]:
     """``(layer1, activation path or "", activation kind, layer2)`` and ``(layer, reason)`` for those left."""
     modules = dict(model.named_modules())
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
@@ -176,8 +177,10 @@ def _find_pairs(model: nn.Module, graph: fx.Graph) -> tuple[list[tuple[str, str,
         why = None
         if calls[first] > 1 or calls[second] > 1:
             why = "a layer is called more than once in forward"
-        elif act_path and calls[act_path] > 1 and kind in ("relu6", "clamp"):  # a stateless ReLU may be reused
-            why = f"the {kind} activation {act_path!r} is called more than once in forward (its bound is per call)"
+        elif act_path and calls[act_path] > 1 and (kind == "clamp" or (kind == "relu6" and relu6 != "relu")):
+            # a stateless ReLU may be reused, and so may a ReLU6 that becomes one (relu6="relu")
+            why = (f"the {kind} activation {act_path!r} is called more than once in forward (its bound is per call; "
+                   "relu6='relu' equalizes it as a ReLU)")
         elif _out_channels(l1) != _in_channels(l2):
             why = f"{_out_channels(l1)} output channels feed {_in_channels(l2)} input channels"
         elif len(nxt.all_input_nodes) != 1:
@@ -265,7 +268,7 @@ def equalize(
                 gamma = bn.weight.detach().double().abs() if bn.weight is not None else torch.ones(bn.num_features)
                 stats[layer] = (beta, gamma)
     graph = _Tracer().trace(model)
-    pairs, left = _find_pairs(model, graph)
+    pairs, left = _find_pairs(model, graph, relu6)
     report.not_equalized = left
     modules = dict(model.named_modules())
 
@@ -274,6 +277,9 @@ def equalize(
         if kind == "relu6":
             if relu6 == "skip":
                 report.not_equalized.append((first, "ReLU6 between the layers (relu6='skip')"))
+                continue
+            if relu6 == "relu" and isinstance(modules[act_path], nn.ReLU):
+                chosen.append((first, act_path, "relu", second))  # a reused ReLU6, replaced for an earlier pair
                 continue
             parent, _, attr = act_path.rpartition(".")
             dim = -1 if isinstance(modules[first], Linear) else 1
