@@ -76,7 +76,54 @@ def _data(args):
     calib, evaluation = imagenet_sample(preprocess, calib=args.calib_images, batch_size=args.batch_size)
     from efficientnet_lite_pytorch.model import MBConvBlock
 
-    return model.eval(), list(calib), list(evaluation), (MBConvBlock,)
+    calib, evaluation = list(calib), list(evaluation)
+    if args.distinct_relu6:
+        reference = copy.deepcopy(model).eval()
+        _distinct_relu6(model)
+        with torch.no_grad():  # the same function
+            torch.testing.assert_close(model.eval()(calib[0][0]), reference(calib[0][0]), rtol=0, atol=0)
+    return model.eval(), calib, evaluation, (MBConvBlock,)
+
+
+def _distinct_relu6(model: nn.Module) -> nn.Module:
+    """EfficientNet-Lite0 with its own ReLU6 module at each call site (the same function): the library's blocks call
+    one ``_swish`` twice (after the expansion and after the depthwise convolution) and the model calls its own after
+    the stem and after the head, which equalization cannot scale per site. The forwards are the library's, with the
+    second call going to a new module."""
+    import types
+
+    from efficientnet_lite_pytorch.model import drop_connect
+
+    def block_forward(self, inputs, drop_connect_rate=None):
+        x = inputs
+        if self._block_args.expand_ratio != 1:
+            x = self._swish(self._bn0(self._expand_conv(inputs)))
+        x = self._swish_dw(self._bn1(self._depthwise_conv(x)))
+        if self.has_se:
+            raise NotImplementedError("squeeze-excitation blocks are not patched")
+        x = self._bn2(self._project_conv(x))
+        input_filters, output_filters = self._block_args.input_filters, self._block_args.output_filters
+        if self.id_skip and self._block_args.stride == 1 and input_filters == output_filters:
+            if drop_connect_rate:
+                x = drop_connect(x, p=drop_connect_rate, training=self.training)
+            x = x + inputs
+        return x
+
+    def extract_features(self, inputs):
+        x = self._swish(self._bn0(self._conv_stem(inputs)))
+        for idx, block in enumerate(self._blocks):
+            rate = self._global_params.drop_connect_rate
+            if rate:
+                rate *= float(idx) / len(self._blocks)
+            x = block(x, drop_connect_rate=rate)
+        return self._swish_head(self._bn1(self._conv_head(x)))
+
+    for block in model._blocks:
+        block.add_module("_swish_dw", nn.ReLU6())
+        block.forward = types.MethodType(block_forward, block)
+    model.add_module("_swish_head", nn.ReLU6())
+    model.extract_features = types.MethodType(extract_features, model)
+    return model
 
 
 def _quantized(fp32: nn.Module, bits: int, per_tensor: bool, cle: bool, relu6: str = "clamp") -> tuple[nn.Module, dict]:
@@ -166,6 +213,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="calibration batch size")
     parser.add_argument("--method", default="mse", help="activation calibration method")
     parser.add_argument("--per-tensor", action="store_true", help="per-tensor weights")
+    parser.add_argument("--distinct-relu6", action="store_true",
+                        help="efficientnet_lite0: a ReLU6 module of its own at each call site (the same function)")
     parser.add_argument("--cle-relu6", choices=["clamp", "relu", "skip"], default="clamp",
                         help="qdq.equalize's relu6= (relu: ReLU6 becomes ReLU, which equalizes reused ReLU6 modules)")
     parser.add_argument("--threads", type=int, default=2)
