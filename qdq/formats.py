@@ -23,6 +23,13 @@ FP8 arithmetic, once for qdq (and exactly what ONNX QuantizeLinear with a ``floa
 The quotient is a true division (as ONNX defines it), not a product with the reciprocal as the integer path uses:
 with FP8 there is no fused PyTorch kernel to match, so the division makes PyTorch and ONNX Runtime agree bit for bit.
 
+On the CPU in eager execution two steps take a faster route to the same bits (tested against the NumPy reference and
+torch's casts): the clamp is left to the cast where torch's cast saturates (torch 2.14: finite overflow and
+infinities to +-448, NaN to NaN; probed once), and :func:`dequantize_fp8` of 16384 or more values builds the float32
+bits from the FP8 bytes with in-place integer ops instead of torch's float8 -> float32 cast, a scalar loop 5-10x
+slower (NaN values and ``torch.set_flush_denormal(True)`` take the cast). :func:`fake_quantize_fp8` runs both on
+the quotient's buffer.
+
 Blocked INT4 quantization reshapes a 2-D weight ``(rows, features)`` to ``(rows, features / block, block)`` and
 quantizes it with one amax per ``(row, block)`` with the integer arithmetic of :mod:`qdq.tensor_quant` (the same
 reciprocal-and-round as INT8 and the same straight-through gradients). The amax of a blocked quantizer has the shape
