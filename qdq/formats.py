@@ -203,26 +203,30 @@ _BITS_MIN_NUMEL = 1 << 14
 #: The int32 mask keeping the sign and the 7 exponent and mantissa bits of an FP8 byte sign-extended and shifted
 #: into float32's sign bit and bits 20-26 (0x87F00000).
 _BITS_MASK = -0x78100000
+#: What the NaN byte S.1111.111 reads as in those bits: +-480 * 2**-120 (finite FP8 values stay within 448 * 2**-120).
+_NAN_AS_BITS = 480.0 * 2.0**-120
 
 
 def _dequantize_bits(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> bool:
     """``out = float32(q) * scale`` by bit arithmetic on ``out``'s memory, in place (five vectorized passes instead
-    of torch's scalar float8 cast loop, 5-10x slower on the CPU). False (``out`` untouched) where not exact.
+    of torch's scalar float8 cast loop, 5-10x slower on the CPU). False where that is not exact (``out`` may have
+    been written).
 
     The FP8 byte ``s eeee mmm`` sign-extended to int32, shifted left by 20 and masked is the float32 ``s 0000eeee
     mmm0...``: the E4M3 value times 2**-120 exactly (E4M3 subnormals become float32 subnormals), so one product with
-    ``scale * 2**120`` (exact: a power of two) rounds as ``float32(q) * scale`` does. NaN bytes would read as 480:
-    a tensor with a NaN takes torch's cast instead.
+    ``scale * 2**120`` (exact: a power of two) rounds as ``float32(q) * scale`` does. NaN bytes would read as 480
+    (one aminmax finds them): a tensor with a NaN takes torch's cast instead.
     """
     if not (_eager_cpu(q) and _eager_cpu(out) and q.numel() >= _BITS_MIN_NUMEL and _keeps_denormals()):
-        return False
-    if bool(q.view(torch.uint8).bitwise_and(0x7F).max() == 0x7F):  # S.1111.111: NaN
         return False
     factor = scale * 2.0**120
     if not bool(torch.isfinite(factor).all()):  # a scale above 2**8: two exact steps
         factor = None
     bits = out.view(torch.int32)
     bits.copy_(q.view(torch.int8)).bitwise_left_shift_(20).bitwise_and_(_BITS_MASK)
+    low, high = torch.aminmax(out)  # one read, no new tensor: finite values are within +-448 * 2**-120
+    if bool(high >= _NAN_AS_BITS) or bool(low <= -_NAN_AS_BITS):  # S.1111.111, a NaN, reads as +-480 * 2**-120
+        return False  # (out is overwritten by the caller's fallback)
     if factor is None:
         out.mul_(2.0**120).mul_(scale)
     else:
@@ -244,7 +248,7 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | Non
                          f"{tuple(out.shape)}")
     if _dequantize_bits(q, scale, out):
         return out
-    return out.copy_(q).mul_(scale)
+    return out.copy_(q).mul_(scale)  # (also over a bit-level attempt that found a NaN)
 
 
 def fake_quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
