@@ -26,7 +26,7 @@ from the union on every rank:
   the signed min; histogram calibrators agree on the widest power-of-two grid, merge their counts onto it and sum
   them. Both are exact: every rank gets bit for bit the amax of one process calibrated on all the data, and
   entropy, mse, percentile and kld search one histogram, the same on every rank;
-* :func:`~qdq.autotune.autotune` sums each candidate's output distance over the ranks before choosing.
+* :func:`~qdq.calibrate.autotune.autotune` sums each candidate's output distance over the ranks before choosing.
 
 A rank whose data yields no batch takes part with empty statistics. A quantizer no rank saw is the usual error
 (naming it), raised on every rank. An exception on one rank while feeding data is reported to every rank, which
@@ -67,7 +67,7 @@ What keeps the ranks identical:
   broadcasts them. They stay identical because every rank runs the same code; :func:`verify_synchronized` checks
   them with the parameters and buffers (``prepare_for_ddp`` checks them with the tensors' shapes).
 * BatchNorm running statistics, in training mode, carry each rank's last batch until DDP's next broadcast:
-  freeze them for QAT (:func:`qdq.qat.freeze_bn_stats`) or :func:`broadcast_buffers` before comparing ranks.
+  freeze them for QAT (:func:`qdq.transform.qat.freeze_bn_stats`) or :func:`broadcast_buffers` before comparing ranks.
 
 Checkpoints: save ``model.state_dict()`` (of the unwrapped model) on rank 0, wait at a barrier, load on every
 rank with ``map_location`` set to that rank's device; amax loads onto whatever device the quantizer is on.
@@ -101,8 +101,8 @@ import torch.distributed as dist
 from torch import nn
 
 from qdq.calib.calibrator import Stats, StatsMismatchError, _Calibrator
-from qdq.quant_modules import name_quantizers
-from qdq.switches import quantizers
+from qdq.transform.replace import name_quantizers
+from qdq.transform.switches import quantizers
 
 __all__ = [
     "is_distributed",
@@ -649,7 +649,7 @@ def verify_synchronized(
     compares its own (NaN equals NaN).
 
     In training mode each rank updates its BatchNorm running statistics with its own batch after DDP's broadcast,
-    so they differ between forwards: freeze them (:func:`qdq.qat.freeze_bn_stats`, the QAT recipe), use
+    so they differ between forwards: freeze them (:func:`qdq.transform.qat.freeze_bn_stats`, the QAT recipe), use
     ``SyncBatchNorm``, or :func:`broadcast_buffers` before comparing.
 
     Args:

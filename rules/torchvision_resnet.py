@@ -43,7 +43,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from qdq.nn import QuantAdd
-from qdq.patching import ForwardPatch, apply_patch, patched_modules, remove_patch
+from qdq.transform.patching import ForwardPatch, apply_patch, patched_modules, remove_patch
 from qdq.tensor_quant import QuantDescriptor
 
 __all__ = [

@@ -50,7 +50,7 @@ def test_private_names_stay_importable_for_pytorch_quantization_code():
 
 
 def test_cli_tolerance_default_is_the_library_default():
-    from qdq.cli import _parser
+    from qdq.cli.commands import _parser
     from qdq.onnx.parity import DEFAULT_OUTPUT_TOLERANCE_STEPS
 
     args = _parser().parse_args(["ptq", "--model", "m", "--data", "d", "--out", "o.onnx"])

@@ -13,9 +13,9 @@ calibrated, mixed-precision model, and :func:`qdq.export_onnx` turns that into a
     calibrate_from_config(model, loader, "quant_config.json")   # each quantizer's own calib_method
     qdq.export_onnx(model, example_input, "model_qdq.onnx")
 
-:func:`create_quant_config` lists every layer the module map would quantize (:mod:`qdq.quant_modules`).
+:func:`create_quant_config` lists every layer the module map would quantize (:mod:`qdq.transform.replace`).
 :func:`apply_quant_config` checks the whole file against the model first and reports every problem at once, then
-converts the model in place with one call of :func:`~qdq.quant_modules.replace_to_quantization_module` (layers set
+converts the model in place with one call of :func:`~qdq.transform.replace.replace_to_quantization_module` (layers set
 to float are its ignore policy; every other layer builds its quantizers once, from its descriptors).
 :func:`calibrate_from_config` feeds ``num_batches`` batches and computes each quantizer's amax with the
 ``calib_method`` of its own entry. :func:`load_quant_config` and :func:`save_quant_config` read and write a config
@@ -63,7 +63,7 @@ Top level
 ``global``
     ``num_batches``: batches :func:`calibrate_from_config` feeds (an int >= 1, or ``null`` for all of the data).
     ``skip_layers``: layers left in float - names or regular expressions, matched as by
-    :func:`qdq.quant_modules.compile_ignore_policy` (``"layer4"`` covers ``"layer4.0.conv1"``); each must match at
+    :func:`qdq.transform.replace.compile_ignore_policy` (``"layer4"`` covers ``"layer4.0.conv1"``); each must match at
     least one layer. ``input`` and ``weight``: the descriptors of every layer that does not say otherwise (default:
     ``QuantDescriptor()`` and ``QuantDescriptor(axis=0)``).
 

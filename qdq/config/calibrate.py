@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 from qdq.calib import HistogramCalibrator, MaxCalibrator
-from qdq.calibrate import CalibrationReport, collect_stats, handle_no_data
+from qdq.calibrate.model import CalibrationReport, collect_stats, handle_no_data
 from qdq.config.apply import quantizer_roles, skip_rules
 from qdq.config.schema import Problems, QuantConfigError, checked_config, descriptor_of, layer_path, resolve_section
 from qdq.distributed import is_distributed, sync_calibrators
 from qdq.nn.modules._utils import QuantInputMixin, QuantMixin
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
-from qdq.switches import quantizers
+from qdq.transform.switches import quantizers
 from qdq.tensor_quant import QuantDescriptor
 
 __all__ = ["calibrate_from_config"]

@@ -58,8 +58,8 @@ from torch import nn
 from qdq.distributed import run_on_rank0
 from qdq.onnx import export_formats
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
-from qdq.quant_modules import name_quantizers
-from qdq.switches import preserved_modes, quantizers
+from qdq.transform.replace import name_quantizers
+from qdq.transform.switches import preserved_modes, quantizers
 from qdq.tensor_quant import amax_problem
 
 if TYPE_CHECKING:

@@ -108,8 +108,8 @@ def _fp16_problem(scale: np.ndarray) -> str | None:
 
 
 def _quantizers(model: nn.Module):
-    from qdq.quant_modules import name_quantizers
-    from qdq.switches import quantizers
+    from qdq.transform.replace import name_quantizers
+    from qdq.transform.switches import quantizers
 
     name_quantizers(model)
     seen = set()

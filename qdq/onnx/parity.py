@@ -53,7 +53,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from qdq.switches import preserved_modes
+from qdq.transform.switches import preserved_modes
 
 __all__ = ["verify", "VerifyReport", "OutputParity", "RoundingParity", "run_onnxruntime", "DEFAULT_OUTPUT_TOLERANCE_STEPS",
            "FLOAT16_OUTPUT_RTOL"]
