@@ -27,12 +27,12 @@ The whole flow::
     qdq.export_onnx(model, example_input, "model_qdq.onnx")
 
 The top level is lazy: ``import qdq`` imports neither torch nor any floor; each name below is imported from the
-module that defines it on first use (``qdq.calibrate_model`` imports :mod:`qdq.calibrate`). The public API is
+module that defines it on first use (``qdq.calibrate_model`` imports :mod:`qdq.calibrate.model`). The public API is
 exactly ``__all__``.
 
 >>> import qdq
 >>> qdq.calibrate_model.__module__
-'qdq.calibrate'
+'qdq.calibrate.model'
 >>> sorted(set(dir(qdq)) - set(qdq.__all__))
 []
 """
@@ -85,9 +85,9 @@ _EXPORTS = {
     "search_formats": "qdq.transform.layer_formats",
     "fp8_exclusion": "qdq.transform.layer_formats",
     "quantize_attention": "qdq.transform.attention",
-    "initialize": "qdq.transform.replace",
-    "deactivate": "qdq.transform.replace",
-    "enable_onnx_export": "qdq.transform.replace",
+    "initialize": "qdq.transform.module_map",
+    "deactivate": "qdq.transform.module_map",
+    "enable_onnx_export": "qdq.transform.module_map",
     "place_quantizers": "qdq.onnx",
     "round_scales_to_float16": "qdq.onnx.float16",
 }

@@ -63,7 +63,7 @@ Top level
 ``global``
     ``num_batches``: batches :func:`calibrate_from_config` feeds (an int >= 1, or ``null`` for all of the data).
     ``skip_layers``: layers left in float - names or regular expressions, matched as by
-    :func:`qdq.transform.replace.compile_ignore_policy` (``"layer4"`` covers ``"layer4.0.conv1"``); each must match at
+    :func:`qdq.transform.ignore_policy.compile_ignore_policy` (``"layer4"`` covers ``"layer4.0.conv1"``); each must match at
     least one layer. ``input`` and ``weight``: the descriptors of every layer that does not say otherwise (default:
     ``QuantDescriptor()`` and ``QuantDescriptor(axis=0)``).
 

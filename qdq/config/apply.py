@@ -29,9 +29,9 @@ from qdq.config.schema import (
 from qdq.formats import FP8_E4M3, is_fp8
 from qdq.nn.modules._utils import QuantInputMixin, QuantMixin
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
+from qdq.transform.ignore_policy import compile_ignore_policy
 from qdq.transform.replace import (
     ReplacementReport,
-    compile_ignore_policy,
     module_device,
     name_quantizers,
     quantizable_layers,

@@ -90,7 +90,7 @@ def create_quant_config(
         path: the JSON file to write (folders are created); ``None`` only returns the config.
         model: the float model (layers that are already quantized are listed too).
         skip_layers: layers to keep in float: names or regular expressions (see
-            :func:`qdq.transform.replace.compile_ignore_policy`); written to ``global.skip_layers`` and as
+            :func:`qdq.transform.ignore_policy.compile_ignore_policy`); written to ``global.skip_layers`` and as
             ``"enabled": false`` on the layers they match. Each must match a layer.
         num_batches: calibration batches (``global.num_batches``); ``None`` for all of the data.
         input: the descriptor of every layer's input (``global.input``; default: 8-bit per tensor, max), e.g.

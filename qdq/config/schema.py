@@ -21,7 +21,7 @@ from typing import Any, Iterable, Mapping
 from qdq._files import write_atomically
 from qdq._json_keys import DuplicateKeyError, loads_unique
 from qdq.formats import BLOCK_SIZES
-from qdq.transform.replace import compile_ignore_policy
+from qdq.transform.ignore_policy import compile_ignore_policy
 from qdq.tensor_quant import QuantDescriptor
 
 __all__ = ["CONFIG_FORMAT", "CONFIG_VERSION", "QuantConfigError", "load_quant_config", "save_quant_config",

@@ -59,7 +59,7 @@ from torch.overrides import TorchFunctionMode
 from qdq.transform.functional_weights import ROUTED_ATTR, functional_weight_names
 from qdq.nn.modules.quant_matmul import QuantScaledDotProductAttention
 from qdq.transform.patching import ForwardPatch, apply_patch, remove_patch
-from qdq.transform.replace import compile_ignore_policy
+from qdq.transform.ignore_policy import compile_ignore_policy
 
 __all__ = [
     "quantize_attention",

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import qdq
-from qdq.transform.replace import compile_ignore_policy, unmatched_ignore_patterns
+from qdq.transform.ignore_policy import compile_ignore_policy, unmatched_ignore_patterns
 
 
 def _model():

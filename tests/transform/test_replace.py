@@ -10,8 +10,9 @@ from torch import nn
 
 from qdq import nn as quant_nn
 from qdq import quant_modules
-from qdq.transform import replace
-from qdq.transform.replace import compile_ignore_policy, replace_to_quantization_module
+from qdq.transform import subclasses
+from qdq.transform.ignore_policy import compile_ignore_policy
+from qdq.transform.replace import replace_to_quantization_module
 from qdq.transform.switches import quantizers
 from qdq.tensor_quant import QuantDescriptor
 
@@ -237,7 +238,7 @@ def test_subclass_forward_nested_in_itself_reads_the_quantized_weight():
         w, fq_in = layer.weight_quantizer(layer.weight), layer.input_quantizer
         expected = F.linear(fq_in(F.linear(fq_in(F.linear(fq_in(x), w, layer.bias)), w, layer.bias)), w, layer.bias)
     assert torch.equal(got, expected)
-    assert isinstance(layer.weight, nn.Parameter) and layer.__dict__[replace._VIEWS] == []
+    assert isinstance(layer.weight, nn.Parameter) and layer.__dict__[subclasses._VIEWS] == []
 
 
 def test_subclass_forward_compiles_fullgraph_with_the_same_numbers():
@@ -262,8 +263,8 @@ def test_subclass_with_its_own_weight_property_keeps_it_and_says_so(caplog):
         def forward(self, x):
             return F.linear(x, self.weight, self.bias)
 
-    with caplog.at_level(logging.WARNING, logger="qdq.transform.replace"):
-        cls = replace._quant_subclass(DerivedWeight, quant_nn.QuantLinear, nn.Linear)
+    with caplog.at_level(logging.WARNING, logger="qdq.transform.subclasses"):
+        cls = subclasses._quant_subclass(DerivedWeight, quant_nn.QuantLinear, nn.Linear)
     assert "defines its own 'weight' attribute" in caplog.text
     assert vars(cls).get("weight") is None
 

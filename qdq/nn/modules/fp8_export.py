@@ -2,7 +2,7 @@
 
 torch's exporters translate the fused integer fake-quant ops only (their range is at most 8 bits), so a
 ``TensorQuantizer(QuantDescriptor(num_bits=(4, 3)))`` in export mode (``use_fb_fake_quant``,
-``qdq.transform.replace.enable_onnx_export()``, ``set_export_mode(True)``) calls :func:`fp8_qdq` instead. In PyTorch it
+``qdq.transform.module_map.enable_onnx_export()``, ``set_export_mode(True)``) calls :func:`fp8_qdq` instead. In PyTorch it
 computes :func:`qdq.formats.fake_quantize_fp8` (the numbers of training and of ONNX Runtime); in an ONNX export it
 writes:
 

@@ -146,7 +146,7 @@ class TensorQuantizer(nn.Module):
     #: ONNX exporters write as QuantizeLinear/DequantizeLinear. A quantizer without amax then raises, as
     #: :func:`qdq.export_onnx` does (inside the rules step every quantizer carries its tag scale instead).
     use_fb_fake_quant = False
-    _enable_onnx_export = False  # set by qdq.transform.replace.enable_onnx_export(), the same effect
+    _enable_onnx_export = False  # set by qdq.transform.module_map.enable_onnx_export(), the same effect
 
     def _set_setting(self, key: str, value) -> None:
         """pytorch_quantization's setters of num_bits / unsigned / narrow_range: the descriptor follows."""
