@@ -253,7 +253,7 @@ def section_fp8_kinds(ctx: Context, result: dict) -> None:
 def section_search(ctx: Context, result: dict) -> None:
     import qdq
     from qdq.calibrate.evaluate import top1_accuracy
-    from qdq.transform.layer_formats import search_formats
+    from qdq.calibrate.format_search import search_formats
 
     fp32, _, calib, evalb, ref, labels = ctx.cache["efficientnet"]
     evals = evalb[: ctx.option("search_batches")]

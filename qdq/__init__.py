@@ -82,7 +82,7 @@ _EXPORTS = {
     "formats": "qdq.formats",
     "set_layer_format": "qdq.transform.layer_formats",
     "set_model_format": "qdq.transform.layer_formats",
-    "search_formats": "qdq.transform.layer_formats",
+    "search_formats": "qdq.calibrate.format_search",
     "fp8_exclusion": "qdq.transform.layer_formats",
     "quantize_attention": "qdq.transform.attention",
     "initialize": "qdq.transform.module_map",
