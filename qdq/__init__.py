@@ -1,19 +1,29 @@
 """qdq: fake quantization for PyTorch (PTQ and QAT) whose product is a QDQ ONNX model for TensorRT.
 
-The package is built in floors; a lower floor never imports a higher one:
+The package is built in floors; a lower floor never imports a higher one (``tests/test_floors.py`` checks it):
 
-1. math - :mod:`qdq.tensor_quant`: descriptors and pure quantization functions;
+1. math - :mod:`qdq.tensor_quant` (descriptors and pure quantization functions) and :mod:`qdq.formats` (FP8 E4M3,
+   blocked INT4);
 2. statistics - :mod:`qdq.calib`: calibrators and the amax searches;
 3. modules - :mod:`qdq.nn`: TensorQuantizer and the quantized layers;
-4. model transforms - :mod:`qdq.quant_modules` (the module map, in-place conversion), :mod:`qdq.calibrate`,
-   :mod:`qdq.transform.switches`, :mod:`qdq.calibrate.sensitivity`, :mod:`qdq.transform.patching`, :mod:`qdq.transform.fold_batchnorm`, :mod:`qdq.calibrate.autotune`,
-   :mod:`qdq.transform.qat`, :mod:`qdq.calibrate.calib_table`, :mod:`qdq.calibrate.data`, :mod:`qdq.config` (per-layer config files),
-   :mod:`qdq.distributed` (calibration and QAT across torch.distributed ranks), :mod:`qdq.transform.layer_formats` (INT8, FP8,
-   INT4 weight-only or float per layer, and the format search), :mod:`qdq.transform.attention` (attention MatMuls),
-   :mod:`qdq.transform.op_sites` (inline adds, concats and poolings), :mod:`qdq.ptq` (bias correction, equalization, AdaRound);
+4. model transforms, in four steps, each importing only the ones before it:
+
+   1. :mod:`qdq.transform` - converting the model: the module map and the in-place replacement, ignore policies,
+      forward patches, inline op sites, attention MatMuls, BatchNorm folding, switches, formats per layer, QAT;
+   2. :mod:`qdq.distributed` - calibration and QAT across torch.distributed ranks;
+   3. :mod:`qdq.calibrate` - the model on data: whole-model calibration, feeding, calibration data from files,
+      auto-tune, sensitivity, the format search, accuracy measures, calibration tables;
+   4. :mod:`qdq.ptq` (bias correction, equalization, AdaRound) and :mod:`qdq.config` (per-layer config files);
+
 5. graph side - :mod:`qdq.onnx`: export, ONNX Runtime parity, the TensorRT rule checker, scale matching, the
    automatic placement for TensorRT and the fusion predictor;
-6. faces - :mod:`qdq.rules` (recipes), the ``qdq`` command line, ``examples/``, ``benchmarks/``.
+6. faces - :mod:`qdq.cli` (the ``qdq`` command line, its demo, model zoo and plots), :mod:`qdq.rules` (recipes),
+   ``examples/``, ``benchmarks/``.
+
+pytorch_quantization's paths stay: :mod:`qdq.quant_modules` (re-exporting :mod:`qdq.transform`),
+:mod:`qdq.cuda_ext`, :mod:`qdq.quant_logging`, :mod:`qdq.utils`, :mod:`qdq.optim`. ``qdq._files``,
+``qdq._json_keys``, ``qdq._union_find`` and ``qdq._version`` are private helpers. Each package's docstring lists
+its modules.
 
 Code written for NVIDIA's pytorch_quantization runs with its imports renamed::
 
