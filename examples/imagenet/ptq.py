@@ -37,7 +37,12 @@ from examples.common import (UsageError, add_run_arguments, export_and_check, ex
                              histograms_without_zeros, positive, print_table, resolve_defaults, run_main)
 from qdq.calib import HistogramCalibrator
 from qdq.calibrate.evaluate import collect_logits, sqnr_db, top1_accuracy, top1_agreement
-from qdq.calibrate.sensitivity import SensitivityProfile, auto_skip_sensitive_layers, build_sensitivity_profile, quantized_layers
+from qdq.calibrate.sensitivity import (
+    SensitivityProfile,
+    auto_skip_sensitive_layers,
+    build_sensitivity_profile,
+    quantized_layers,
+)
 
 __all__ = [
     "CONFIGS",

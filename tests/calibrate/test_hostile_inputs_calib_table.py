@@ -7,7 +7,13 @@ import torch
 from torch import nn
 
 from qdq import calibrate_model
-from qdq.calibrate.calib_table import CalibTableError, load_calib_table, read_tensorrt_cache, save_calib_table, write_tensorrt_cache
+from qdq.calibrate.calib_table import (
+    CalibTableError,
+    load_calib_table,
+    read_tensorrt_cache,
+    save_calib_table,
+    write_tensorrt_cache,
+)
 from qdq.transform.replace import replace_to_quantization_module
 
 

@@ -10,7 +10,12 @@ from torch import nn
 import qdq
 from qdq import quant_modules
 from qdq import nn as quant_nn
-from qdq.transform.attention import attention_modules, quantize_attention, register_attention_module, remove_attention_quantization
+from qdq.transform.attention import (
+    attention_modules,
+    quantize_attention,
+    register_attention_module,
+    remove_attention_quantization,
+)
 from qdq.onnx import export_onnx, verify
 from qdq.onnx.check import check_tensorrt
 from qdq.onnx.check_attention import find_attentions
