@@ -22,10 +22,10 @@ unsigned               ``[0, 255]``          ``[0, 255]``
 ``narrow_range=False`` is the default: it is what ONNX QuantizeLinear and TensorRT's IQuantizeLayer saturate to.
 
 Fake quantization runs PyTorch's fused kernels (``torch.fake_quantize_per_tensor_affine`` and
-``torch.fake_quantize_per_channel_affine``) on GPUs, under tracing (both ONNX exporters turn them into
-QuantizeLinear/DequantizeLinear) and where autograd records through them; in eager CPU code (QAT's forward included),
-where those kernels run a scalar loop, the same arithmetic runs as vectorized tensor ops (3-30x faster there). Both
-multiply by the float32 reciprocal of the scale and round half to even, so both give identical numbers for finite
+``torch.fake_quantize_per_channel_affine``) in eager GPU code, under the exporters (both ONNX exporters turn them into
+QuantizeLinear/DequantizeLinear) and where autograd records through them. In eager CPU code (QAT's forward included),
+where those kernels run a scalar loop, the same arithmetic runs as vectorized tensor ops (3-30x faster there), and so
+it does under ``torch.compile``, which fuses those ops and has no lowering of the fused kernels. Both multiply by the float32 reciprocal of the scale and round half to even, so both give identical numbers for finite
 inputs. ONNX defines QuantizeLinear with a division,
 which can differ from the reciprocal product by one ulp and so, on an exact rounding tie, by one quantization step:
 that is why exported models are compared with ONNX Runtime to the step, not bit for bit.
@@ -702,31 +702,34 @@ def _channel_axis(scale: torch.Tensor, x: torch.Tensor) -> int | None:
 _EAGER_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-def _eager_cpu(x: torch.Tensor, scale: torch.Tensor | None = None) -> bool:
-    """Whether ``x`` is an ordinary CPU tensor in eager execution, outside any tracing, and autograd records nothing
-    through :func:`fake_quantize` (as inside :class:`FakeTensorQuantFunction`, whose forward runs without it).
+def _tensor_ops_path(x: torch.Tensor, scale: torch.Tensor | None = None) -> bool:
+    """Whether :func:`fake_quantize` runs as vectorized tensor ops on one buffer instead of PyTorch's fused kernels.
 
-    There, :func:`fake_quantize` runs as four vectorized tensor ops on one buffer instead of the fused kernels,
-    whose CPU loop is scalar: 3-30x slower on one core, the more the smaller the tensor (``benchmarks/core_ops.py``).
+    It does where autograd records nothing through the call (as inside :class:`FakeTensorQuantFunction`, whose
+    forward runs without it) and
+
+    * in eager execution on CPU, outside any tracing: the fused kernels' CPU loop is scalar, 3-30x slower on one
+      core, the more the smaller the tensor (``benchmarks/core_ops.py``);
+    * under ``torch.compile`` (not an export): inductor has no lowering of the fused kernels and would call them as
+      opaque kernels; the tensor ops fuse with the clipping mask and the neighbouring ops into one loop.
+
     For finite inputs the numbers are the same (tested, ties included); a NaN stays NaN here, where the fused kernel
-    gives ``qmin * scale``. Under tracing (the ONNX exporters, torch.export, torch.compile, jit), on other devices and
-    when autograd records through the call, the fused kernels run: the exporters turn them into
-    QuantizeLinear/DequantizeLinear, compilers fuse them, and their gradient is the straight-through one.
+    gives ``qmin * scale``. Under the exporters (jit tracing, torch.export, both ONNX exporters), on other devices in
+    eager execution and when autograd records through the call, the fused kernels run: the exporters turn them into
+    QuantizeLinear/DequantizeLinear, and their gradient is the straight-through one.
     """
-    grad = torch.is_grad_enabled() and (x.requires_grad or (scale is not None and scale.requires_grad))
-    return (
-        not torch.compiler.is_compiling()
-        and type(x) in _EAGER_TYPES  # FakeTensor / FunctionalTensor while exporting
-        and x.device.type == "cpu"
-        and not grad
-        and not torch.jit.is_tracing()
-    )
+    if torch.is_grad_enabled() and (x.requires_grad or (scale is not None and scale.requires_grad)):
+        return False
+    if torch.compiler.is_compiling():
+        return not torch.compiler.is_exporting()
+    return type(x) in _EAGER_TYPES and x.device.type == "cpu" and not torch.jit.is_tracing()
 
 
-def _fake_quantize_eager(x, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
+def _fake_quantize_eager(x, scale, zero_point, qmin: int, qmax: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """The fused kernels' arithmetic in tensor ops: ``(clamp(round_half_even(x * (1 / scale)) + zp) - zp) * scale``
-    (float32; ``zero_point`` None for 0)."""
-    q = torch.mul(x, torch.reciprocal(scale)).round_()
+    (float32; ``zero_point`` None for 0), written into ``out`` if given (a float32 buffer of ``x``'s shape)."""
+    inv_scale = torch.reciprocal(scale)
+    q = (torch.mul(x, inv_scale) if out is None else torch.mul(x, inv_scale, out=out)).round_()
     if zero_point is None:
         return q.clamp_(qmin, qmax).mul_(scale)
     return q.add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
@@ -822,13 +825,13 @@ def fake_quantize(
     qmin, qmax = _resolve_range(qmin, qmax, num_bits, unsigned, narrow_range)
     x = x.float()
     scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
-    if _eager_cpu(x, scale):
+    if _tensor_ops_path(x, scale):
         _channel_axis(scale, x)  # the shape check, with its message
         zp = None
         if isinstance(zero_point, torch.Tensor):
             zp = torch.broadcast_to(zero_point.to(x.device).float().round(), scale.shape)
         elif zero_point != 0:
-            zp = torch.full((), float(round(zero_point)), dtype=torch.float32)
+            zp = torch.full((), float(round(zero_point)), dtype=torch.float32, device=x.device)
         return _fake_quantize_eager(x, scale, zp, qmin, qmax)
     if isinstance(zero_point, torch.Tensor):
         zero_point = zero_point.to(x.device)
@@ -1009,8 +1012,16 @@ class FakeTensorQuantFunction(torch.autograd.Function):
         amax_t, qmin, qmax = _prepare(x, amax, num_bits, unsigned, narrow_range)
         amax_f = amax_t.detach().float()
         scale = amax_to_scale(amax_f, num_bits, unsigned)
-        out = fake_quantize(x, scale, 0, qmin, qmax)
-        inside = x.detach().abs() <= amax_f
+        xd = x.detach()
+        if xd.dtype == torch.float32 and _tensor_ops_path(xd, scale) and not torch.compiler.is_compiling():
+            # eager CPU: |x| and then the output go into one buffer, a large allocation fewer per call
+            _channel_axis(scale, xd)
+            out = torch.abs(xd)
+            inside = out <= amax_f
+            out = _fake_quantize_eager(xd, scale, None, qmin, qmax, out=out)
+        else:
+            out = fake_quantize(x, scale, 0, qmin, qmax)
+            inside = xd.abs() <= amax_f
         if isinstance(amax, torch.Tensor) and amax.requires_grad:
             ctx.save_for_backward(inside, x, scale, amax_t)
             ctx.bounds = (qmin, qmax, maxbound(num_bits, unsigned))
