@@ -1,11 +1,13 @@
-"""Floor 4b, the model on data: calibration and everything else that feeds batches through the model.
+"""Floor 4.3, the model on data: calibration and everything else that feeds batches through the model.
 
 - :mod:`~qdq.calibrate.model`: calibration of a whole model (``calibrate_model``, ``collect_stats``,
   ``compute_amax``);
 - :mod:`~qdq.calibrate.feeding`: the batch conventions every data-driven step shares;
-- :mod:`~qdq.calibrate.data`: calibration data from files (image folders, NumPy folders, data lists);
+- :mod:`~qdq.calibrate.data` (a package): calibration data from files (image folders, NumPy folders, data lists);
 - :mod:`~qdq.calibrate.autotune`: the input amax refined by each layer's output distance;
 - :mod:`~qdq.calibrate.sensitivity`: per-layer sensitivity, and skipping the most sensitive layers;
+- :mod:`~qdq.calibrate.format_search`: a format per layer (:mod:`qdq.transform.layer_formats`) chosen under an
+  accuracy tolerance at the lowest estimated cost;
 - :mod:`~qdq.calibrate.evaluate`: accuracy measures of a quantized model against its float original;
 - :mod:`~qdq.calibrate.calib_table`: calibration tables (every quantizer's amax) and TensorRT caches.
 
