@@ -128,7 +128,9 @@ _SEARCH_ARGS: dict[str, dict[str, Any]] = {
     "percentile": {"percentile": 99.99},
     "kld": {},
 }
-_KLD_MIN_BINS = 16
+#: The KLD search tries ``num_bins // KLD_DIVISIONS`` bins between cuts (:mod:`qdq.calib.kld`, 2048 // 16 = 128 as in
+#: tpu-mlir), so a kld descriptor needs at least that many bins.
+KLD_DIVISIONS = 16
 
 
 def calib_methods() -> tuple[str, ...]:
@@ -180,8 +182,8 @@ def _check_calib_args(calib_method: str, args: Any) -> tuple[tuple[str, Any], ..
         test, wanted = checks.get(key, (lambda v: _is_real(v) or isinstance(v, (bool, str)), "a number"))
         if not test(value):
             raise ValueError(f"QuantDescriptor: calib_args[{key!r}] must be {wanted}, got {value!r}")
-    if calib_method == "kld" and out["num_bins"] < _KLD_MIN_BINS:
-        raise ValueError(f"QuantDescriptor: calib_method 'kld' needs at least {_KLD_MIN_BINS} bins, "
+    if calib_method == "kld" and out["num_bins"] < KLD_DIVISIONS:
+        raise ValueError(f"QuantDescriptor: calib_method 'kld' needs at least {KLD_DIVISIONS} bins, "
                          f"got calib_args['num_bins']={out['num_bins']}")
     if "percentile" in out:
         out["percentile"] = float(out["percentile"])

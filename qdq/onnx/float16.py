@@ -53,6 +53,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from qdq.onnx.export import weight_integers
+
 __all__ = ["FLOAT16_MIN_OPSET", "FLOAT32_OPS", "Float16Report", "scale_problems", "round_scales_to_float16",
            "convert_to_float16"]
 
@@ -231,22 +233,15 @@ def _to_fp16(values: np.ndarray, name: str, report: Float16Report) -> np.ndarray
 def _dequantized_fp16(weight: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int) -> np.ndarray:
     """float16 values whose QuantizeLinear (float16 ``scale``) gives exactly qdq's integers of the float32 weight."""
     from qdq.formats import dequantize_fp8, quantize_fp8
-    from qdq.tensor_quant import quantize
 
-    w = torch.from_numpy(weight.astype(np.float32))
-    s = torch.from_numpy(scale.astype(np.float32))
-    if s.numel() > 1:
-        shape = [1] * w.dim()
-        shape[axis % w.dim()] = s.numel()
-        s = s.reshape(shape)
-        zp = zero_point.reshape(shape)
-    else:
-        s, zp = s.reshape(()), zero_point.reshape(())
-    if zp.dtype.kind in "iu":
-        info = np.iinfo(zp.dtype)
-        z = torch.from_numpy(zp.astype(np.float32))
-        deq = (quantize(w, s, z, int(info.min), int(info.max)) - z) * s
+    if zero_point.dtype.kind in "iu":
+        q, s, z = weight_integers(weight, scale, zero_point, axis)
+        deq = (q - z) * s
     else:  # float8e4m3fn
+        w = torch.from_numpy(weight.astype(np.float32))
+        s = torch.from_numpy(scale.astype(np.float32))
+        shape = [n if d == axis % w.dim() else 1 for d, n in enumerate(w.shape)] if s.numel() > 1 else []
+        s = s.reshape(shape)
         deq = dequantize_fp8(quantize_fp8(w, s), s)
     return deq.numpy().astype(np.float16)
 
