@@ -194,8 +194,15 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_number(v: Any) -> bool:
+    """A Python int or float (bool excluded: ``True`` is an int)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _is_real(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return _is_number(v) and math.isfinite(v)
+
+
 MIN_BITS, MAX_BITS = 2, 16
 
 
@@ -213,11 +220,9 @@ def _check_bool(key: str, value: Any) -> bool:
 def _normalize_axis(axis: Any) -> int | tuple[int, ...] | None:
     if axis is None:
         return None
-    if isinstance(axis, bool):
-        raise TypeError(f"QuantDescriptor: axis must be None, an int or a tuple of ints, got {axis!r}")
-    if isinstance(axis, int):
+    if _is_int(axis):
         return axis
-    if isinstance(axis, (list, tuple)) and all(isinstance(a, int) and not isinstance(a, bool) for a in axis):
+    if isinstance(axis, (list, tuple)) and all(_is_int(a) for a in axis):
         if not axis:
             raise ValueError("QuantDescriptor: axis=() is ambiguous; use axis=None for per-tensor quantization")
         if len(set(axis)) != len(axis):
@@ -242,7 +247,7 @@ def _normalize_amax(amax: Any) -> float | tuple | None:
     def freeze(v: Any) -> Any:
         if isinstance(v, (list, tuple)):
             return tuple(freeze(e) for e in v)
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
+        if not _is_number(v):
             raise TypeError(f"QuantDescriptor: amax must be float, list or ndarray (a number, a nested list of "
                             f"numbers, an array or a tensor), got {v!r}")
         if not math.isfinite(v) or v < 0:
@@ -336,7 +341,7 @@ class QuantDescriptor:
         calib_args = _check_calib_args(calib_method, kwargs.get("calib_args"))
         scale_amax = kwargs.get("scale_amax")
         if scale_amax is not None:
-            if isinstance(scale_amax, bool) or not isinstance(scale_amax, (int, float)):
+            if not _is_number(scale_amax):
                 raise TypeError(f"QuantDescriptor: scale_amax must be a number, got {scale_amax!r}")
             if not math.isfinite(scale_amax) or scale_amax <= 0:
                 raise ValueError(f"QuantDescriptor: scale_amax must be finite and > 0, got {scale_amax!r}")
@@ -515,7 +520,7 @@ def _check_format(values: dict) -> None:
                              f"{', '.join(bad + (['block_size'] if block_size is not None else []))}")
     if block_size is None:
         return
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+    if not _is_int(block_size) or block_size < 1:
         raise ValueError(f"QuantDescriptor: block_size must be an int >= 1, got {block_size!r}")
     if values["axis"] not in (None, 0):
         raise ValueError(f"QuantDescriptor: block_size quantizes 2-D weights in blocks along their last dimension "
@@ -552,7 +557,7 @@ QUANT_DESC_8BIT_CONVTRANSPOSE3D_WEIGHT_PER_CHANNEL = QuantDescriptor(num_bits=8,
 
 
 def _check_bits(num_bits: int) -> None:
-    if isinstance(num_bits, bool) or not isinstance(num_bits, int) or not MIN_BITS <= num_bits <= MAX_BITS:
+    if not _is_int(num_bits) or not MIN_BITS <= num_bits <= MAX_BITS:
         raise ValueError(f"num_bits must be an int in [{MIN_BITS}, {MAX_BITS}], got {num_bits!r}")
 
 
@@ -611,7 +616,7 @@ def amax_problem(amax: torch.Tensor | float, *, nonnegative: bool = True) -> str
         if bool(bad.any()):
             return f"must be {rule}; got {amax[bad].flatten()[:4].tolist()} among its values"
         return None
-    if isinstance(amax, bool) or not isinstance(amax, (int, float)):
+    if not _is_number(amax):
         return f"must be a number, got {type(amax).__name__}"
     if not math.isfinite(amax) or (nonnegative and amax < 0):
         return f"must be {rule}; got {amax!r}"

@@ -54,6 +54,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from qdq.onnx.export import weight_integers
+from qdq.onnx.value_types import value_types
 
 __all__ = ["FLOAT16_MIN_OPSET", "FLOAT32_OPS", "Float16Report", "scale_problems", "round_scales_to_float16",
            "convert_to_float16"]
@@ -212,16 +213,6 @@ def round_scales_to_float16(model: nn.Module) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _types(model: onnx.ModelProto) -> dict[str, int]:
-    inferred = onnx.shape_inference.infer_shapes(model)
-    out = {}
-    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
-        out[vi.name] = vi.type.tensor_type.elem_type
-    for init in model.graph.initializer:
-        out[init.name] = init.data_type
-    return out
-
-
 def _to_fp16(values: np.ndarray, name: str, report: Float16Report) -> np.ndarray:
     finite = values[np.isfinite(values)]
     if finite.size and float(np.abs(finite).max()) > _FP16_MAX:
@@ -264,7 +255,7 @@ def convert_to_float16(model: onnx.ModelProto) -> Float16Report:
             raise ValueError(f"{node.op_type} {node.name!r} has subgraphs, which the float16 conversion does not "
                              "convert; export it in float32")
     report = Float16Report()
-    types = _types(model)
+    types = {name: t.elem_type for name, t in value_types(model).items()}
     inits = {init.name: init for init in graph.initializer}
     readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for node in graph.node:
