@@ -121,7 +121,7 @@ def _counts(model) -> dict:
 
 def section_overhead(ctx: Context, result: dict) -> None:
     import qdq
-    from qdq.formats import fake_fp8_quant
+    from qdq.math.formats import fake_fp8_quant
     from qdq.tensor_quant import fake_quantize_by_amax, fake_tensor_quant
 
     if "efficientnet" not in ctx.cache:  # timing only: any calibration will do

@@ -2,8 +2,8 @@
 
 The package is built in floors; a lower floor never imports a higher one (``tests/test_floors.py`` checks it):
 
-1. math - :mod:`qdq.tensor_quant` (descriptors and pure quantization functions) and :mod:`qdq.formats` (FP8 E4M3,
-   blocked INT4);
+1. math - :mod:`qdq.math`: descriptors and pure quantization functions, FP8 E4M3 and blocked INT4
+   (:mod:`qdq.tensor_quant` is pytorch_quantization's path to them);
 2. statistics - :mod:`qdq.calib`: calibrators and the amax searches;
 3. modules - :mod:`qdq.nn`: TensorQuantizer and the quantized layers;
 4. model transforms, in four steps, each importing only the ones before it:
@@ -20,7 +20,8 @@ The package is built in floors; a lower floor never imports a higher one (``test
 6. faces - :mod:`qdq.cli` (the ``qdq`` command line, its demo, model zoo and plots), :mod:`qdq.rules` (recipes),
    ``examples/``, ``benchmarks/``.
 
-pytorch_quantization's paths stay: :mod:`qdq.quant_modules` (re-exporting :mod:`qdq.transform`),
+pytorch_quantization's paths stay: :mod:`qdq.tensor_quant` (re-exporting :mod:`qdq.math`),
+:mod:`qdq.quant_modules` (re-exporting :mod:`qdq.transform`),
 :mod:`qdq.cuda_ext`, :mod:`qdq.quant_logging`, :mod:`qdq.utils`, :mod:`qdq.optim`. ``qdq._files``,
 ``qdq._json_keys``, ``qdq._union_find`` and ``qdq._version`` are private helpers. Each package's docstring lists
 its modules.
@@ -50,7 +51,7 @@ exactly ``__all__``.
 import importlib
 import logging
 
-# the public name -> the module that defines it (submodules map to themselves)
+# the public name -> the module that defines it (a submodule maps to itself: its last name part is the name)
 _EXPORTS = {
     "tensor_quant": "qdq.tensor_quant",
     "calib": "qdq.calib",
@@ -89,7 +90,7 @@ _EXPORTS = {
     "bias_correction": "qdq.ptq",
     "equalize": "qdq.ptq",
     "adaround": "qdq.ptq",
-    "formats": "qdq.formats",
+    "formats": "qdq.math.formats",
     "set_layer_format": "qdq.transform.layer_formats",
     "set_model_format": "qdq.transform.layer_formats",
     "search_formats": "qdq.calibrate.format_search",
@@ -124,7 +125,7 @@ def __getattr__(name: str):
         value = _package_version()
     elif name in _EXPORTS:
         module = importlib.import_module(_EXPORTS[name])
-        value = module if module.__name__ == f"{__name__}.{name}" else getattr(module, name)
+        value = module if module.__name__.rpartition(".")[2] == name else getattr(module, name)
     else:
         raise AttributeError(f"module 'qdq' has no attribute {name!r}")
     globals()[name] = value  # later look-ups skip __getattr__

@@ -78,7 +78,7 @@ from torch import nn
 
 from qdq.nn import QuantAdd, QuantConcat
 from qdq.transform.patching import ForwardPatch, apply_patch, patched_modules, remove_patch
-from qdq.tensor_quant import QuantDescriptor
+from qdq.math.descriptor import QuantDescriptor
 
 __all__ = [
     "BLOCK_NAMES",

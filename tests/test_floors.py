@@ -25,7 +25,7 @@ FLOORS = {
     "qdq._union_find": 0,
     "qdq._version": 0,
     "qdq.tensor_quant": 1,
-    "qdq.formats": 1,
+    "qdq.math": 1,
     "qdq.cuda_ext": 1,  # pytorch_quantization's compiled kernels, answered by floor 1
     "qdq.quant_logging": 1,  # pytorch_quantization's absl-style logging calls
     "qdq.utils": 1,  # pytorch_quantization's utils (reduce_amax, quant_logging)

@@ -78,7 +78,7 @@ import logging
 import torch
 
 from qdq.calib.amax_search import _as_2d, register_search, tolerant_argmin
-from qdq.tensor_quant import KLD_DIVISIONS  # the grid of cuts: n // KLD_DIVISIONS bins between cuts
+from qdq.math.descriptor import KLD_DIVISIONS  # the grid of cuts: n // KLD_DIVISIONS bins between cuts
 
 __all__ = ["kld_amax", "kld_divergence", "kld_cuts", "KLD_EPS", "KLD_DIVISIONS", "fits_grid"]
 

@@ -102,7 +102,7 @@ from qdq.calibrate.feeding import feed, model_device
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
 from qdq.transform.replace import name_quantizers
 from qdq.transform.switches import preserved_modes, quantizers
-from qdq.tensor_quant import fake_quantize_by_amax
+from qdq.math.fake_quant import fake_quantize_by_amax
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup

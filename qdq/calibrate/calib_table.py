@@ -80,7 +80,7 @@ from qdq._files import write_atomically
 from qdq._json_keys import DuplicateKeyError, loads_unique
 from qdq._version import __version__
 from qdq.transform.switches import quantizers
-from qdq.tensor_quant import amax_to_scale, check_amax
+from qdq.math.ranges import amax_to_scale, check_amax
 
 __all__ = [
     "TABLE_FORMAT",
@@ -195,7 +195,7 @@ def save_calib_table(model: nn.Module, path: str | os.PathLike, method: str | No
             "unsigned": q.unsigned,
             "axis": _axis_to_json(q.axis),
         }
-        if q.block_size is not None:  # blocked INT4 (qdq.formats); FP8 is num_bits [4, 3]
+        if q.block_size is not None:  # blocked INT4 (qdq.math.formats); FP8 is num_bits [4, 3]
             entries[name]["block_size"] = q.block_size
     if not entries:
         raise ValueError(
@@ -397,7 +397,7 @@ def write_tensorrt_cache(
 
     The format: the header on the first line, then ``name: hex`` per tensor in the mapping's order, where ``hex``
     is the big-endian IEEE-754 float32 bit pattern of the scale ``amax / 127`` as 8 lowercase hex digits. The scale
-    is computed as the QDQ export computes it (:func:`qdq.tensor_quant.amax_to_scale`, in float32), so an amax of 0
+    is computed as the QDQ export computes it (:func:`qdq.math.ranges.amax_to_scale`, in float32), so an amax of 0
     is written as the smallest positive scale, with a warning. Which ONNX tensor a quantizer feeds is the export's
     business; this takes the finished mapping.
 

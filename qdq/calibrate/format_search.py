@@ -49,7 +49,7 @@ from torch import nn
 
 from qdq.calibrate.model import calibrate_model
 from qdq.calibrate.sensitivity import build_sensitivity_profile
-from qdq.formats import FORMAT_NAMES
+from qdq.math.formats import FORMAT_NAMES
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
 from qdq.transform.layer_formats import (
     _check_format,

@@ -30,7 +30,7 @@ import qdq
 from qdq import nn as quant_nn
 from qdq.calibrate.evaluate import sqnr_db, top1_accuracy, top1_agreement
 from qdq.transform.qat import Distiller, qat_learning_rate
-from qdq.tensor_quant import QuantDescriptor
+from qdq.math.descriptor import QuantDescriptor
 
 __all__ = ["run_demo", "DemoResult"]
 

@@ -27,7 +27,8 @@ import torch
 
 from qdq.calib import HistogramCalibrator
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
-from qdq.tensor_quant import amax_to_scale, fake_quantize, quant_range
+from qdq.math.quantize import fake_quantize
+from qdq.math.ranges import amax_to_scale, quant_range
 
 __all__ = ["plot_histogram", "plot_sensitivity", "method_stats", "MethodStats"]
 

@@ -2,7 +2,7 @@
 
 This is how mixed precision is written down: some layers 8-bit, some with 4-bit weights, some left in float, each
 with its own calibration. The file *is* the descriptors: every tensor section is a
-:class:`~qdq.tensor_quant.QuantDescriptor` in its dict form (``QuantDescriptor.dict()`` / ``from_dict``), in the
+:class:`~qdq.math.descriptor.QuantDescriptor` in its dict form (``QuantDescriptor.dict()`` / ``from_dict``), in the
 words of the API (``calib_method``, ``calib_args``, ``axis``, ``num_batches``). Three steps take a float model to a
 calibrated, mixed-precision model, and :func:`qdq.export_onnx` turns that into a QDQ ONNX file::
 
@@ -75,7 +75,7 @@ Top level
     only ``input``).
 
 Tensor sections (``input``, ``weight``)
-    The fields of :class:`~qdq.tensor_quant.QuantDescriptor` but ``name`` (qdq names each quantizer by its path),
+    The fields of :class:`~qdq.math.descriptor.QuantDescriptor` but ``name`` (qdq names each quantizer by its path),
     with the descriptor's meaning and checks: ``num_bits`` (2..16, or ``[4, 3]`` for FP8 E4M3), ``calib_method``
     (``"max"``, ``"histogram"``, or a histogram search by name: ``"entropy"``, ``"mse"``, ``"percentile"``,
     ``"kld"`` and any search registered with :func:`qdq.calib.register_search`), ``calib_args`` (``num_bins`` of the
@@ -94,7 +94,7 @@ Keys a layer's section leaves out come from ``global``; ``calib_args`` are inher
 
 Checks
     Unknown keys at any level (with the closest valid key), version-1 keys in a version-2 file (with the key that
-    replaces them), duplicate keys, wrong types, everything :class:`~qdq.tensor_quant.QuantDescriptor` refuses
+    replaces them), duplicate keys, wrong types, everything :class:`~qdq.math.descriptor.QuantDescriptor` refuses
     (each key checked alone, so that each problem names its key, then the section as a whole), layer names the
     model has no quantizable layer for, ``weight`` on a layer without weights, a ``type`` that differs from the
     model's, ``"enabled": true`` on a layer ``skip_layers`` matches, and ``skip_layers`` patterns that match nothing

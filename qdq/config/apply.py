@@ -26,7 +26,7 @@ from qdq.config.schema import (
     listing,
     resolve_section,
 )
-from qdq.formats import FP8_E4M3, is_fp8
+from qdq.math.formats import FP8_E4M3, is_fp8
 from qdq.nn.modules._utils import QuantInputMixin, QuantMixin
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
 from qdq.transform.ignore_policy import compile_ignore_policy

@@ -21,7 +21,7 @@ from qdq.config.schema import (
     save_quant_config,
     section_of,
 )
-from qdq.tensor_quant import QuantDescriptor
+from qdq.math.descriptor import QuantDescriptor
 
 __all__ = ["create_quant_config"]
 

@@ -84,7 +84,7 @@ from qdq.onnx.fusion import _feeds_q, _fusible
 from qdq.transform.op_sites import OpSite, record_sites, remove_site_quantizers, set_site_quantizer, site_quantizers
 from qdq.transform.replace import name_quantizers
 from qdq.transform.switches import quantizers
-from qdq.tensor_quant import QuantDescriptor
+from qdq.math.descriptor import QuantDescriptor
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup

@@ -95,7 +95,7 @@ from torch.nn.parameter import is_lazy
 
 from qdq.nn.modules._utils import QuantInputMixin, QuantMixin
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
-from qdq.tensor_quant import reduce_amax
+from qdq.math.ranges import reduce_amax
 
 __all__ = ["fold_bn", "FoldReport", "ChannelAffine"]
 

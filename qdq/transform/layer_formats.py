@@ -48,9 +48,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from qdq.formats import BLOCK_SIZES, FORMAT_NAMES, is_fp8
+from qdq.math.formats import BLOCK_SIZES, FORMAT_NAMES, is_fp8
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
-from qdq.tensor_quant import QuantDescriptor
+from qdq.math.descriptor import QuantDescriptor
 from qdq.transform.replace import name_quantizers
 
 __all__ = [

@@ -1,7 +1,7 @@
 """Quantization-aware training helpers: distillation from the float model, and the usual recipe.
 
 After PTQ, fine-tuning with fake quantization in the loop (QAT) wins back most of what quantization lost. The
-gradients are straight-through (see :func:`qdq.tensor_quant.fake_quantize_by_amax`), so the user's own training loop
+gradients are straight-through (see :func:`qdq.math.fake_quant.fake_quantize_by_amax`), so the user's own training loop
 works unchanged. What helps:
 
 * start from a calibrated model (PTQ first), never from random amax;

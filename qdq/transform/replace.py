@@ -36,7 +36,7 @@ from torch import nn
 
 from qdq import nn as quant_nn
 from qdq.nn.modules._utils import QuantInputMixin, QuantMixin, pop_quant_desc_in_kwargs
-from qdq.tensor_quant import QuantDescriptor
+from qdq.math.descriptor import QuantDescriptor
 from qdq.transform.functional_weights import functional_user
 from qdq.transform.ignore_policy import IgnorePolicy, compile_ignore_policy, unmatched_ignore_patterns
 from qdq.transform.module_map import _build_map

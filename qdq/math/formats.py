@@ -37,7 +37,7 @@ reciprocal-and-round as INT8 and the same straight-through gradients). The amax 
 
 Example:
     >>> import torch
-    >>> from qdq.formats import fake_fp8_quant, fp8_scale
+    >>> from qdq.math.formats import fake_fp8_quant, fp8_scale
     >>> x = torch.tensor([0.0, 0.3, -1.0, 5.0])
     >>> fake_fp8_quant(x, torch.tensor(1.0))                       # 5.0 saturates at amax
     tensor([ 0.0000,  0.2857, -1.0000,  1.0000])
@@ -109,7 +109,7 @@ def check_num_bits(num_bits: Any, min_bits: int, max_bits: int) -> int | tuple[i
     >>> check_num_bits((5, 2), 2, 16)
     Traceback (most recent call last):
     ...
-    qdq.formats.UnsupportedFormatError: QuantDescriptor: num_bits=(5, 2): the only floating-point format is FP8 E4M3, num_bits=(4, 3) (TensorRT's FP8 Q/DQ type)
+    qdq.math.formats.UnsupportedFormatError: QuantDescriptor: num_bits=(5, 2): the only floating-point format is FP8 E4M3, num_bits=(4, 3) (TensorRT's FP8 Q/DQ type)
     """
     if isinstance(num_bits, (tuple, list)):
         pair = tuple(num_bits)
@@ -148,7 +148,7 @@ def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
     >>> fp8_scale(torch.tensor([448.0, 0.0]))
     tensor([1.0000e+00, 1.3305e-10])
     """
-    from qdq.tensor_quant import AMAX_EPS
+    from qdq.math.ranges import AMAX_EPS
 
     return torch.as_tensor(amax, dtype=torch.float32).clamp(min=AMAX_EPS) / FP8_E4M3_MAX
 
@@ -339,13 +339,13 @@ def fake_blocked_quant(
     """Fake-quantizes a 2-D weight with one amax per ``(row, block)`` (shape ``(rows, features / block, 1)``).
 
     The integer arithmetic and the gradients (straight-through for ``x``, LSQ-style for a learned amax) are those of
-    :func:`qdq.tensor_quant.fake_quantize_by_amax`.
+    :func:`qdq.math.fake_quant.fake_quantize_by_amax`.
 
     >>> w = torch.tensor([[0.7, -0.1, 0.05, 0.02]])
     >>> fake_blocked_quant(w, blocked_amax(w, 2), 4, 2)
     tensor([[ 0.7000, -0.1000,  0.0500,  0.0214]])
     """
-    from qdq.tensor_quant import fake_quantize_by_amax
+    from qdq.math.fake_quant import fake_quantize_by_amax
 
     view = block_view(x, block_size)
     return fake_quantize_by_amax(view, amax, num_bits, False, narrow_range).reshape(x.shape)

@@ -10,6 +10,8 @@ import torch
 
 import reference as ref
 from qdq import tensor_quant as tq
+from qdq.math import fake_quant as fake_quant_module
+from qdq.math import quantize as quantize_module
 from qdq.tensor_quant import QuantDescriptor
 
 
@@ -262,11 +264,12 @@ def test_non_contiguous(axis):
 
 def test_multi_axis_plain_path_matches_and_logs(caplog, monkeypatch):
     """Where the fused kernels run (GPUs, tracing), a scale varying along two dimensions takes plain math, logged."""
-    monkeypatch.setattr(tq, "_tensor_ops_path", lambda x, scale=None: False)
+    for module in (fake_quant_module, quantize_module):  # every module that calls it
+        monkeypatch.setattr(module, "_tensor_ops_path", lambda x, scale=None: False)
     x = torch.randn(3, 4, 5)
     amax = torch.rand(3, 4, 1) + 0.2
-    with caplog.at_level("INFO", logger="qdq.tensor_quant"):
-        tq._logged_plain_paths.clear()
+    with caplog.at_level("INFO", logger="qdq.math.quantize"):
+        quantize_module._logged_plain_paths.clear()
         got = tq.fake_quantize_by_amax(x, amax)
     np.testing.assert_array_equal(got.numpy(), ref.fake_quant(x.numpy(), amax.numpy()))
     assert "plain tensor math" in caplog.text
@@ -293,7 +296,7 @@ def test_tensor_ops_path_path_equals_fused_kernels(axis, qmin, qmax, with_zero_p
     x[0, :20, 0] = (torch.arange(20) - 10 + 0.5) * scale.reshape(-1)[0]  # exact ties, rounded half to even
     x[1, 0, :3] = torch.tensor([1e6, -1e6, 0.0])  # saturation
     zero_point = torch.randint(qmin, qmax + 1, shape).float() if with_zero_point else torch.zeros(shape)
-    assert tq._tensor_ops_path(x)
+    assert quantize_module._tensor_ops_path(x)
     got = tq.fake_quantize(x, scale, zero_point, qmin, qmax)
     expected = _fused(x, scale.reshape(()) if axis is None else scale, zero_point.reshape(()) if axis is None
                       else zero_point, qmin, qmax, axis)
@@ -309,13 +312,13 @@ def test_fused_kernels_where_traced_or_recorded():
     traced = torch.jit.trace(lambda t: tq.fake_quantize(t, scale), torch.randn(4))
     assert "fake_quantize_per_tensor_affine" in str(traced.graph)
     x = torch.tensor([0.05, 0.2, 50.0], requires_grad=True)
-    assert not tq._tensor_ops_path(x)
+    assert not quantize_module._tensor_ops_path(x)
     tq.fake_quantize(x, scale).sum().backward()
     assert x.grad.tolist() == [1.0, 1.0, 0.0]
     with torch.no_grad():
-        assert tq._tensor_ops_path(x)
+        assert quantize_module._tensor_ops_path(x)
     scale_grad = torch.tensor(0.1, requires_grad=True)
-    assert not tq._tensor_ops_path(torch.randn(3), scale_grad)  # a gradient for the scale: the fused op's rules apply
+    assert not quantize_module._tensor_ops_path(torch.randn(3), scale_grad)  # a gradient for the scale: the fused op's rules apply
 
 
 def test_tensor_ops_path_path_keeps_nan():
@@ -460,7 +463,8 @@ def test_training_forward_equals_fused_kernels_with_its_gradient(per_channel, mo
         return out.detach(), xr.grad
 
     out, grad = run()
-    monkeypatch.setattr(tq, "_tensor_ops_path", lambda x, scale=None: False)
+    for module in (fake_quant_module, quantize_module):  # every module that calls it
+        monkeypatch.setattr(module, "_tensor_ops_path", lambda x, scale=None: False)
     fused_out, fused_grad = run()
     assert torch.equal(out, fused_out) and torch.equal(grad, fused_grad)
     upstream = torch.arange(x.numel(), dtype=torch.float32).reshape(x.shape)
