@@ -1,4 +1,5 @@
-"""pytorch_quantization's ``tensor_quant``, kept at its path: descriptors and quantization functions, from :mod:`qdq.math`.
+"""pytorch_quantization's ``tensor_quant``, kept at its path: the descriptors and quantization functions of
+:mod:`qdq.math`.
 
 Code written for pytorch_quantization (``from pytorch_quantization.tensor_quant import QuantDescriptor``) runs with
 ``qdq`` in place of the package name; every public name of floor 1 is here. The code lives in :mod:`qdq.math`

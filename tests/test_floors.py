@@ -137,7 +137,8 @@ def _top_level_names(module: str) -> set[str]:
     for node in tree.body:
         nodes = [node]
         if isinstance(node, (ast.If, ast.Try)):
-            nodes = [*node.body, *getattr(node, "orelse", []), *[s for h in getattr(node, "handlers", []) for s in h.body]]
+            handlers = [s for h in getattr(node, "handlers", []) for s in h.body]
+            nodes = [*node.body, *getattr(node, "orelse", []), *handlers]
         for n in nodes:
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 names.add(n.name)

@@ -6,8 +6,8 @@ The search (:func:`search_formats`):
 1. calibrates every layer in every candidate format once (the statistics are those of the float activations, so a
    layer's amax does not depend on its neighbours' formats, and switching formats afterwards swaps calibrated
    quantizers without calibrating again);
-2. profiles each format with :func:`qdq.calibrate.sensitivity.build_sensitivity_profile` (``mode="enable_one"``: the metric
-   with only that layer quantized in that format);
+2. profiles each format with :func:`qdq.calibrate.sensitivity.build_sensitivity_profile` (``mode="enable_one"``: the
+   metric with only that layer quantized in that format);
 3. starts every layer in its cheapest format (ties: the least sensitive one) and, while the metric is beyond
    ``tolerance`` of float, moves the one layer whose next format buys the most metric per unit of cost (the
    profiles' difference over the cost difference), evaluating the whole model after each move;

@@ -1,9 +1,10 @@
 """The module map: the quantized class each float layer type becomes, and pytorch_quantization's monkey patching.
 
 ``_DEFAULT_QUANT_MAP`` is pytorch_quantization's list of ``(module, attribute, quantized class)`` entries;
-:func:`register_quant_module` adds to it, and every conversion (:func:`qdq.transform.replace.replace_to_quantization_module`)
-reads it, overridden per call by its ``quant_map``. :func:`initialize` and :func:`deactivate` patch and restore
-``torch.nn`` itself, for code that builds its model after ``quant_modules.initialize()``.
+:func:`register_quant_module` adds to it, and every conversion
+(:func:`qdq.transform.replace.replace_to_quantization_module`) reads it, overridden per call by its ``quant_map``.
+:func:`initialize` and :func:`deactivate` patch and restore ``torch.nn`` itself, for code that builds its model after
+``quant_modules.initialize()``.
 """
 
 from __future__ import annotations

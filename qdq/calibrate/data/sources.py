@@ -1,5 +1,5 @@
-"""The folder sources: :class:`ImageFolderSource` (image files) and :class:`NumpyFolderSource` (``.npy``/``.npz`` files),
-and their base :class:`_Source`, which batches samples loaded one at a time.
+"""The folder sources: :class:`ImageFolderSource` (image files) and :class:`NumpyFolderSource` (``.npy``/``.npz``
+files), and their base :class:`_Source`, which batches samples loaded one at a time.
 """
 
 from __future__ import annotations
