@@ -2,7 +2,7 @@
 
 The PTQ algorithms (:mod:`qdq.ptq.bias_correction`, :mod:`qdq.ptq.adaround`) work layer by layer in forward order. For each
 layer they need what reaches it on calibration data - with the layers before it already quantized (and corrected),
-or in float - and nothing beyond it. :func:`run_until` feeds the batches through :func:`qdq.feeding.feed` (the
+or in float - and nothing beyond it. :func:`run_until` feeds the batches through :func:`qdq.calibrate.feeding.feed` (the
 batch conventions of :func:`qdq.calibrate_model`) and stops every batch as soon as the module has run, so the rest of
 the model costs nothing and memory holds only what the caller keeps of this one module.
 
@@ -27,8 +27,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from qdq.feeding import feed, model_device, model_inputs, run_model, to_device
-from qdq.switches import preserved_modes
+from qdq.calibrate.feeding import feed, model_device, model_inputs, run_model, to_device
+from qdq.transform.switches import preserved_modes
 
 __all__ = ["run_until", "call_order", "StopForward", "PausedForwards"]
 
@@ -136,7 +136,7 @@ class PausedForwards:
     Only one thread runs at any time (the caller waits for the worker to pause), so the caller may change the model
     between :meth:`advance` calls - round the weights of a layer the forward has not reached yet, switch quantizers
     off - and the forwards see the change. ``context()`` is entered around each resumption (e.g.
-    :func:`qdq.switches.disable_quantization` for a float reference). Calls of the watched modules from other threads
+    :func:`qdq.transform.switches.disable_quantization` for a float reference). Calls of the watched modules from other threads
     (the caller's own use of a layer) pass through untouched. Use as a context manager: leaving it stops the forwards.
 
     Example:
