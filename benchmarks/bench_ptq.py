@@ -175,8 +175,9 @@ def run(args, path: Path | None = None) -> dict:
     torch.manual_seed(0)
     fp32, calib, evaluation, block_types = _data(args)
     ref, labels = collect_logits(fp32, evaluation, desc="fp32")
-    result = {"model": args.model, "command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%d %H:%M UTC",
-              time.gmtime()), "load": os.getloadavg(), "fp32_top1": 100 * top1_accuracy(ref, labels), "images": len(labels),
+    result = {"model": args.model, "command": " ".join(sys.argv),
+              "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load": os.getloadavg(),
+              "fp32_top1": 100 * top1_accuracy(ref, labels), "images": len(labels),
               "calib_images": sum(len(b[0]) for b in calib), "iterations": args.iterations, "rows": {}}
     print(f"{args.model}: fp32 top-1 {result['fp32_top1']:.2f}% on {len(labels)} images", flush=True)
     for bits in args.bits:

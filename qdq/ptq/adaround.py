@@ -10,9 +10,10 @@ model stays what TensorRT builds.
 
 Layer by layer, in forward order: the layer's input is taken from the quantized model with the layers before it
 already rounded (so later layers compensate earlier errors), its target output from the float model (quantization
-off and the float weights of the layers already rounded, so that the target is the float model's own). With ``blocks=`` (module classes or dotted names, e.g. torchvision's ``BasicBlock``) the unit is the whole
-block instead: the roundings of all its layers are learned together against the float block's output, as BRECQ
-does, which captures the interaction of the layers inside a residual block.
+off and the float weights of the layers already rounded, so that the target is the float model's own). With
+``blocks=`` (module classes or dotted names, e.g. torchvision's ``BasicBlock``) the unit is the whole block instead:
+the roundings of all its layers are learned together against the float block's output, as BRECQ does, which captures
+the interaction of the layers inside a residual block.
 
 What survives
 -------------

@@ -136,8 +136,9 @@ class PausedForwards:
     Only one thread runs at any time (the caller waits for the worker to pause), so the caller may change the model
     between :meth:`advance` calls - round the weights of a layer the forward has not reached yet, switch quantizers
     off - and the forwards see the change. ``context()`` is entered around each resumption (e.g.
-    :func:`qdq.transform.switches.disable_quantization` for a float reference). Calls of the watched modules from other threads
-    (the caller's own use of a layer) pass through untouched. Use as a context manager: leaving it stops the forwards.
+    :func:`qdq.transform.switches.disable_quantization` for a float reference). Calls of the watched modules from
+    other threads (the caller's own use of a layer) pass through untouched. Use as a context manager: leaving it
+    stops the forwards.
 
     Example:
         >>> import torch

@@ -123,7 +123,8 @@ def test_a_rounding_worse_than_nearest_is_not_kept():
     assert kept
     for name in kept:
         assert torch.equal(_integers(model.get_submodule(name)), nearest[name]), name
-        assert report.layers[name].flipped == 0 and report.layers[name].loss_adaround == report.layers[name].loss_nearest
+        result = report.layers[name]
+        assert result.flipped == 0 and result.loss_adaround == result.loss_nearest
     assert all(r.loss_adaround <= r.loss_nearest for r in report.layers.values())
 
 
