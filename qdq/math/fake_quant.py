@@ -13,6 +13,7 @@ import torch
 from qdq.math import formats as _formats
 from qdq.math.quantize import _channel_axis, _fake_quantize_eager, _quantize_plain, _tensor_ops_path, fake_quantize
 from qdq.math.ranges import _check_bits, amax_to_scale, check_amax, maxbound, quant_range
+from qdq.math._tensors import float32_tensor
 
 __all__ = [
     "TensorQuantFunction",
@@ -211,7 +212,7 @@ def quantize_by_amax(
     (tensor([ 2., -8.]), tensor(0.2857))
     """
     if _formats.is_fp8(num_bits):  # the FP8 values (as float32) and the scale
-        amax = torch.as_tensor(amax, dtype=torch.float32, device=x.device)
+        amax = float32_tensor(amax, x.device)
         scale = _formats.fp8_scale(amax.detach())
         return _formats.quantize_fp8(x, scale).float(), scale
     return TensorQuantFunction.apply(x, amax, num_bits, unsigned, narrow_range)

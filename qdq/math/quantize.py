@@ -10,6 +10,7 @@ import logging
 import torch
 
 from qdq.math.ranges import AMAX_EPS, _check_bits, quant_range
+from qdq.math._tensors import float32_tensor
 
 __all__ = ["quantize", "dequantize", "fake_quantize", "affine_qparams", "fake_affine_quant"]
 
@@ -125,8 +126,8 @@ def quantize(
     tensor([0., 2., 7.])
     """
     qmin, qmax = _resolve_range(qmin, qmax, num_bits, unsigned, narrow_range)
-    scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
-    zero_point = torch.as_tensor(zero_point, dtype=torch.float32, device=x.device)
+    scale = float32_tensor(scale, x.device)
+    zero_point = float32_tensor(zero_point, x.device)
     return _quantize_plain(x.float(), scale, zero_point, qmin, qmax)
 
 
@@ -136,8 +137,8 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | 
     >>> dequantize(torch.tensor([0.0, 2.0, 127.0]), torch.tensor(0.5))
     tensor([ 0.0000,  1.0000, 63.5000])
     """
-    scale = torch.as_tensor(scale, dtype=torch.float32, device=q.device)
-    zero_point = torch.as_tensor(zero_point, dtype=torch.float32, device=q.device)
+    scale = float32_tensor(scale, q.device)
+    zero_point = float32_tensor(zero_point, q.device)
     return (q.float() - zero_point) * scale
 
 
@@ -167,7 +168,7 @@ def fake_quantize(
     """
     qmin, qmax = _resolve_range(qmin, qmax, num_bits, unsigned, narrow_range)
     x = x.float()
-    scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    scale = float32_tensor(scale, x.device)
     if _tensor_ops_path(x, scale):
         _channel_axis(scale, x)  # the shape check, with its message
         zp = None
@@ -206,8 +207,8 @@ def affine_qparams(
     (0.015686, 64.0)
     """
     qmin, qmax = quant_range(num_bits, unsigned, False)
-    amin = torch.as_tensor(amin, dtype=torch.float32).clamp(max=0)
-    amax = torch.as_tensor(amax, dtype=torch.float32).clamp(min=0)
+    amin = float32_tensor(amin).clamp(max=0)
+    amax = float32_tensor(amax).clamp(min=0)
     scale = (amax - amin).clamp(min=AMAX_EPS) / (qmax - qmin)
     zero_point = torch.clamp(torch.round(qmin - amin / scale), qmin, qmax)
     return scale, zero_point
@@ -219,8 +220,8 @@ class FakeAffineQuantFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, amin, amax, num_bits=8, unsigned=False):
         _check_bits(num_bits)
-        amin = torch.as_tensor(amin, dtype=torch.float32, device=x.device)
-        amax = torch.as_tensor(amax, dtype=torch.float32, device=x.device)
+        amin = float32_tensor(amin, x.device)
+        amax = float32_tensor(amax, x.device)
         _channel_axis(amax, x)
         if not bool(torch.isfinite(amin).all() & torch.isfinite(amax).all() & (amin <= amax).all()):
             raise ValueError("amin and amax must be finite with amin <= amax")
