@@ -150,8 +150,6 @@ def format_model(template: nn.Module, fmt: str, block_size: int = 64) -> nn.Modu
       symmetric in blocks of ``block_size`` input features; every activation, the attention MatMuls and the patch
       embedding in float.
     """
-    from qdq.tensor_quant import QuantDescriptor
-
     model = copy.deepcopy(template)
     if fmt == "fp8":
         qdq.set_model_format(model, "fp8")
@@ -163,7 +161,7 @@ def format_model(template: nn.Module, fmt: str, block_size: int = 64) -> nn.Modu
         for mha in model.modules():
             if isinstance(mha, quant_nn.QuantMultiheadAttention):
                 name = mha.weight_quantizer.name
-                mha._weight_quantizer = quant_nn.TensorQuantizer(QuantDescriptor(4, axis=0, block_size=block_size))
+                mha._weight_quantizer = quant_nn.TensorQuantizer(qdq.QuantDescriptor(4, axis=0, block_size=block_size))
                 mha.weight_quantizer.name = name
         for q in model.modules():
             if isinstance(q, quant_nn.TensorQuantizer) and not (q.num_bits == 4 and q.block_size):

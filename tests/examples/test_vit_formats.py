@@ -43,7 +43,8 @@ def test_format_model_quantizers_and_calibration(models, fmt):
         assert not qmodel.conv_proj.weight_quantizer.is_enabled and not qmodel.heads.head.weight_quantizer.is_enabled
     else:
         assert all(q.num_bits == 4 and q.block_size == 64 for q in enabled)  # weights only
-        linears = [m for m in qmodel.modules() if isinstance(m, (quant_nn.QuantLinear, quant_nn.QuantMultiheadAttention))]
+        kinds = (quant_nn.QuantLinear, quant_nn.QuantMultiheadAttention)
+        linears = [m for m in qmodel.modules() if isinstance(m, kinds)]
         assert len(enabled) == len(linears) == 4 * 4 + 1
         assert all(m.weight_quantizer.is_enabled and not m.input_quantizer.is_enabled for m in linears)
     assert all(q.is_enabled for q in _enabled(template))  # the template is left as it was
