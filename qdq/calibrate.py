@@ -46,7 +46,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -235,6 +235,35 @@ def handle_no_data(model: nn.Module, names: list[str], strict: bool) -> None:
         named[name].disable()
 
 
+def load_amax(
+    model: nn.Module,
+    amax_kwargs: Callable[[str, TensorQuantizer], Mapping[str, Any]],
+    report: CalibrationReport,
+    strict: bool = True,
+    group: ProcessGroup | None = None,
+) -> CalibrationReport:
+    """The end of every calibration (:func:`compute_amax`, :func:`qdq.config.calibrate_from_config`): the ranks'
+    statistics combined under torch.distributed (``report.sync``), each enabled quantizer's amax loaded from its
+    calibrator with ``amax_kwargs(name, quantizer)`` (the arguments of ``load_calib_amax``), the quantizers that saw
+    no data refused or disabled (:func:`handle_no_data`), and the frozen ones (no calibrator, an amax) listed.
+    ``report`` is filled in place and returned."""
+    name_quantizers(model)
+    if is_distributed(group):
+        report.sync = sync_calibrators(model, group)
+    for name, q in _active(model):
+        if q.calibrator.num_batches == 0:
+            report.no_data.append(name)
+            continue
+        q.load_calib_amax(**amax_kwargs(name, q))
+        report.calibrated += 1
+    handle_no_data(model, report.no_data, strict)
+    report.frozen = [n for n, q in quantizers(model) if q.is_enabled and q.calibrator is None and q.amax is not None]
+    if report.frozen:
+        logger.info("kept the amax of %d quantizers without calibrator (frozen, e.g. by qdq.adaround): %s",
+                    len(report.frozen), _listing(report.frozen))
+    return report
+
+
 def compute_amax(
     model: nn.Module,
     method: str | None = None,
@@ -259,29 +288,24 @@ def compute_amax(
     """
     _check_method(method)
     check_search_keywords(kwargs, what="compute_amax: ")
-    name_quantizers(model)
     report = CalibrationReport(method=method if method is not None else "per-quantizer")
     t0 = time.perf_counter()
-    if is_distributed(group):
-        report.sync = sync_calibrators(model, group)
     overridden, unnamed = [], []
-    for name, q in _active(model):
-        if q.calibrator.num_batches == 0:
-            report.no_data.append(name)
-            continue
+
+    def amax_kwargs(name: str, q: TensorQuantizer) -> dict[str, Any]:
         search = q.quant_desc.search
         if isinstance(q.calibrator, MaxCalibrator):
-            q.load_calib_amax()  # max (or min/max for asymmetric quantizers) whatever the method
-        elif method is not None:
+            return {}  # max (or min/max for asymmetric quantizers) whatever the method
+        if method is not None:
             if search is not None and search != method:
                 overridden.append(f"{name} ({search})")
-            q.load_calib_amax(method=method, **kwargs)
-        elif search is not None and isinstance(q.calibrator, HistogramCalibrator):
-            q.load_calib_amax(**kwargs)  # the descriptor's search and calib_args
-        else:
-            unnamed.append(name)
-            q.load_calib_amax(method="max", **kwargs)
-        report.calibrated += 1
+            return {"method": method, **kwargs}
+        if search is not None and isinstance(q.calibrator, HistogramCalibrator):
+            return dict(kwargs)  # the descriptor's search and calib_args
+        unnamed.append(name)
+        return {"method": "max", **kwargs}
+
+    load_amax(model, amax_kwargs, report, strict, group)
     if overridden:
         logger.info("method=%r overrides the search the descriptors of %d quantizers name: %s", method,
                     len(overridden), _listing(overridden))
@@ -289,11 +313,6 @@ def compute_amax(
         logger.warning("%d quantizers collected histograms but no search was named (their descriptors name none, "
                        "and no method= was given): their amax is the histogram's max; name the search in the "
                        "descriptor (calib_method='entropy', ...) or pass method=: %s", len(unnamed), _listing(unnamed))
-    handle_no_data(model, report.no_data, strict)
-    report.frozen = [n for n, q in quantizers(model) if q.is_enabled and q.calibrator is None and q.amax is not None]
-    if report.frozen:
-        logger.info("kept the amax of %d quantizers without calibrator (frozen, e.g. by qdq.adaround): %s",
-                    len(report.frozen), ", ".join(report.frozen[:10]) + (" ..." if len(report.frozen) > 10 else ""))
     report.compute_seconds = time.perf_counter() - t0
     return report
 

@@ -37,6 +37,11 @@ The search (:func:`search_formats`):
    profiles' difference over the cost difference), evaluating the whole model after each move;
 4. reports every layer's format and why, and the steps it took.
 
+FP8 is not offered to the layers TensorRT has no FP8 kernel for (:func:`fp8_exclusion`: depthwise and <=16-channel
+convolutions, small Linear layers): they choose among the other formats, with ``fp8_fallback`` (float by default,
+or ``"int8"``) offered in FP8's place, and the report names the exclusion in their reason (``fp8_fallback=None``
+offers FP8 everywhere, as :func:`set_model_format` does).
+
 Search before applying scale-sharing rules: a quantizer shared by two layers takes the format last set on either.
 
 Cost of a layer = its share of the model's FLOPs (multiply-adds of its conv/linear, counted on an example input)
@@ -312,7 +317,8 @@ def layer_flops(model: nn.Module, example_input: Any) -> dict[str, int]:
     for path, module in layers.items():
         hooks.append(module.register_forward_hook(hook(path)))
     try:
-        with preserved_modes(model, quantizer_states=False), torch.no_grad():
+        # quantizers off: FLOPs do not depend on them, and an uncalibrated one would warn about dynamic amax
+        with preserved_modes(model, quantizer_states=False), torch.no_grad(), disable_quantization(model):
             model.eval()
             args = example_input if isinstance(example_input, tuple) else (example_input,)
             model(*args)
@@ -332,6 +338,7 @@ class FormatChoice:
     cost: float  # flops_share * FORMAT_COSTS[format]
     deltas: dict[str, float]  # format -> metric with only this layer in it, minus the float metric
     reason: str
+    fp8_excluded: str | None = None  # why FP8 was not offered (fp8_exclusion), or None
 
 
 @dataclass
@@ -398,6 +405,7 @@ def search_formats(
     num_batches: int | None = None,
     method: str = "max",
     progress: bool = True,
+    fp8_fallback: str | None = "float",
     **calib_kwargs: Any,
 ) -> FormatSearchReport:
     """Picks a format per layer so that ``eval_fn(model)`` stays within ``tolerance`` of float at the lowest
@@ -412,6 +420,9 @@ def search_formats(
         formats: the quantized formats to consider (``"float"`` is always possible).
         costs: cost per FLOP of each format relative to float16 (default :data:`FORMAT_COSTS`).
         block_size: INT4 block size.
+        fp8_fallback: the format offered instead of FP8 to the layers :func:`fp8_exclusion` names (``"float"``,
+            always a candidate, or ``"int8"``, offered to them even when ``formats`` lacks it); ``None`` offers FP8
+            to every layer.
         num_batches, method, calib_kwargs: for :func:`~qdq.calibrate.calibrate_model`.
 
     Returns:
@@ -420,9 +431,12 @@ def search_formats(
     """
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    if fp8_fallback not in (None, "float", "int8"):
+        raise ValueError(f"search_formats: fp8_fallback must be 'float', 'int8' or None, got {fp8_fallback!r}")
     costs = dict(FORMAT_COSTS if costs is None else costs)
     formats = [f for f in dict.fromkeys(formats) if f != "float"]
-    unknown = [f for f in formats + ["float"] if f not in FORMAT_NAMES or f not in costs]
+    fallback = [fp8_fallback] if fp8_fallback is not None and "fp8" in formats else []
+    unknown = [f for f in formats + ["float"] + fallback if f not in FORMAT_NAMES or f not in costs]
     if unknown:
         raise ValueError(f"formats {unknown} are unknown or have no cost; formats: {FORMAT_NAMES}, costs: {costs}")
     layers = format_layers(model)
@@ -433,10 +447,26 @@ def search_formats(
     total = sum(flops.values()) or 1
     share = {p: flops[p] / total for p in layers}
     cands = {p: _candidates(p, m, formats, block_size) + ["float"] for p, m in layers.items()}
+    excluded: dict[str, str] = {}  # layer -> why TensorRT has no FP8 kernel for it
+    if "fp8" in formats and fp8_fallback is not None:
+        for p, m in layers.items():
+            why = fp8_exclusion(m)
+            if why is None or "fp8" not in cands[p]:
+                continue
+            excluded[p] = why
+            cands[p].remove("fp8")
+            if fp8_fallback not in cands[p]:
+                cands[p].insert(0, fp8_fallback)
+        if excluded:
+            logger.info("format search: FP8 not offered to %d layers TensorRT has no FP8 kernel for (%s offered "
+                        "instead): %s", len(excluded), fp8_fallback,
+                        "; ".join(f"{p}: {w}" for p, w in list(excluded.items())[:8])
+                        + (" ..." if len(excluded) > 8 else ""))
+    searched = [f for f in dict.fromkeys(formats + [f for c in cands.values() for f in c]) if f != "float"]
 
     # 1. every layer calibrated once per format: {format: {layer: (input quantizer, weight quantizer)}}
     calibrated: dict[str, dict[str, tuple[TensorQuantizer, TensorQuantizer]]] = {}
-    for fmt in formats + ["float"]:
+    for fmt in searched + ["float"]:
         members = [p for p in layers if fmt in cands[p]]
         for p in members:
             set_layer_format(model, p, fmt, block_size)
@@ -455,7 +485,7 @@ def search_formats(
 
     # 2. per-format sensitivity (only that layer quantized in that format)
     deltas: dict[str, dict[str, float]] = {p: {"float": 0.0} for p in layers}
-    for fmt in formats:
+    for fmt in searched:
         members = [p for p in layers if fmt in cands[p]]
         if not members:
             continue
@@ -476,8 +506,12 @@ def search_formats(
     def alone(p: str) -> str:
         return ", ".join(f"{f} {deltas[p][f]:+.4g}" for f in cands[p] if f != "float")
 
+    def no_fp8(p: str) -> str:
+        return (f"; FP8 not offered ({fp8_fallback} instead): TensorRT has no FP8 kernel for it, {excluded[p]}"
+                if p in excluded else "")
+
     reasons = {p: f"cheapest ({costs[assignment[p]]:g}/FLOP; ties go to the least sensitive); metric change with "
-                  f"only this layer quantized: {alone(p)}" for p in layers}
+                  f"only this layer quantized: {alone(p)}{no_fp8(p)}" for p in layers}
     apply(assignment)
     metric = float(eval_fn(model))
     steps = [f"start: every layer in its cheapest format {_counts(assignment)}: metric {metric:.6g}"]
@@ -505,15 +539,15 @@ def search_formats(
         apply({p: other})
         metric = float(eval_fn(model))
         reasons[p] = (f"{other} instead of {before} (step {len(steps)}): best metric per cost; with only this layer "
-                      f"quantized: {alone(p)}; cost {extra:+.4f}")
+                      f"quantized: {alone(p)}; cost {extra:+.4f}{no_fp8(p)}")
         steps.append(f"{p}: {before} -> {other} (gains {gain:.4g} alone for {extra:+.4f} cost): metric {metric:.6g}")
     met = within(metric)
     if not met:
         logger.warning("format search: metric %.4f is still beyond %g of float %.4f after every move", metric,
                        tolerance, float_metric)
     cost = sum(share[p] * costs[f] for p, f in assignment.items())
-    choices = [FormatChoice(p, assignment[p], share[p], share[p] * costs[assignment[p]], dict(deltas[p]), reasons[p])
-               for p in layers]
+    choices = [FormatChoice(p, assignment[p], share[p], share[p] * costs[assignment[p]], dict(deltas[p]), reasons[p],
+                            excluded.get(p)) for p in layers]
     return FormatSearchReport(float_metric, metric, tolerance, cost, met, choices, steps, costs)
 
 

@@ -22,10 +22,10 @@ unsigned               ``[0, 255]``          ``[0, 255]``
 ``narrow_range=False`` is the default: it is what ONNX QuantizeLinear and TensorRT's IQuantizeLayer saturate to.
 
 Fake quantization runs PyTorch's fused kernels (``torch.fake_quantize_per_tensor_affine`` and
-``torch.fake_quantize_per_channel_affine``) on GPUs, under tracing (both ONNX exporters turn them into
-QuantizeLinear/DequantizeLinear) and where autograd records through them; in eager CPU code (QAT's forward included),
-where those kernels run a scalar loop, the same arithmetic runs as vectorized tensor ops (3-30x faster there). Both
-multiply by the float32 reciprocal of the scale and round half to even, so both give identical numbers for finite
+``torch.fake_quantize_per_channel_affine``) in eager GPU code, under the exporters (both ONNX exporters turn them into
+QuantizeLinear/DequantizeLinear) and where autograd records through them. In eager CPU code (QAT's forward included),
+where those kernels run a scalar loop, the same arithmetic runs as vectorized tensor ops (3-30x faster there), and so
+it does under ``torch.compile``, which fuses those ops and has no lowering of the fused kernels. Both multiply by the float32 reciprocal of the scale and round half to even, so both give identical numbers for finite
 inputs. ONNX defines QuantizeLinear with a division,
 which can differ from the reciprocal product by one ulp and so, on an exact rounding tie, by one quantization step:
 that is why exported models are compared with ONNX Runtime to the step, not bit for bit.
@@ -131,7 +131,9 @@ _SEARCH_ARGS: dict[str, dict[str, Any]] = {
     "percentile": {"percentile": 99.99},
     "kld": {},
 }
-_KLD_MIN_BINS = 16
+#: The KLD search tries ``num_bins // KLD_DIVISIONS`` bins between cuts (:mod:`qdq.calib.kld`, 2048 // 16 = 128 as in
+#: tpu-mlir), so a kld descriptor needs at least that many bins.
+KLD_DIVISIONS = 16
 
 
 def calib_methods() -> tuple[str, ...]:
@@ -183,8 +185,8 @@ def _check_calib_args(calib_method: str, args: Any) -> tuple[tuple[str, Any], ..
         test, wanted = checks.get(key, (lambda v: _is_real(v) or isinstance(v, (bool, str)), "a number"))
         if not test(value):
             raise ValueError(f"QuantDescriptor: calib_args[{key!r}] must be {wanted}, got {value!r}")
-    if calib_method == "kld" and out["num_bins"] < _KLD_MIN_BINS:
-        raise ValueError(f"QuantDescriptor: calib_method 'kld' needs at least {_KLD_MIN_BINS} bins, "
+    if calib_method == "kld" and out["num_bins"] < KLD_DIVISIONS:
+        raise ValueError(f"QuantDescriptor: calib_method 'kld' needs at least {KLD_DIVISIONS} bins, "
                          f"got calib_args['num_bins']={out['num_bins']}")
     if "percentile" in out:
         out["percentile"] = float(out["percentile"])
@@ -195,8 +197,15 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_number(v: Any) -> bool:
+    """A Python int or float (bool excluded: ``True`` is an int)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _is_real(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return _is_number(v) and math.isfinite(v)
+
+
 MIN_BITS, MAX_BITS = 2, 16
 
 
@@ -214,11 +223,9 @@ def _check_bool(key: str, value: Any) -> bool:
 def _normalize_axis(axis: Any) -> int | tuple[int, ...] | None:
     if axis is None:
         return None
-    if isinstance(axis, bool):
-        raise TypeError(f"QuantDescriptor: axis must be None, an int or a tuple of ints, got {axis!r}")
-    if isinstance(axis, int):
+    if _is_int(axis):
         return axis
-    if isinstance(axis, (list, tuple)) and all(isinstance(a, int) and not isinstance(a, bool) for a in axis):
+    if isinstance(axis, (list, tuple)) and all(_is_int(a) for a in axis):
         if not axis:
             raise ValueError("QuantDescriptor: axis=() is ambiguous; use axis=None for per-tensor quantization")
         if len(set(axis)) != len(axis):
@@ -243,7 +250,7 @@ def _normalize_amax(amax: Any) -> float | tuple | None:
     def freeze(v: Any) -> Any:
         if isinstance(v, (list, tuple)):
             return tuple(freeze(e) for e in v)
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
+        if not _is_number(v):
             raise TypeError(f"QuantDescriptor: amax must be float, list or ndarray (a number, a nested list of "
                             f"numbers, an array or a tensor), got {v!r}")
         if not math.isfinite(v) or v < 0:
@@ -337,7 +344,7 @@ class QuantDescriptor:
         calib_args = _check_calib_args(calib_method, kwargs.get("calib_args"))
         scale_amax = kwargs.get("scale_amax")
         if scale_amax is not None:
-            if isinstance(scale_amax, bool) or not isinstance(scale_amax, (int, float)):
+            if not _is_number(scale_amax):
                 raise TypeError(f"QuantDescriptor: scale_amax must be a number, got {scale_amax!r}")
             if not math.isfinite(scale_amax) or scale_amax <= 0:
                 raise ValueError(f"QuantDescriptor: scale_amax must be finite and > 0, got {scale_amax!r}")
@@ -516,7 +523,7 @@ def _check_format(values: dict) -> None:
                              f"{', '.join(bad + (['block_size'] if block_size is not None else []))}")
     if block_size is None:
         return
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+    if not _is_int(block_size) or block_size < 1:
         raise ValueError(f"QuantDescriptor: block_size must be an int >= 1, got {block_size!r}")
     if values["axis"] not in (None, 0):
         raise ValueError(f"QuantDescriptor: block_size quantizes 2-D weights in blocks along their last dimension "
@@ -553,7 +560,7 @@ QUANT_DESC_8BIT_CONVTRANSPOSE3D_WEIGHT_PER_CHANNEL = QuantDescriptor(num_bits=8,
 
 
 def _check_bits(num_bits: int) -> None:
-    if isinstance(num_bits, bool) or not isinstance(num_bits, int) or not MIN_BITS <= num_bits <= MAX_BITS:
+    if not _is_int(num_bits) or not MIN_BITS <= num_bits <= MAX_BITS:
         raise ValueError(f"num_bits must be an int in [{MIN_BITS}, {MAX_BITS}], got {num_bits!r}")
 
 
@@ -612,7 +619,7 @@ def amax_problem(amax: torch.Tensor | float, *, nonnegative: bool = True) -> str
         if bool(bad.any()):
             return f"must be {rule}; got {amax[bad].flatten()[:4].tolist()} among its values"
         return None
-    if isinstance(amax, bool) or not isinstance(amax, (int, float)):
+    if not _is_number(amax):
         return f"must be a number, got {type(amax).__name__}"
     if not math.isfinite(amax) or (nonnegative and amax < 0):
         return f"must be {rule}; got {amax!r}"
@@ -705,31 +712,37 @@ def _channel_axis(scale: torch.Tensor, x: torch.Tensor) -> int | None:
 _EAGER_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-def _eager_cpu(x: torch.Tensor, scale: torch.Tensor | None = None) -> bool:
-    """Whether ``x`` is an ordinary CPU tensor in eager execution, outside any tracing, and autograd records nothing
-    through :func:`fake_quantize` (as inside :class:`FakeTensorQuantFunction`, whose forward runs without it).
+def _tensor_ops_path(x: torch.Tensor, scale: torch.Tensor | None = None) -> bool:
+    """Whether :func:`fake_quantize` runs as vectorized tensor ops on one buffer instead of PyTorch's fused kernels.
 
-    There, :func:`fake_quantize` runs as four vectorized tensor ops on one buffer instead of the fused kernels,
-    whose CPU loop is scalar: 3-30x slower on one core, the more the smaller the tensor (``benchmarks/core_ops.py``).
+    It does where autograd records nothing through the call (as inside :class:`FakeTensorQuantFunction`, whose
+    forward runs without it) and
+
+    * in eager execution on CPU, outside any tracing: the fused kernels' CPU loop is scalar, 3-30x slower on one
+      core, the more the smaller the tensor (``benchmarks/core_ops.py``);
+    * under ``torch.compile`` (not an export): inductor has no lowering of the fused kernels and would call them as
+      opaque kernels; the tensor ops fuse with the clipping mask and the neighbouring ops into one loop.
+
     For finite inputs the numbers are the same (tested, ties included); a NaN stays NaN here, where the fused kernel
-    gives ``qmin * scale``. Under tracing (the ONNX exporters, torch.export, torch.compile, jit), on other devices and
-    when autograd records through the call, the fused kernels run: the exporters turn them into
-    QuantizeLinear/DequantizeLinear, compilers fuse them, and their gradient is the straight-through one.
+    gives ``qmin * scale``. Under the exporters (jit tracing, torch.export, both ONNX exporters), on other devices in
+    eager execution and when autograd records through the call, the fused kernels run: the exporters turn them into
+    QuantizeLinear/DequantizeLinear, and their gradient is the straight-through one.
     """
-    grad = torch.is_grad_enabled() and (x.requires_grad or (scale is not None and scale.requires_grad))
-    return (
-        not torch.compiler.is_compiling()
-        and type(x) in _EAGER_TYPES  # FakeTensor / FunctionalTensor while exporting
-        and x.device.type == "cpu"
-        and not grad
-        and not torch.jit.is_tracing()
-    )
+    if torch.is_grad_enabled() and (x.requires_grad or (scale is not None and scale.requires_grad)):
+        return False
+    if torch.compiler.is_compiling():
+        return not torch.compiler.is_exporting()
+    return type(x) in _EAGER_TYPES and x.device.type == "cpu" and not torch.jit.is_tracing()
 
 
-def _fake_quantize_eager(x, scale, zero_point, qmin: int, qmax: int, inv_scale=None) -> torch.Tensor:
+def _fake_quantize_eager(x, scale, zero_point, qmin: int, qmax: int, out: torch.Tensor | None = None,
+                         inv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The fused kernels' arithmetic in tensor ops: ``(clamp(round_half_even(x * (1 / scale)) + zp) - zp) * scale``
-    (float32; ``zero_point`` None for 0; ``inv_scale`` is ``torch.reciprocal(scale)``, computed here when None)."""
-    q = torch.mul(x, torch.reciprocal(scale) if inv_scale is None else inv_scale).round_()
+    (float32; ``zero_point`` None for 0), written into ``out`` if given (a float32 buffer of ``x``'s shape);
+    ``inv_scale`` is ``torch.reciprocal(scale)``, computed here when None."""
+    if inv_scale is None:
+        inv_scale = torch.reciprocal(scale)
+    q = (torch.mul(x, inv_scale) if out is None else torch.mul(x, inv_scale, out=out)).round_()
     if zero_point is None:
         return q.clamp_(qmin, qmax).mul_(scale)
     return q.add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
@@ -825,13 +838,13 @@ def fake_quantize(
     qmin, qmax = _resolve_range(qmin, qmax, num_bits, unsigned, narrow_range)
     x = x.float()
     scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
-    if _eager_cpu(x, scale):
+    if _tensor_ops_path(x, scale):
         _channel_axis(scale, x)  # the shape check, with its message
         zp = None
         if isinstance(zero_point, torch.Tensor):
             zp = torch.broadcast_to(zero_point.to(x.device).float().round(), scale.shape)
         elif zero_point != 0:
-            zp = torch.full((), float(round(zero_point)), dtype=torch.float32)
+            zp = torch.full((), float(round(zero_point)), dtype=torch.float32, device=x.device)
         return _fake_quantize_eager(x, scale, zp, qmin, qmax)
     if isinstance(zero_point, torch.Tensor):
         zero_point = zero_point.to(x.device)
@@ -1012,8 +1025,16 @@ class FakeTensorQuantFunction(torch.autograd.Function):
         amax_t, qmin, qmax = _prepare(x, amax, num_bits, unsigned, narrow_range)
         amax_f = amax_t.detach().float()
         scale = amax_to_scale(amax_f, num_bits, unsigned)
-        out = fake_quantize(x, scale, 0, qmin, qmax)
-        inside = x.detach().abs() <= amax_f
+        xd = x.detach()
+        if xd.dtype == torch.float32 and _tensor_ops_path(xd, scale) and not torch.compiler.is_compiling():
+            # eager CPU: |x| and then the output go into one buffer, a large allocation fewer per call
+            _channel_axis(scale, xd)
+            out = torch.abs(xd)
+            inside = out <= amax_f
+            out = _fake_quantize_eager(xd, scale, None, qmin, qmax, out=out)
+        else:
+            out = fake_quantize(x, scale, 0, qmin, qmax)
+            inside = xd.abs() <= amax_f
         if isinstance(amax, torch.Tensor) and amax.requires_grad:
             ctx.save_for_backward(inside, x, scale, amax_t)
             ctx.bounds = (qmin, qmax, maxbound(num_bits, unsigned))
@@ -1131,7 +1152,7 @@ def fake_quantize_with_params(x: torch.Tensor, params: FakeQuantParams) -> torch
     if scale.device != x.device:
         scale = scale.to(x.device)
     xf = x.float()
-    if _eager_cpu(xf, scale):
+    if _tensor_ops_path(xf, scale):
         _channel_axis(scale, xf)  # the shape check, with its message
         out = _fake_quantize_eager(xf, scale, None, params.qmin, params.qmax,
                                    inv_scale=params.inv_scale if params.inv_scale.device == x.device else None)

@@ -324,6 +324,33 @@ def test_calibration_refuses_a_model_quantized_with_another_config():
         calibrate_from_config(fresh, batches(), {"version": 2, "layers": {"0": {}}}, progress=False)
 
 
+def test_calibration_skips_a_shared_layer_as_apply_does():
+    """A layer reachable under two names is kept in float only where skip_layers matches both (apply and
+    calibrate agree; before, calibration tested only the first name and refused the model apply had made)."""
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Sequential(nn.Linear(4, 4))
+            self.b = nn.Sequential(self.a[0])  # the same Linear under "a.0" and "b.0"
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.b(self.a(x)))
+
+    config = {"version": 2, "global": {"skip_layers": ["a.*"]}}
+    model = Shared()
+    apply_quant_config(model, config)
+    assert is_quantized(model.a[0])  # "b.0" does not match: quantized
+    report = calibrate_from_config(model, batches(2, (8, 4)), config, progress=False)
+    assert report.calibrated == 4 and model.a[0].input_quantizer.amax is not None
+    both = {"version": 2, "global": {"skip_layers": [r"[ab]\.0"]}}  # one pattern naming both paths
+    model = Shared()
+    apply_quant_config(model, both)
+    assert not is_quantized(model.a[0])
+    assert calibrate_from_config(model, batches(2, (8, 4)), both, progress=False).calibrated == 2
+
+
 def test_calibration_no_data_is_named():
     class Unused(nn.Module):
         def __init__(self):

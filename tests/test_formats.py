@@ -220,3 +220,71 @@ def test_fake_quantize_fp8_is_bit_for_bit_quantize_then_dequantize(dtype):
         assert got.dtype == torch.float32 and torch.equal(got.view(torch.int32), expected.view(torch.int32))
     assert torch.equal(x.view(torch.int16 if dtype == torch.float16 else torch.int32),
                        before.view(torch.int16 if dtype == torch.float16 else torch.int32))
+
+
+def _hard_values(n: int, seed: int = 0) -> torch.Tensor:
+    """n float32 values covering every E4M3 value and tie, subnormals, -0, overflow and infinities."""
+    grid, _ = _fp8_grid()
+    mids = (grid[1:] + grid[:-1]) / 2
+    special = np.concatenate([grid, mids, -mids, np.nextafter(mids, np.inf), [1e9, -1e9, np.inf, -np.inf, -0.0,
+                                                                                2.0**-12, -(2.0**-10), 2.0**-7]])
+    torch.manual_seed(seed)
+    v = torch.randn(n) * 100
+    v[::7] *= 1e-3  # subnormal quotients
+    v[: special.size] = torch.tensor(special, dtype=torch.float32)
+    return v[torch.randperm(n)]
+
+
+@pytest.mark.parametrize("scale", [torch.tensor(1.0), torch.tensor(0.37), torch.tensor(2.0**20), torch.tensor(1e-30)])
+def test_large_tensor_fake_fp8_is_exact_against_the_reference(scale):
+    """Tensors of >= 16384 elements take the bit-level dequantization (and on torch 2.14 the cast's own saturation
+    instead of the clamp): the same bits as the NumPy reference and as torch's float8 -> float32 cast, for every E4M3
+    value and tie, subnormals, overflow, infinities and a scale whose 2**120 multiple overflows."""
+    x = _hard_values(3 * formats._BITS_MIN_NUMEL)
+    got = formats.fake_quantize_fp8(x, scale)
+    s = np.float32(scale.item())
+    with np.errstate(over="ignore"):
+        expected = (_fp8_reference(x.numpy() / s).astype(np.float32) * s).astype(np.float32)
+    np.testing.assert_array_equal(got.numpy(), expected)
+    cast = formats.quantize_fp8(x, scale).to(torch.float32) * scale  # torch's own cast, then the product
+    assert torch.equal(got.view(torch.int32), cast.view(torch.int32))
+    clamped = torch.div(x, scale).clamp_(-448, 448).to(torch.float8_e4m3fn)  # the clamp the cast may replace
+    assert torch.equal(formats.quantize_fp8(x, scale).view(torch.uint8), clamped.view(torch.uint8))
+
+
+def test_large_tensor_fake_fp8_per_channel_strided_nan_and_flush_denormal():
+    x = _hard_values(64 * 1024).reshape(64, 1024)
+    scale = torch.rand(64, 1) + 0.01
+    reference = lambda t: (formats.quantize_fp8(t, scale).float() * scale).view(torch.int32)  # noqa: E731
+    assert torch.equal(formats.fake_quantize_fp8(x, scale).view(torch.int32), reference(x))
+    xt = x.t().contiguous().t()  # non-contiguous
+    assert torch.equal(formats.fake_quantize_fp8(xt, scale).view(torch.int32), reference(xt))
+    xn = x.clone()
+    xn[3, 5], xn[40, 7] = float("nan"), -float("nan")  # NaN bytes: torch's cast, NaN in the output
+    got = formats.fake_quantize_fp8(xn, scale)
+    assert torch.equal(got.view(torch.int32), reference(xn)) and int(got.isnan().sum()) == 2
+    q = formats.quantize_fp8(x, scale)
+    assert formats._dequantize_bits(q, scale, torch.empty(q.shape))  # these tensors do take the bit-level path
+    assert not formats._dequantize_bits(formats.quantize_fp8(xn, scale), scale, torch.empty(q.shape))
+    if torch.set_flush_denormal(True):  # FTZ/DAZ (x86): the bit path would read FP8 subnormals as zero
+        try:
+            assert not formats._keeps_denormals() and not formats._dequantize_bits(q, scale, torch.empty(q.shape))
+            assert torch.equal(formats.fake_quantize_fp8(x, scale).view(torch.int32), reference(x))
+        finally:
+            torch.set_flush_denormal(False)
+    assert formats._keeps_denormals()
+
+
+def test_torch_cast_saturates_as_the_clamp_skip_assumes():
+    """On torch 2.14 the float8_e4m3fn cast saturates (overflow and infinities to +-448, NaN stays NaN); where a torch
+    does not, the probe says so and the clamp stays."""
+    v = torch.tensor([464.0, 1e38, float("inf"), -float("inf"), float("nan")] * 20000)
+    cast = v.to(torch.float8_e4m3fn).float()
+    saturates = bool(torch.equal(cast[:4], torch.tensor([448.0, 448.0, 448.0, -448.0])) and cast[4].isnan())
+    assert formats._cast_saturates() == saturates
+
+
+def test_dequantize_fp8_out_is_checked():
+    q = torch.zeros(4).to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="out must be float32 of shape \\(4,\\)"):
+        formats.dequantize_fp8(q, torch.tensor(1.0), out=torch.empty(3))

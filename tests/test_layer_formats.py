@@ -155,3 +155,49 @@ def test_fp8_default_on_efficientnet_lite0_keeps_the_depthwise_convolutions_floa
     depthwise = sorted(f"_blocks.{i}._depthwise_conv" for i in range(16))
     assert kept == sorted(depthwise + ["_conv_stem", "_blocks.0._project_conv", "_blocks.1._expand_conv"])
     assert list(formats.values()).count("fp8") == 31 and formats["_fc"] == "fp8"
+
+
+def _depthwise_cnn():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 3, padding=1),              # 3 input channels: no FP8 kernel
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 32, 3, padding=1, groups=32),  # depthwise: no FP8 kernel
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 64, 1),                        # FP8
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        torch.nn.Linear(64, 32))                           # FP8
+    qdq.replace_to_quantization_module(model)
+    return model
+
+
+@pytest.mark.parametrize("fallback, expected", [("float", "float"), ("int8", "int8")])
+def test_search_never_picks_fp8_where_tensorrt_has_no_fp8_kernel(fallback, expected):
+    """search_formats used to offer FP8 to depthwise and <=16-channel convolutions (fp8_exclusion), which TensorRT
+    has no FP8 kernel for: they get the fallback instead, and the report says why."""
+    model = _depthwise_cnn()
+    x = torch.randn(8, 3, 8, 8)
+    report = search_formats(model, [x], _metric_for(model, x), tolerance=math.inf, example_input=x[:1],
+                            formats=("fp8",), fp8_fallback=fallback, progress=False)
+    assert report.formats == {"0": expected, "2": expected, "4": "fp8", "7": "fp8"}
+    assert layer_formats(model) == report.formats
+    by_layer = {c.layer: c for c in report.choices}
+    assert by_layer["0"].fp8_excluded == qdq.fp8_exclusion(model[0]) == \
+        "3 input channels per group (FP8 convolutions need more than 16)"
+    assert by_layer["2"].fp8_excluded.startswith("1 input channels per group")
+    assert by_layer["4"].fp8_excluded is None and by_layer["7"].fp8_excluded is None
+    for layer in ("0", "2"):
+        assert f"FP8 not offered ({fallback} instead): TensorRT has no FP8 kernel for it" in by_layer[layer].reason
+        assert "fp8" not in by_layer[layer].deltas  # never profiled in FP8
+    assert "FP8 not offered" not in by_layer["4"].reason
+    assert "FP8 not offered" in str(report)
+
+
+def test_search_with_no_fp8_fallback_offers_fp8_everywhere():
+    model = _depthwise_cnn()
+    x = torch.randn(8, 3, 8, 8)
+    report = search_formats(model, [x], _metric_for(model, x), tolerance=math.inf, example_input=x[:1],
+                            formats=("fp8",), fp8_fallback=None, progress=False)
+    assert set(report.formats.values()) == {"fp8"} and not any(c.fp8_excluded for c in report.choices)
+    with pytest.raises(ValueError, match="fp8_fallback must be 'float', 'int8' or None, got 'fp16'"):
+        search_formats(model, [x], _metric_for(model, x), tolerance=1.0, example_input=x[:1], fp8_fallback="fp16")

@@ -262,7 +262,7 @@ def test_non_contiguous(axis):
 
 def test_multi_axis_plain_path_matches_and_logs(caplog, monkeypatch):
     """Where the fused kernels run (GPUs, tracing), a scale varying along two dimensions takes plain math, logged."""
-    monkeypatch.setattr(tq, "_eager_cpu", lambda x, scale=None: False)
+    monkeypatch.setattr(tq, "_tensor_ops_path", lambda x, scale=None: False)
     x = torch.randn(3, 4, 5)
     amax = torch.rand(3, 4, 1) + 0.2
     with caplog.at_level("INFO", logger="qdq.tensor_quant"):
@@ -282,7 +282,7 @@ def _fused(x, scale, zero_point, qmin, qmax, axis):
 @pytest.mark.parametrize("axis", [None, 0, 1])
 @pytest.mark.parametrize("qmin,qmax", [(-128, 127), (-127, 127), (0, 255), (-8, 7)])
 @pytest.mark.parametrize("with_zero_point", [False, True])
-def test_eager_cpu_path_equals_fused_kernels(axis, qmin, qmax, with_zero_point):
+def test_tensor_ops_path_path_equals_fused_kernels(axis, qmin, qmax, with_zero_point):
     """Eager CPU code runs tensor ops instead of the fused kernels: the same numbers, bit for bit, ties included."""
     torch.manual_seed(0)
     x = torch.randn(6, 40, 7) * 3
@@ -293,7 +293,7 @@ def test_eager_cpu_path_equals_fused_kernels(axis, qmin, qmax, with_zero_point):
     x[0, :20, 0] = (torch.arange(20) - 10 + 0.5) * scale.reshape(-1)[0]  # exact ties, rounded half to even
     x[1, 0, :3] = torch.tensor([1e6, -1e6, 0.0])  # saturation
     zero_point = torch.randint(qmin, qmax + 1, shape).float() if with_zero_point else torch.zeros(shape)
-    assert tq._eager_cpu(x)
+    assert tq._tensor_ops_path(x)
     got = tq.fake_quantize(x, scale, zero_point, qmin, qmax)
     expected = _fused(x, scale.reshape(()) if axis is None else scale, zero_point.reshape(()) if axis is None
                       else zero_point, qmin, qmax, axis)
@@ -309,16 +309,16 @@ def test_fused_kernels_where_traced_or_recorded():
     traced = torch.jit.trace(lambda t: tq.fake_quantize(t, scale), torch.randn(4))
     assert "fake_quantize_per_tensor_affine" in str(traced.graph)
     x = torch.tensor([0.05, 0.2, 50.0], requires_grad=True)
-    assert not tq._eager_cpu(x)
+    assert not tq._tensor_ops_path(x)
     tq.fake_quantize(x, scale).sum().backward()
     assert x.grad.tolist() == [1.0, 1.0, 0.0]
     with torch.no_grad():
-        assert tq._eager_cpu(x)
+        assert tq._tensor_ops_path(x)
     scale_grad = torch.tensor(0.1, requires_grad=True)
-    assert not tq._eager_cpu(torch.randn(3), scale_grad)  # a gradient for the scale: the fused op's rules apply
+    assert not tq._tensor_ops_path(torch.randn(3), scale_grad)  # a gradient for the scale: the fused op's rules apply
 
 
-def test_eager_cpu_path_keeps_nan():
+def test_tensor_ops_path_path_keeps_nan():
     """A NaN input stays NaN in the eager CPU path (torch's fused kernel would give qmin * scale), pinned here."""
     out = tq.fake_quantize(torch.tensor([float("nan"), 0.25, -1e9]), torch.tensor(0.5))
     assert torch.isnan(out[0]) and out[1:].tolist() == [0.0, -64.0]
@@ -475,3 +475,29 @@ def test_fake_quant_params_refuses_fp8_and_a_bad_shape():
         tq.fake_quant_params(torch.tensor(1.0), 1)
     with pytest.raises(ValueError, match="does not match"):
         tq.fake_quantize_with_params(torch.randn(3, 4), tq.fake_quant_params(torch.ones(5, 1)))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_training_forward_equals_fused_kernels_with_its_gradient(per_channel, monkeypatch):
+    """The QAT forward (|x| and the output share one buffer on eager CPU) gives the fused kernels' numbers and the
+    straight-through mask |x| <= amax, values exactly at +-amax and beyond included."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5) * 2
+    amax = torch.rand(1, 3, 1, 1) + 0.5 if per_channel else torch.tensor(1.25)
+    x[0, :, 0, 0] = amax.reshape(-1)[0]
+    x[0, :, 0, 1] = -amax.reshape(-1)[0]
+    x[0, :, 0, 2] = torch.nextafter(amax.reshape(-1)[0], torch.tensor(10.0))
+
+    def run():
+        xr = x.clone().requires_grad_(True)
+        out = tq.fake_quantize_by_amax(xr, amax)
+        out.backward(torch.arange(out.numel(), dtype=torch.float32).reshape(out.shape))
+        return out.detach(), xr.grad
+
+    out, grad = run()
+    monkeypatch.setattr(tq, "_tensor_ops_path", lambda x, scale=None: False)
+    fused_out, fused_grad = run()
+    assert torch.equal(out, fused_out) and torch.equal(grad, fused_grad)
+    upstream = torch.arange(x.numel(), dtype=torch.float32).reshape(x.shape)
+    assert torch.equal(grad, torch.where(x.abs() <= amax, upstream, 0.0))
+    assert grad[0, 0, 0, 0] == upstream[0, 0, 0, 0] and grad[0, 0, 0, 2] == 0

@@ -78,6 +78,7 @@ import logging
 import torch
 
 from qdq.calib.amax_search import _as_2d, register_search, tolerant_argmin
+from qdq.tensor_quant import KLD_DIVISIONS  # the grid of cuts: n // KLD_DIVISIONS bins between cuts
 
 __all__ = ["kld_amax", "kld_divergence", "kld_cuts", "KLD_EPS", "KLD_DIVISIONS", "fits_grid"]
 
@@ -85,8 +86,6 @@ logger = logging.getLogger(__name__)
 
 #: The probability given to an empty quantized bin that holds float mass (bin ``i - 1`` under folded outliers).
 KLD_EPS = 1e-30
-#: The grid of cuts has ``n // KLD_DIVISIONS`` bins between cuts (2048 // 16 = 128 as in tpu-mlir).
-KLD_DIVISIONS = 16
 _CHUNK = 1 << 21  # dense [rows, cuts, bins] entries per step, to bound memory on large batches of histograms
 
 

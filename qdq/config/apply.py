@@ -158,6 +158,12 @@ def skip_rules(patterns: Any) -> list[tuple[int, str, Any]]:
     return rules
 
 
+def skipped_by(rules: list[tuple[int, str, Any]], paths: list[str]) -> list[tuple[int, str]]:
+    """``(index, pattern)`` of the ``skip_layers`` rules that keep a layer in float: those matching every path the
+    layer is reachable under (a module shared by two parents is skipped only where both names match)."""
+    return [(i, pattern) for i, pattern, rule in rules if all(rule(path) for path in paths)]
+
+
 def plan(model: nn.Module, checked: Checked, strict: bool, quant_map: Any) -> tuple[Plan | None, list[str]]:
     """Checks the config against ``model`` and resolves every layer; ``(plan, problems)``."""
     problems = checked.problems
@@ -187,15 +193,15 @@ def plan(model: nn.Module, checked: Checked, strict: bool, quant_map: Any) -> tu
     for path, layer in layers.items():
         if path in checked.bad_layers:
             continue  # its problems are listed already
-        skipped_by = [(i, p) for i, p, rule in rules if all(rule(alias) for alias in layer.aliases)]
+        skipped = skipped_by(rules, layer.aliases)
         entry = checked.layers.get(path)
         if entry is None:
             entry = {}
-            if not skipped_by:  # a layer skip_layers matches is configured: float
+            if not skipped:  # a layer skip_layers matches is configured: float
                 defaulted.append(path)
-        on = entry.get("enabled", not skipped_by)
-        if on and skipped_by:
-            i, pattern = skipped_by[0]
+        on = entry.get("enabled", not skipped)
+        if on and skipped:
+            i, pattern = skipped[0]
             problems.add(f"{layer_path(path)}.enabled", f"is true but global.skip_layers[{i}] ({pattern!r}) keeps "
                                                         "this layer in float; remove one of the two")
         out: dict[str, Any] = {"type": entry.get("type", layer.type_name), "enabled": bool(on)}

@@ -11,13 +11,11 @@ import torch
 from torch import nn
 
 from qdq.calib import HistogramCalibrator, MaxCalibrator
-from qdq.calibrate import CalibrationReport, collect_stats, handle_no_data
-from qdq.config.apply import quantizer_roles, skip_rules
+from qdq.calibrate import CalibrationReport, collect_stats, load_amax
+from qdq.config.apply import quantizer_roles, skip_rules, skipped_by
 from qdq.config.schema import Problems, QuantConfigError, checked_config, descriptor_of, layer_path, resolve_section
-from qdq.distributed import is_distributed, sync_calibrators
 from qdq.nn.modules._utils import QuantInputMixin, QuantMixin
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
-from qdq.switches import quantizers
 from qdq.tensor_quant import QuantDescriptor
 
 __all__ = ["calibrate_from_config"]
@@ -81,10 +79,15 @@ def calibrate_from_config(
     if checked.problems:
         raise checked.error(source)
     glob = checked.global_
-    rules = [rule for _, _, rule in skip_rules(glob["skip_layers"])]
+    rules = skip_rules(glob["skip_layers"])
 
-    def is_enabled(path: str, entry: Mapping[str, Any]) -> bool:
-        return entry.get("enabled", not any(rule(path) for rule in rules))
+    aliases: dict[nn.Module, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(module, []).append(path)
+
+    def is_enabled(path: str, entry: Mapping[str, Any], layer: nn.Module | None = None) -> bool:
+        # as apply_quant_config decides: skip_layers keeps a layer in float when a pattern matches every path of it
+        return entry.get("enabled", not skipped_by(rules, aliases[layer] if layer is not None else [path]))
 
     wanted: dict[TensorQuantizer, tuple[str, QuantDescriptor]] = {}
     mismatches: list[str] = []
@@ -95,7 +98,7 @@ def calibrate_from_config(
         layer_paths.add(path)
         entry = checked.layers.get(path, {})
         where = layer_path(path)
-        enabled = is_enabled(path, entry)
+        enabled = is_enabled(path, entry, layer)
         for role, q in quantizer_roles(layer):
             if not enabled:
                 if q.is_enabled:
@@ -129,28 +132,22 @@ def calibrate_from_config(
     fed = collect_stats(model, data, device, batches, preprocess=preprocess, progress=progress)
     report = CalibrationReport(method="per-layer", batches=fed, collect_seconds=time.perf_counter() - start)
     start = time.perf_counter()
-    if is_distributed():  # every rank sets the amax of the union of the data, as calibrate_model does
-        report.sync = sync_calibrators(model)
     outside = 0
     global_input = descriptor_of(glob["input"])
-    for name, q in quantizers(model):
-        if not q.is_enabled or q.calibrator is None:
-            continue
-        if q.calibrator.num_batches == 0:
-            report.no_data.append(name)
-            continue
+
+    def amax_kwargs(name: str, q: TensorQuantizer) -> dict[str, Any]:
+        nonlocal outside
         if q in wanted:
-            kwargs = _amax_kwargs(wanted[q][1])
-        else:
-            outside += 1
-            own = q.quant_desc if q.quant_desc.search is not None else global_input
-            kwargs = {} if isinstance(q.calibrator, MaxCalibrator) else (_amax_kwargs(own) or {"method": "max"})
-        q.load_calib_amax(**kwargs)
-        report.calibrated += 1
+            return _amax_kwargs(wanted[q][1])
+        outside += 1
+        own = q.quant_desc if q.quant_desc.search is not None else global_input
+        return {} if isinstance(q.calibrator, MaxCalibrator) else (_amax_kwargs(own) or {"method": "max"})
+
+    # under torch.distributed every rank sets the amax of the union of the data, as calibrate_model does
+    load_amax(model, amax_kwargs, report, strict)
     if outside:
         logger.info("%d quantizers outside the configured layers were calibrated with their own descriptors (the "
                     "global input search where theirs names none)", outside)
-    handle_no_data(model, report.no_data, strict)
     report.compute_seconds = time.perf_counter() - start
     logger.info("calibrated %d quantizers per layer on %d batches", report.calibrated, fed)
     return report

@@ -64,6 +64,11 @@ rule                        severity  what it checks - why TensorRT cares
                                       instead (see ``zero-point-dtype``).
 ``format-mix``              error     Such a layer whose data and weight DQs have different types (int8 and
                                       float8e4m3fn) - TensorRT runs a layer in INT8 or in FP8, both inputs alike.
+``fp8-layer``               warning   A Conv or ConvTranspose with FP8 (float8e4m3fn) Q/DQ that TensorRT has no FP8
+                                      kernel for: depthwise (``group`` equal to its channels), at most 16 input
+                                      channels per group or 16 output channels, or a kernel of more than 32 elements
+                                      (ModelOpt's FP8 rule, ``qdq.fp8_exclusion``) - TensorRT runs it in higher
+                                      precision with reformats around it; give it INT8 or float.
 ``float-layer``             info      Such a layer with neither input from a DQ in a quantized model - it runs in
                                       float/fp16 (perhaps a layer skipped on purpose).
 ``scale-mismatch``          warning   The Q/DQ around a scale group (tensors joined by Concat, MaxPool, zero Pad, Slice,
@@ -178,6 +183,7 @@ RULES = (
     "blocked-quantization",
     "half-quantized",
     "format-mix",
+    "fp8-layer",
     "float-layer",
     "scale-mismatch",
     "fanout-scale",
@@ -198,6 +204,12 @@ SCALE_REL_TOL = 1e-6
 MIN_OPSET = 13
 #: Lowest default-domain opset whose Q/DQ take float8e4m3fn (FP8 E4M3) zero points.
 FP8_MIN_OPSET = 19
+
+#: TensorRT's FP8 convolution kernels need more than this many input channels per group and output channels, and
+#: a kernel of at most FP8_MAX_KERNEL_AREA elements (ModelOpt's FP8 rule; the same numbers as
+#: ``qdq.layer_formats.FP8_MIN_CHANNELS`` and ``FP8_MAX_KERNEL_AREA``, which decide the model side).
+FP8_MIN_CHANNELS = 16
+FP8_MAX_KERNEL_AREA = 32
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -866,6 +878,48 @@ def _check_compute_layers(ix: _Index) -> Iterator[Finding]:
                           "float/fp16 (fine if the layer is skipped on purpose)", (node.name,))
 
 
+def _fp8_conv_problem(ix: _Index, conv: _Node, weight_dq: _Node | None) -> str | None:
+    """Why TensorRT has no FP8 kernel for ``conv`` (its weight's shape and ``group``), or ``None``."""
+    weight = ix.weight_of(weight_dq) if weight_dq is not None else None
+    if weight is None:
+        weight = conv.input(1) if conv.input(1) in ix.constants else None
+    if weight is None or len(ix.constants[weight].shape) < 3:
+        return None
+    shape = ix.constants[weight].shape
+    group = int(conv.attr("group", 1) or 1)
+    if conv.op == "Conv":  # (C_out, C_in / group, k...)
+        out_channels, per_group = shape[0], shape[1]
+    else:  # ConvTranspose: (C_in, C_out / group, k...)
+        out_channels, per_group = shape[1] * group, shape[0] // group
+    in_channels = per_group * group
+    area = math.prod(shape[2:])
+    if group > 1 and per_group == 1:
+        return (f"depthwise (group {group} = {in_channels} channels); TensorRT's FP8 convolutions need more than "
+                f"{FP8_MIN_CHANNELS} input channels per group")
+    if per_group <= FP8_MIN_CHANNELS:
+        return (f"{per_group} input channels per group; TensorRT's FP8 convolutions need more than "
+                f"{FP8_MIN_CHANNELS}")
+    if out_channels <= FP8_MIN_CHANNELS:
+        return f"{out_channels} output channels; TensorRT's FP8 convolutions need more than {FP8_MIN_CHANNELS}"
+    if area > FP8_MAX_KERNEL_AREA:
+        return f"a {area}-element kernel; TensorRT's FP8 convolutions take at most {FP8_MAX_KERNEL_AREA}"
+    return None
+
+
+def _check_fp8_layers(ix: _Index) -> Iterator[Finding]:
+    for node in ix.nodes:
+        if node.op not in ("Conv", "ConvTranspose") or not node.in_default_domain:
+            continue
+        sources = (ix.dq_source(node.input(0)), ix.dq_source(node.input(1)))
+        if not any(dq is not None and _quantized_dtype(ix, dq) == TensorProto.FLOAT8E4M3FN for dq in sources):
+            continue
+        why = _fp8_conv_problem(ix, node, sources[1])
+        if why is not None:
+            yield Finding("warning", "fp8-layer", f"{node.label} has FP8 (float8e4m3fn) Q/DQ but TensorRT has no FP8 "
+                          f"kernel for it: {why}; it runs in higher precision with reformats around it; quantize "
+                          "it in INT8 or leave it float (qdq.set_model_format(model, 'fp8') does)", (node.name,))
+
+
 def _scale_groups(ix: _Index) -> tuple[UnionFind, dict[str, list[_Node]]]:
     """Tensors joined by scale-preserving ops, and the joining nodes of each group (keyed by the group's root)."""
     groups = UnionFind()
@@ -1027,6 +1081,7 @@ _CHECKS: tuple[Callable[[_Index], Iterable[Finding]], ...] = (
     _check_scales,
     _check_per_channel_weights,
     _check_compute_layers,
+    _check_fp8_layers,
     _check_scale_groups,
     _check_residual_adds,
     _check_attention,

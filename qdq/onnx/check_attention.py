@@ -35,7 +35,8 @@ import logging
 from dataclasses import dataclass
 from typing import Iterator
 
-import onnx
+
+from qdq.onnx.value_types import value_types
 
 __all__ = ["ATTENTION_RULES", "check_attention", "find_attentions", "Attention"]
 
@@ -115,16 +116,8 @@ def _shapes(ix) -> dict[str, list]:
     model = getattr(ix, "model", None)
     if model is None:
         return {}
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception as exc:  # an invalid model: other rules say why; shapes are simply unknown here
-        logger.info("attention rules: shape inference failed (%s); shapes are not judged", exc)
-        return {}
-    shapes = {}
-    for info in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        dims = info.type.tensor_type.shape.dim if info.type.HasField("tensor_type") else []
-        shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-    return shapes
+    types = value_types(model, "the attention rules judge the shapes the file declares", logging.INFO)
+    return {name: t.dims for name, t in types.items()}
 
 
 def _shape_problem(shapes, att: Attention) -> str:

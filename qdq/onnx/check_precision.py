@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Iterator
 import onnx
 from onnx import TensorProto
 
+from qdq.onnx.value_types import value_types
+
 if TYPE_CHECKING:
     from qdq.onnx.check import Finding, _Index
 
@@ -40,16 +42,8 @@ _EXEMPT = ("Cast", "CastLike", "QuantizeLinear", "Constant", "Shape", "Size")
 
 
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception as exc:  # best effort: the exporter's own value_info then
-        logger.warning("shape inference failed (%s); float32-remainder reads the types the file declares", exc)
-        inferred = model
-    graph = inferred.graph
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in list(graph.input) + list(graph.value_info) +
-             list(graph.output)}
-    types.update({init.name: init.data_type for init in model.graph.initializer})
-    return types
+    types = value_types(model, "float32-remainder reads the types the file declares")
+    return {name: t.elem_type for name, t in types.items()}
 
 
 def float32_nodes(ix: "_Index") -> list:

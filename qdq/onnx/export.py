@@ -244,14 +244,31 @@ def _constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return values
 
 
+def weight_integers(weight: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
+                    axis: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q, scale, zero_point)`` of a constant float weight under ``QuantizeLinear(scale, zero_point, axis)``: q the
+    integers qdq's arithmetic gives (``round_half_even(w * (1 / scale)) + zero_point``, saturated to the zero
+    point's integer type), in float32, with the scale and zero point shaped to broadcast against the weight."""
+    from qdq.tensor_quant import quantize
+
+    w = torch.from_numpy(np.asarray(weight, dtype=np.float32))
+    s = torch.from_numpy(np.asarray(scale, dtype=np.float32))
+    z = torch.from_numpy(np.asarray(zero_point).astype(np.float32))
+    shape: list[int] | tuple = ()
+    if s.numel() > 1:
+        shape = [1] * w.dim()
+        shape[axis % w.dim()] = s.numel()
+    s, z = s.reshape(shape), z.reshape(shape)
+    info = np.iinfo(zero_point.dtype)
+    return quantize(w, s, z, int(info.min), int(info.max)), s, z
+
+
 def to_deploy_form(model: onnx.ModelProto) -> onnx.ModelProto:
     """Replaces each QuantizeLinear of a constant float weight by an int8 initializer feeding its DequantizeLinear.
 
     The integers are computed with qdq's arithmetic (``round_half_even(w * (1 / scale))``, saturated), so the deploy
-    model dequantizes to exactly the weights PyTorch's fake quantization used.
+    model dequantizes to exactly the weights PyTorch's fake quantization used (:func:`weight_integers`).
     """
-    from qdq.tensor_quant import quantize
-
     consts = _constant_values(model)
     graph = model.graph
     consumers: dict[str, list] = {}
@@ -265,19 +282,9 @@ def to_deploy_form(model: onnx.ModelProto) -> onnx.ModelProto:
         if weight is None or weight not in consts or node.input[1] not in consts or len(node.input) < 3:
             keep.append(node)
             continue
-        w = consts[weight].astype(np.float32)
-        scale = consts[node.input[1]].astype(np.float32)
         zp = consts[node.input[2]]
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        if scale.size > 1:
-            shape = [1] * w.ndim
-            shape[axis % w.ndim] = scale.size
-            scale_b, zp_b = scale.reshape(shape), zp.astype(np.float32).reshape(shape)
-        else:
-            scale_b, zp_b = scale.reshape(()), zp.astype(np.float32).reshape(())
-        info = np.iinfo(zp.dtype)
-        q = quantize(torch.from_numpy(w), torch.from_numpy(scale_b), torch.from_numpy(zp_b), int(info.min),
-                     int(info.max)).numpy().astype(zp.dtype)
+        q = weight_integers(consts[weight], consts[node.input[1]], zp, axis)[0].numpy().astype(zp.dtype)
         name = f"{weight}_quantized"
         new_inits.append(numpy_helper.from_array(q, name))
         for consumer in consumers.get(node.output[0], []):

@@ -53,6 +53,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from qdq.onnx.export import weight_integers
+from qdq.onnx.value_types import value_types
+
 __all__ = ["FLOAT16_MIN_OPSET", "FLOAT32_OPS", "Float16Report", "scale_problems", "round_scales_to_float16",
            "convert_to_float16"]
 
@@ -210,16 +213,6 @@ def round_scales_to_float16(model: nn.Module) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _types(model: onnx.ModelProto) -> dict[str, int]:
-    inferred = onnx.shape_inference.infer_shapes(model)
-    out = {}
-    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
-        out[vi.name] = vi.type.tensor_type.elem_type
-    for init in model.graph.initializer:
-        out[init.name] = init.data_type
-    return out
-
-
 def _to_fp16(values: np.ndarray, name: str, report: Float16Report) -> np.ndarray:
     finite = values[np.isfinite(values)]
     if finite.size and float(np.abs(finite).max()) > _FP16_MAX:
@@ -231,22 +224,15 @@ def _to_fp16(values: np.ndarray, name: str, report: Float16Report) -> np.ndarray
 def _dequantized_fp16(weight: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int) -> np.ndarray:
     """float16 values whose QuantizeLinear (float16 ``scale``) gives exactly qdq's integers of the float32 weight."""
     from qdq.formats import dequantize_fp8, quantize_fp8
-    from qdq.tensor_quant import quantize
 
-    w = torch.from_numpy(weight.astype(np.float32))
-    s = torch.from_numpy(scale.astype(np.float32))
-    if s.numel() > 1:
-        shape = [1] * w.dim()
-        shape[axis % w.dim()] = s.numel()
-        s = s.reshape(shape)
-        zp = zero_point.reshape(shape)
-    else:
-        s, zp = s.reshape(()), zero_point.reshape(())
-    if zp.dtype.kind in "iu":
-        info = np.iinfo(zp.dtype)
-        z = torch.from_numpy(zp.astype(np.float32))
-        deq = (quantize(w, s, z, int(info.min), int(info.max)) - z) * s
+    if zero_point.dtype.kind in "iu":
+        q, s, z = weight_integers(weight, scale, zero_point, axis)
+        deq = (q - z) * s
     else:  # float8e4m3fn
+        w = torch.from_numpy(weight.astype(np.float32))
+        s = torch.from_numpy(scale.astype(np.float32))
+        shape = [n if d == axis % w.dim() else 1 for d, n in enumerate(w.shape)] if s.numel() > 1 else []
+        s = s.reshape(shape)
         deq = dequantize_fp8(quantize_fp8(w, s), s)
     return deq.numpy().astype(np.float16)
 
@@ -269,7 +255,7 @@ def convert_to_float16(model: onnx.ModelProto) -> Float16Report:
             raise ValueError(f"{node.op_type} {node.name!r} has subgraphs, which the float16 conversion does not "
                              "convert; export it in float32")
     report = Float16Report()
-    types = _types(model)
+    types = {name: t.elem_type for name, t in value_types(model).items()}
     inits = {init.name: init for init in graph.initializer}
     readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for node in graph.node:

@@ -61,6 +61,7 @@ import onnx
 from onnx import TensorProto
 
 from qdq.onnx.check import PathOrModel, _Index, _load, check_tensorrt
+from qdq.onnx.value_types import ValueType, value_types
 
 __all__ = ["LayerPrecision", "FusionReport", "predict_fusion", "format_fusion"]
 
@@ -168,20 +169,8 @@ def _feeds_q(ix: _Index, tensor: str, limit: int = 16) -> bool:
     return False
 
 
-def _shapes(proto: onnx.ModelProto) -> dict[str, tuple[int, list[int | None]]]:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto)
-    except Exception as exc:  # shape inference is best effort: FLOPs of unknown shapes count as 0
-        logger.warning("shape inference failed (%s); FLOPs of layers without shapes count as 0", exc)
-        inferred = proto
-    out = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        t = vi.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
-        out[vi.name] = (t.elem_type, dims)
-    for init in proto.graph.initializer:
-        out[init.name] = (init.data_type, list(init.dims))
-    return out
+def _shapes(proto: onnx.ModelProto) -> dict[str, ValueType]:
+    return value_types(proto, "FLOPs of layers without shapes count as 0")
 
 
 def _prod(dims) -> int | None:

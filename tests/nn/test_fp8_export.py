@@ -143,3 +143,44 @@ def test_dynamo_exporter_writes_trt_fp8_ops():
     onnx.checker.check_model(onnx_model)
     ops = [n.op_type for n in onnx_model.graph.node if n.domain == "trt"]
     assert ops.count("TRT_FP8QuantizeLinear") == ops.count("TRT_FP8DequantizeLinear") == 4
+
+
+def test_modules_floor_leaves_torch_onnx_to_the_graph_side():
+    """qdq/nn/modules/fp8_export.py imported torch.onnx (its ops API and is_in_onnx_export) from the modules floor;
+    the export form now lives in qdq.onnx.export_fp8. Importing the floor and running an FP8 quantizer in export
+    mode eagerly loads neither torch.onnx nor qdq.onnx."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, torch\n"
+            "from qdq.nn import TensorQuantizer\n"
+            "from qdq.tensor_quant import QuantDescriptor\n"
+            "q = TensorQuantizer(QuantDescriptor(num_bits=(4, 3), amax=2.0))\n"
+            "q.set_export_mode(True)\n"
+            "q(torch.randn(8))\n"
+            "print('torch.onnx' in sys.modules, any(m.startswith('qdq.onnx') for m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split()[-2:] == ["False", "False"], done.stderr
+    def uses_torch_onnx(path):  # an import of torch.onnx or an attribute access torch.onnx in the code
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("torch.onnx"):
+                return True
+            if isinstance(node, ast.Import) and any(a.name.startswith("torch.onnx") for a in node.names):
+                return True
+            if (isinstance(node, ast.Attribute) and node.attr == "onnx" and isinstance(node.value, ast.Name)
+                    and node.value.id == "torch"):
+                return True
+        return False
+
+    floor = Path(qdq.__file__).parent / "nn"
+    assert [p.name for p in floor.rglob("*.py") if uses_torch_onnx(p)] == []
+    assert uses_torch_onnx(Path(qdq.__file__).parent / "onnx" / "export_fp8.py")  # the check can fail
+
+
+def test_traced_fp8_quantizer_uses_the_graph_sides_registered_form():
+    from qdq.nn.modules import fp8_export
+    from qdq.onnx import export_fp8
+
+    assert fp8_export._export_form() is export_fp8.export_form

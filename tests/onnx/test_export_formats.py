@@ -138,3 +138,51 @@ def test_fp8_data_with_int8_weights_is_a_format_mix(tmp_path):
     info = export_onnx(model, torch.randn(1, 8), tmp_path / "m.onnx", dynamic_batch=True)
     assert [f.rule for f in _errors(info.path)] == ["format-mix"]
     assert verify(model, info.path, torch.randn(3, 8)).ok
+
+
+def _depthwise_model(fp8_fallback):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(),              # 3 input channels
+        torch.nn.Conv2d(32, 32, 3, padding=1, groups=32), torch.nn.ReLU(),  # depthwise
+        torch.nn.Conv2d(32, 64, 1), torch.nn.ReLU(),                         # FP8 kernel exists
+        torch.nn.Conv2d(64, 16, 1))                                          # 16 output channels
+    qdq.replace_to_quantization_module(model)
+    qdq.set_model_format(model, "fp8", fp8_fallback=fp8_fallback)
+    qdq.calibrate_model(model, [torch.randn(4, 3, 8, 8)], progress=False)
+    return model
+
+
+@pytest.mark.parametrize("deploy", [False, True])
+def test_fp8_on_a_layer_without_fp8_kernel_is_a_warning_naming_the_conv(tmp_path, deploy):
+    model = _depthwise_model(fp8_fallback=None)  # every layer in FP8
+    info = export_onnx(model, torch.randn(1, 3, 8, 8), tmp_path / "m.onnx", deploy=deploy)
+    convs = [n.name for n in info.model.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 4
+    findings = [f for f in check_tensorrt(info.path) if f.rule == "fp8-layer"]
+    assert [f.nodes for f in findings] == [(convs[0],), (convs[1],), (convs[3],)]
+    assert all(f.severity == "warning" for f in findings)
+    stem, depthwise, narrow = (f.message for f in findings)
+    assert stem.startswith(f"Conv '{convs[0]}' has FP8 (float8e4m3fn) Q/DQ but TensorRT has no FP8 kernel for it: "
+                           "3 input channels per group")
+    assert f"Conv '{convs[1]}'" in depthwise and "depthwise (group 32 = 32 channels)" in depthwise
+    assert "16 output channels" in narrow and "quantize it in INT8 or leave it float" in narrow
+    assert _errors(info.path) == []
+
+
+@pytest.mark.parametrize("fallback", ["float", "int8"])
+def test_fp8_where_tensorrt_has_fp8_kernels_has_no_fp8_layer_finding(tmp_path, fallback):
+    model = _depthwise_model(fp8_fallback=fallback)  # qdq's default keeps those layers out of FP8
+    info = export_onnx(model, torch.randn(1, 3, 8, 8), tmp_path / "m.onnx")
+    types = {i.name: i.data_type for i in info.model.graph.initializer}
+    assert TensorProto.FLOAT8E4M3FN in {types.get(n.input[2]) for n in info.model.graph.node
+                                        if n.op_type == "QuantizeLinear"}  # the 32->64 conv is FP8
+    assert [f for f in check_tensorrt(info.path) if f.rule == "fp8-layer"] == []
+    assert _errors(info.path) == []
+
+
+def test_fp8_layer_rule_uses_the_model_sides_numbers():
+    from qdq.layer_formats import FP8_MAX_KERNEL_AREA, FP8_MIN_CHANNELS
+    from qdq.onnx import check
+
+    assert (check.FP8_MIN_CHANNELS, check.FP8_MAX_KERNEL_AREA) == (FP8_MIN_CHANNELS, FP8_MAX_KERNEL_AREA)
