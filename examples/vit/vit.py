@@ -10,10 +10,12 @@ The pieces are importable (``from examples.vit import vit``) and :func:`run` cha
    and output projections and both attention MatMuls (Q @ K^T and softmax @ V, placed for TensorRT's fused
    attention); LayerNorm, softmax and the residual adds in float. Reported: top-1, agreement with the float model,
    SQNR of the logits, calibration time;
-3. QAT: fine-tuning of the best PTQ model with fake quantization in the loop;
-4. export of the QAT model to QDQ ONNX, parity with ONNX Runtime and the TensorRT rule check (attention rules
+3. formats beyond INT8 (:func:`format_model`): FP8 E4M3 everywhere and INT4 weight-only Linear weights, each
+   with max calibration;
+4. QAT: fine-tuning of the best PTQ model with fake quantization in the loop;
+5. export of the QAT model to QDQ ONNX, parity with ONNX Runtime and the TensorRT rule check (attention rules
    included), and the fake-quant forward time against the float forward, measured side by side;
-5. a BERT-style encoder (HuggingFace ``BertModel`` from a small config, random weights, random token ids):
+6. a BERT-style encoder (HuggingFace ``BertModel`` from a small config, random weights, random token ids):
    quantized with its attention MatMuls, calibrated, exported, verified and checked.
 
 Example:
@@ -143,8 +145,8 @@ def format_model(template: nn.Module, fmt: str, block_size: int = 64) -> nn.Modu
 
     * ``"fp8"``: FP8 E4M3 everywhere through ``qdq.set_model_format(model, "fp8")`` (per-channel weights; the layers
       TensorRT has no FP8 kernel for - here the 3-channel patch embedding and the 10-class head - stay float), and
-      the quantizers that are not a layer's (both attention MatMuls, the residual adds) in FP8 too: nothing is left
-      in INT8;
+      the quantizers that are not a layer's (both attention MatMuls, the residual-add inputs) in FP8 too: nothing is
+      left in INT8;
     * ``"int4"``: INT4 weight-only: every Linear weight (``qdq.set_model_format(model, "int4")``, and the packed
       q/k/v input projection of each attention block, which ``nn.MultiheadAttention`` holds as a weight) 4-bit
       symmetric in blocks of ``block_size`` input features; every activation, the attention MatMuls and the patch
