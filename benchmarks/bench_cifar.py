@@ -84,7 +84,7 @@ def run(ctx: Context) -> dict:
         data = missing(f"examples/cifar10/cifar.py does not import: {err}")
         return {"data": data, "tables": [Table("CIFAR-10", ["what", "value"], [["CIFAR-10", fmt(data)]])],
                 "figures": [], "notes": []}
-    from qdq.evaluate import collect_logits
+    from qdq.calibrate.evaluate import collect_logits
 
     from _common import logit_scores
 

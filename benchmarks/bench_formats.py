@@ -45,7 +45,7 @@ logger = logging.getLogger("benchmarks.formats")
 def quantized(fp32: torch.nn.Module, fmt: str, block_size: int = 64, fp8_fallback: str | None = "float"
               ) -> torch.nn.Module:
     import qdq
-    from qdq.layer_formats import set_model_format
+    from qdq.transform.layer_formats import set_model_format
 
     model = copy.deepcopy(fp32).eval()
     qdq.fold_bn(model)
@@ -113,7 +113,7 @@ def section_accuracy(ctx: Context, result: dict) -> dict:
 
 
 def _counts(model) -> dict:
-    from qdq.layer_formats import layer_formats
+    from qdq.transform.layer_formats import layer_formats
 
     formats = list(layer_formats(model).values())
     return {f: formats.count(f) for f in dict.fromkeys(formats)}
@@ -121,7 +121,7 @@ def _counts(model) -> dict:
 
 def section_overhead(ctx: Context, result: dict) -> None:
     import qdq
-    from qdq.formats import fake_fp8_quant
+    from qdq.math.formats import fake_fp8_quant
     from qdq.tensor_quant import fake_quantize_by_amax, fake_tensor_quant
 
     if "efficientnet" not in ctx.cache:  # timing only: any calibration will do
@@ -199,7 +199,7 @@ def section_vit(ctx: Context, result: dict) -> None:
         with torch.no_grad():
             logits = model(x)
         row = {"sqnr_db_vs_fp32": logit_scores(ref, logits, ref.argmax(1))["sqnr_db"],
-               "formats": {f: list(qdq.layer_formats.layer_formats(model).values()).count(f)
+               "formats": {f: list(qdq.transform.layer_formats.layer_formats(model).values()).count(f)
                            for f in ("int8", "fp8", "int4", "float")}}
         row["parity"] = _parity(model, x[:1], x[:2], ctx.artifacts, f"vit_{fmt}")
         out[name] = row
@@ -226,7 +226,7 @@ def _kind(path: str) -> str:
 def section_fp8_kinds(ctx: Context, result: dict) -> None:
     """Which EfficientNet-Lite0 layers FP8 hurts: FP8 on every layer but one kind (that kind float), and FP8 on one
     kind only, max calibration; logit SQNR and top-1 against fp32."""
-    from qdq.layer_formats import format_layers
+    from qdq.transform.layer_formats import format_layers
 
     calib, evalb = imagenet_batches(ctx, calib=ctx.option("calib"), evaluate=ctx.option("evaluate"))
     fp32 = efficientnet_fp32()
@@ -260,8 +260,8 @@ def section_fp8_kinds(ctx: Context, result: dict) -> None:
 
 def section_search(ctx: Context, result: dict) -> None:
     import qdq
-    from qdq.evaluate import top1_accuracy
-    from qdq.layer_formats import search_formats
+    from qdq.calibrate.evaluate import top1_accuracy
+    from qdq.calibrate.format_search import search_formats
 
     fp32, _, calib, evalb, ref, labels = ctx.cache["efficientnet"]
     evals = evalb[: ctx.option("search_batches")]

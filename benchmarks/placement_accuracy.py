@@ -62,7 +62,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import qdq  # noqa: E402
-from qdq.evaluate import collect_logits, sqnr_db, top1_accuracy, top1_agreement  # noqa: E402
+from qdq.calibrate.evaluate import collect_logits, sqnr_db, top1_accuracy, top1_agreement  # noqa: E402
 from qdq.onnx.export import export_with_quantizer_tags  # noqa: E402
 from qdq.onnx.placement import place_quantizers  # noqa: E402
 
@@ -130,7 +130,7 @@ def print_row(row: dict) -> None:
 
 def efficientnet(args) -> list[dict]:
     from examples.common import imagenet_sample
-    from qdq.zoo import build_model
+    from qdq.cli.zoo import build_model
 
     model, preprocess = build_model("efficientnet_lite0")
     calib, evaluate = imagenet_sample(preprocess, calib=100, batch_size=25)

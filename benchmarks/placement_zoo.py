@@ -66,7 +66,7 @@ def build(name: str) -> tuple[nn.Module, tuple[int, ...]]:
 
     torch.manual_seed(0)
     if name == "efficientnet_lite0":
-        from qdq.zoo import build_model
+        from qdq.cli.zoo import build_model
 
         return build_model(name)[0], (1, 3, 224, 224)
     if name == "yolov5":

@@ -1,7 +1,7 @@
 """pytorch_quantization's compiled ``cuda_ext``, answered in PyTorch ops: qdq has no compiled extension.
 
 The three fake-quantization kernels pytorch_quantization exposes are here with their signatures, computed by
-:func:`qdq.tensor_quant.fake_tensor_quant` on whatever device the tensors are on (CPU or CUDA), with the same
+:func:`qdq.math.pytorch_quantization.fake_tensor_quant` on whatever device the tensors are on (CPU or CUDA), with the same
 numbers on both (the CUDA kernel of pytorch_quantization lets unsigned quantization go below 0; qdq clamps to 0 and
 refuses negative unsigned data on every device). Any other name raises an ``AttributeError`` that says so.
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from qdq.tensor_quant import fake_tensor_quant as _fake_tensor_quant
+from qdq.math.pytorch_quantization import fake_tensor_quant as _fake_tensor_quant
 
 __all__ = ["fake_tensor_quant", "fake_tensor_quant_", "fake_tensor_quant_with_axis"]
 
@@ -49,5 +49,5 @@ def fake_tensor_quant_with_axis(inputs: torch.Tensor, amax: torch.Tensor, axis: 
 def __getattr__(name: str):
     raise AttributeError(
         f"qdq.cuda_ext has no {name!r}: qdq has no compiled CUDA extension; its fake quantization runs in PyTorch "
-        "ops on any device (qdq.tensor_quant.fake_tensor_quant, qdq.tensor_quant.scaled_e4m3)"
+        "ops on any device (qdq.math.pytorch_quantization.fake_tensor_quant, qdq.math.pytorch_quantization.scaled_e4m3)"
     )

@@ -1,6 +1,6 @@
 """Model-family recipes (installed as ``qdq.rules``): which adds and concats get quantizers, which share a scale.
 
-Each recipe is a :class:`~qdq.patching.ForwardPatch`: it gives the matching blocks a :class:`~qdq.nn.QuantAdd` or
+Each recipe is a :class:`~qdq.transform.patching.ForwardPatch`: it gives the matching blocks a :class:`~qdq.nn.QuantAdd` or
 :class:`~qdq.nn.QuantConcat` and a forward that uses it. Patches are per instance, reversible and idempotent.
 
 - :mod:`qdq.rules.yolov5` - YOLOv5 ``Bottleneck`` adds (both inputs, one scale), ``C3``/``SPPF``/neck ``Concat``

@@ -43,8 +43,8 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from qdq.nn import QuantAdd
-from qdq.patching import ForwardPatch, apply_patch, patched_modules, remove_patch
-from qdq.tensor_quant import QuantDescriptor
+from qdq.transform.patching import ForwardPatch, apply_patch, patched_modules, remove_patch
+from qdq.math.descriptor import QuantDescriptor
 
 __all__ = [
     "basic_block_forward",

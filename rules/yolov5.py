@@ -1,8 +1,8 @@
 """YOLOv5 recipes: the residual adds and the concatenations of a YOLOv5 model, quantized the way TensorRT fuses them.
 
-:func:`~qdq.quant_modules.replace_to_quantization_module` quantizes the convolutions; the adds and concatenations a
+:func:`~qdq.transform.replace.replace_to_quantization_module` quantizes the convolutions; the adds and concatenations a
 YOLOv5 block writes as ``x + y`` and ``torch.cat`` need the block's forward rewritten. These recipes are
-:class:`~qdq.patching.ForwardPatch` objects (per instance, reversible, applying twice patches once):
+:class:`~qdq.transform.patching.ForwardPatch` objects (per instance, reversible, applying twice patches once):
 
 =====================  ===========================  ==========================================================
 recipe (patch name)    block                        op added and forward
@@ -42,7 +42,7 @@ own class. With ``by_name=True`` the match is on the class *name* instead (the c
 ``Bottleneck``, ``C3``, ``SPPF`` or ``Concat``), for model code that defines its own classes with these names. A
 matching class that overrides ``forward`` is skipped with a warning (the recipe's forward would replace its own).
 
-Order: before or after :func:`~qdq.quant_modules.replace_to_quantization_module`, either works (the added ops are
+Order: before or after :func:`~qdq.transform.replace.replace_to_quantization_module`, either works (the added ops are
 not in the module map), but before calibration.
 
 Example:
@@ -77,8 +77,8 @@ import torch
 from torch import nn
 
 from qdq.nn import QuantAdd, QuantConcat
-from qdq.patching import ForwardPatch, apply_patch, patched_modules, remove_patch
-from qdq.tensor_quant import QuantDescriptor
+from qdq.transform.patching import ForwardPatch, apply_patch, patched_modules, remove_patch
+from qdq.math.descriptor import QuantDescriptor
 
 __all__ = [
     "BLOCK_NAMES",
@@ -214,7 +214,7 @@ def yolov5_patches(
     by_name: bool = False,
     quant_desc: QuantDescriptor | None = None,
 ) -> list[ForwardPatch]:
-    """The YOLOv5 recipes as :class:`~qdq.patching.ForwardPatch` objects (see the module docstring).
+    """The YOLOv5 recipes as :class:`~qdq.transform.patching.ForwardPatch` objects (see the module docstring).
 
     Args:
         classes: where the block classes come from: a Python module or a ``{"Bottleneck": cls, ...}`` mapping

@@ -1,3 +1,4 @@
+import logging
 import os
 import sys
 from pathlib import Path
@@ -16,6 +17,16 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _qdq_log_level():
+    """Each test finds qdq's logger at the level the previous one found it (pytorch_quantization-style code calls
+    ``quant_logging.set_verbosity(ERROR)``, which would silence the warnings later tests check for)."""
+    logger = logging.getLogger("qdq")
+    level = logger.level
+    yield
+    logger.setLevel(level)
 
 
 def require_shared_data(name: str) -> Path:

@@ -23,7 +23,7 @@ from torch import nn
 import qdq
 from qdq import calibrate_model
 from qdq import nn as quant_nn
-from qdq.autotune import autotune
+from qdq.calibrate.autotune import autotune
 from qdq.calib import HistogramCalibrator, MaxCalibrator
 from qdq.calib.calibrator import StatsMismatchError
 from qdq.calib.histogram import rebin
@@ -36,8 +36,8 @@ from qdq.distributed import (
     verify_synchronized,
 )
 from qdq.onnx.export import export_onnx_distributed
-from qdq.quant_modules import replace_to_quantization_module
-from qdq.switches import quantizers
+from qdq.transform.replace import replace_to_quantization_module
+from qdq.transform.switches import quantizers
 from qdq.tensor_quant import QuantDescriptor
 
 PG_TIMEOUT = 20  # seconds: a collective that waits longer raises

@@ -50,8 +50,16 @@ def test_private_names_stay_importable_for_pytorch_quantization_code():
 
 
 def test_cli_tolerance_default_is_the_library_default():
-    from qdq.cli import _parser
+    from qdq.cli.commands import _parser
     from qdq.onnx.parity import DEFAULT_OUTPUT_TOLERANCE_STEPS
 
     args = _parser().parse_args(["ptq", "--model", "m", "--data", "d", "--out", "o.onnx"])
     assert args.tolerance_steps == DEFAULT_OUTPUT_TOLERANCE_STEPS
+
+
+def test_calibrate_package_answers_the_names_of_its_model_module():
+    import qdq.calibrate
+    import qdq.calibrate.model
+
+    assert qdq.calibrate.__all__ == qdq.calibrate.model.__all__
+    assert all(getattr(qdq.calibrate, n) is getattr(qdq.calibrate.model, n) for n in qdq.calibrate.__all__)

@@ -264,7 +264,7 @@ def test_seed_flow_runs_unchanged():
 def test_same_flow_with_qdq_helpers():
     """What the copied helpers did, with the functions qdq now provides."""
     import qdq
-    from qdq.sensitivity import build_sensitivity_profile as profile
+    from qdq.calibrate.sensitivity import build_sensitivity_profile as profile
 
     torch.manual_seed(0)
     model = Net()
@@ -274,7 +274,7 @@ def test_same_flow_with_qdq_helpers():
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
         result = profile(model, lambda m: float(m(x).abs().mean()), print_table=False, progress=False)
-    assert len(result.rows) == len([1 for _ in qdq.sensitivity.quantized_layers(model)])
+    assert len(result.rows) == len([1 for _ in qdq.calibrate.sensitivity.quantized_layers(model)])
     for i in range(len(model.model)):
         layer = model.model[i]
         if qdq.have_quantizer(layer):

@@ -43,9 +43,9 @@ from examples.common import (UsageError, add_run_arguments, cifar10_root, export
                              first_per_class, histograms_without_zeros, positive, print_table, resolve_defaults,
                              run_main, trained_float_model)
 from qdq import nn as quant_nn
-from qdq.evaluate import collect_logits, sqnr_db, top1_accuracy, top1_agreement
+from qdq.calibrate.evaluate import collect_logits, sqnr_db, top1_accuracy, top1_agreement
 from qdq.onnx import apply_custom_rules_to_quantizer
-from qdq.qat import freeze_bn_stats, qat_learning_rate
+from qdq.transform.qat import freeze_bn_stats, qat_learning_rate
 from qdq.rules import apply_resnet_rules
 from qdq.tensor_quant import QuantDescriptor
 
@@ -389,7 +389,7 @@ def qat(
 ) -> nn.Module:
     """Quantization-aware fine-tuning of a calibrated model, in place; returns it (in eval mode).
 
-    The usual recipe (:mod:`qdq.qat`): a learning rate about 1% of the original one (:func:`qdq.qat.qat_learning_rate`
+    The usual recipe (:mod:`qdq.transform.qat`): a learning rate about 1% of the original one (:func:`qdq.transform.qat.qat_learning_rate`
     of ``original_lr`` unless ``lr`` is given) decayed to zero with a cosine, BatchNorm statistics frozen, the task
     loss with straight-through gradients.
     """

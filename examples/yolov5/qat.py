@@ -11,7 +11,7 @@ The steps of :func:`run` (``python -m examples.yolov5.qat``):
 4. :func:`qdq.onnx.apply_custom_rules_to_quantizer`: the quantizers TensorRT needs with one scale (around the
    concatenations, max pools and fan-outs, found in an ONNX export of the model) become one quantizer;
 5. calibration (``mse`` by default) on images resized to ``--imgsz`` (the labels are not used);
-6. QAT by distillation (:class:`qdq.qat.Distiller`): the quantized model learns to match the float model's neck
+6. QAT by distillation (:class:`qdq.transform.qat.Distiller`): the quantized model learns to match the float model's neck
    outputs and head outputs; the distillation loss is printed and should go down;
 7. export to QDQ ONNX, the TensorRT rule check (no errors, no scale mismatch expected), parity with ONNX Runtime.
 
@@ -35,7 +35,7 @@ import qdq
 from examples.common import UsageError, add_run_arguments, finish, positive, resolve_defaults, run_main
 from qdq.onnx import apply_custom_rules_to_quantizer, check_tensorrt, export_onnx, verify
 from qdq.onnx.check import format_findings
-from qdq.qat import Distiller, freeze_bn_stats, make_teacher
+from qdq.transform.qat import Distiller, freeze_bn_stats, make_teacher
 from qdq.rules import apply_yolov5_rules
 
 __all__ = [
@@ -86,7 +86,7 @@ def quantize_detector(model: nn.Module, imgsz: int, ignore_policy: Any = None) -
     return {"replaced": report, "recipes": recipes, "shared": pairs}
 
 
-def image_source(images: str, imgsz: int, batch_size: int, limit: int, seed: int = 0) -> qdq.data.ImageFolderSource:
+def image_source(images: str, imgsz: int, batch_size: int, limit: int, seed: int = 0) -> qdq.calibrate.data.ImageFolderSource:
     """Batches of ``limit`` images resized to ``imgsz`` x ``imgsz``, RGB in [0, 1] as YOLOv5 takes them.
 
     ``images``: ``"imagenet"`` (the ImageNet sample of ``../shared/data``), ``"cifar10"`` (its CIFAR-10 training
@@ -106,7 +106,7 @@ def image_source(images: str, imgsz: int, batch_size: int, limit: int, seed: int
         if not root.is_dir():
             raise UsageError(f"--images {images}: not 'imagenet', 'cifar10' or a folder")
     preprocess = transforms.Compose([transforms.Resize((imgsz, imgsz)), transforms.ToTensor()])
-    from qdq.data import ImageFolderSource
+    from qdq.calibrate.data import ImageFolderSource
 
     return ImageFolderSource(root, preprocess, batch_size=batch_size, limit=limit, seed=seed)
 
@@ -303,7 +303,7 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (2 for a usage or data error, with a one-line message)."""
-    from qdq.data import DataSourceError
+    from qdq.calibrate.data import DataSourceError
 
     return run_main(build_parser(), run, _resolve, argv, errors=(DataSourceError,))
 

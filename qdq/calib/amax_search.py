@@ -31,8 +31,10 @@ from typing import Callable, Iterable
 
 import torch
 
-from qdq.formats import fake_quantize_fp8, is_fp8
-from qdq.tensor_quant import amax_to_scale, quant_range, quantize, register_calib_method
+from qdq.math.formats import fake_quantize_fp8, is_fp8
+from qdq.math.descriptor import register_calib_method
+from qdq.math.quantize import quantize
+from qdq.math.ranges import amax_to_scale, quant_range
 
 __all__ = [
     "entropy_amax",
@@ -52,7 +54,7 @@ _SEARCHES: dict[str, Callable[..., torch.Tensor]] = {}
 def register_search(name: str, fn: Callable[..., torch.Tensor] | None = None):
     """Registers ``fn`` as the amax search called ``name`` (usable as a decorator).
 
-    The name becomes a ``calib_method`` of :class:`~qdq.tensor_quant.QuantDescriptor` too, whose ``calib_args``
+    The name becomes a ``calib_method`` of :class:`~qdq.math.descriptor.QuantDescriptor` too, whose ``calib_args``
     take the search's keyword-only parameters (their defaults as the function declares them).
     """
 
@@ -243,9 +245,9 @@ def mse_amax(
 ) -> torch.Tensor:
     """The cut whose fake quantization of the bin centers has the least count-weighted squared error.
 
-    The centers are fake-quantized with the arithmetic of :func:`qdq.tensor_quant.fake_quantize_by_amax`
+    The centers are fake-quantized with the arithmetic of :func:`qdq.math.fake_quant.fake_quantize_by_amax`
     (``quantize(x) * scale``), for every candidate at once; with ``num_bits=(4, 3)`` on the FP8 E4M3 grid
-    (:func:`qdq.formats.fake_quantize_fp8`).
+    (:func:`qdq.math.formats.fake_quantize_fp8`).
 
     >>> c = torch.tensor([[0, 60, 50, 40, 30, 20, 10, 5] + [0] * 22 + [1, 1]])
     >>> e = torch.linspace(0, 32, 33)[None]
@@ -264,7 +266,7 @@ def mse_amax(
         errs = []
         for part in cand.split(chunk):
             scale = amax_to_scale(e[b, part].float(), num_bits, unsigned)[:, None]  # [K, 1]
-            if is_fp8(num_bits):  # the FP8 grid of qdq.formats
+            if is_fp8(num_bits):  # the FP8 grid of qdq.math.formats
                 err = fake_quantize_fp8(centers[b][None, :], scale).sub_(centers[b]).square_()
             else:  # quantize(x) * scale, in place: the arithmetic of fake_quantize, without a [K, n] copy per step
                 err = quantize(centers[b][None, :], scale, 0, qmin, qmax)

@@ -43,7 +43,7 @@ from typing import ClassVar, Mapping, Union
 
 import torch
 
-from qdq.tensor_quant import _kept_dims
+from qdq.math.ranges import _kept_dims
 
 __all__ = ["NoDataCollectedError", "NonFiniteWarning", "ShapeChangedError", "StatsMismatchError", "Stats"]
 
@@ -90,7 +90,7 @@ class _Calibrator:
 
     Args:
         num_bits: bits of the quantizer the amax is for.
-        axis: ``None`` (one amax) or the kept dimension(s), as in :class:`~qdq.tensor_quant.QuantDescriptor`.
+        axis: ``None`` (one amax) or the kept dimension(s), as in :class:`~qdq.math.descriptor.QuantDescriptor`.
         unsigned: the quantizer is unsigned; negative data is then an error.
 
     A subclass implements :meth:`collect`, :meth:`reset` (calling this one), :meth:`compute_amax`, and, to be

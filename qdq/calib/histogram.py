@@ -44,7 +44,7 @@ import torch
 
 from qdq.calib.amax_search import check_search_keywords, get_search, search_names
 from qdq.calib.calibrator import NoDataCollectedError, NonFiniteWarning, ShapeChangedError, _Calibrator
-from qdq.tensor_quant import DEFAULT_NUM_BINS
+from qdq.math.descriptor import DEFAULT_NUM_BINS
 
 __all__ = ["HistogramCalibrator", "rebin", "merge_bins", "bin_exponent"]
 
@@ -178,8 +178,8 @@ class HistogramCalibrator(_Calibrator):
     """Collects a histogram of ``|x|`` (of ``x`` when unsigned), one per channel when ``axis`` is set.
 
     Args:
-        num_bits, axis, unsigned: as in :class:`~qdq.tensor_quant.QuantDescriptor`.
-        num_bins: bins of each histogram (:data:`qdq.tensor_quant.DEFAULT_NUM_BINS`, 2048 as TensorRT).
+        num_bits, axis, unsigned: as in :class:`~qdq.math.descriptor.QuantDescriptor`.
+        num_bins: bins of each histogram (:data:`qdq.math.descriptor.DEFAULT_NUM_BINS`, 2048 as TensorRT).
         grow_method: accepted for pytorch_quantization compatibility; ignored (growth is always exact merging).
         skip_zeros: leave exact zeros out of the histogram.
         torch_hist: accepted for pytorch_quantization compatibility (collection always runs in torch, on the data's

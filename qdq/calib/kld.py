@@ -10,14 +10,14 @@ Use it like any other histogram search::
     calibrate_model(model, loader, method="kld")            # quantizers with histogram calibrators
     quantizer.load_calib_amax(method="kld")                 # one quantizer
 
-and refine the result with :func:`qdq.autotune.autotune`.
+and refine the result with :func:`qdq.calibrate.autotune.autotune`.
 
 The algorithm, as tpu-mlir's calibration documentation gives it in pseudocode, for a histogram of ``n`` bins
 (``n = 2048`` in tpu-mlir) over ``[0, R]``:
 
 1. ``step = n // 16``; the cuts are ``i in range(step, n, step)``: 128, 256, ..., 1920 for ``n = 2048``, exactly the
    pseudocode's ``range(128, 2048, 128)``. The full range ``i = n`` is not a cut (the pseudocode's ``range`` stops
-   before it); where the full range is wanted, :func:`~qdq.autotune.autotune` explores up to the maximum. For ``n``
+   before it); where the full range is wanted, :func:`~qdq.calibrate.autotune.autotune` explores up to the maximum. For ``n``
    not divisible by 16 the grid is the same rule (``n = 600``: ``step = 37``, cuts 37, 74, ..., 592). At least 16
    bins are needed.
 2. P: the first ``i`` bins, with every count beyond them (the clipped outliers, bins ``i .. n-1``) added to bin
@@ -78,7 +78,7 @@ import logging
 import torch
 
 from qdq.calib.amax_search import _as_2d, register_search, tolerant_argmin
-from qdq.tensor_quant import KLD_DIVISIONS  # the grid of cuts: n // KLD_DIVISIONS bins between cuts
+from qdq.math.descriptor import KLD_DIVISIONS  # the grid of cuts: n // KLD_DIVISIONS bins between cuts
 
 __all__ = ["kld_amax", "kld_divergence", "kld_cuts", "KLD_EPS", "KLD_DIVISIONS", "fits_grid"]
 

@@ -23,7 +23,7 @@ class MaxCalibrator(_Calibrator):
     ``num_nonfinite`` and reported with a warning.
 
     Args:
-        num_bits, axis, unsigned: as in :class:`~qdq.tensor_quant.QuantDescriptor`.
+        num_bits, axis, unsigned: as in :class:`~qdq.math.descriptor.QuantDescriptor`.
         track_amax: also keep each batch's amax in ``amaxs`` (on the CPU; this calibrator's own batches only, also
             after a :meth:`merge`).
 

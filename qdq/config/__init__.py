@@ -2,7 +2,7 @@
 
 This is how mixed precision is written down: some layers 8-bit, some with 4-bit weights, some left in float, each
 with its own calibration. The file *is* the descriptors: every tensor section is a
-:class:`~qdq.tensor_quant.QuantDescriptor` in its dict form (``QuantDescriptor.dict()`` / ``from_dict``), in the
+:class:`~qdq.math.descriptor.QuantDescriptor` in its dict form (``QuantDescriptor.dict()`` / ``from_dict``), in the
 words of the API (``calib_method``, ``calib_args``, ``axis``, ``num_batches``). Three steps take a float model to a
 calibrated, mixed-precision model, and :func:`qdq.export_onnx` turns that into a QDQ ONNX file::
 
@@ -13,9 +13,9 @@ calibrated, mixed-precision model, and :func:`qdq.export_onnx` turns that into a
     calibrate_from_config(model, loader, "quant_config.json")   # each quantizer's own calib_method
     qdq.export_onnx(model, example_input, "model_qdq.onnx")
 
-:func:`create_quant_config` lists every layer the module map would quantize (:mod:`qdq.quant_modules`).
+:func:`create_quant_config` lists every layer the module map would quantize (:mod:`qdq.transform.replace`).
 :func:`apply_quant_config` checks the whole file against the model first and reports every problem at once, then
-converts the model in place with one call of :func:`~qdq.quant_modules.replace_to_quantization_module` (layers set
+converts the model in place with one call of :func:`~qdq.transform.replace.replace_to_quantization_module` (layers set
 to float are its ignore policy; every other layer builds its quantizers once, from its descriptors).
 :func:`calibrate_from_config` feeds ``num_batches`` batches and computes each quantizer's amax with the
 ``calib_method`` of its own entry. :func:`load_quant_config` and :func:`save_quant_config` read and write a config
@@ -63,7 +63,7 @@ Top level
 ``global``
     ``num_batches``: batches :func:`calibrate_from_config` feeds (an int >= 1, or ``null`` for all of the data).
     ``skip_layers``: layers left in float - names or regular expressions, matched as by
-    :func:`qdq.quant_modules.compile_ignore_policy` (``"layer4"`` covers ``"layer4.0.conv1"``); each must match at
+    :func:`qdq.transform.ignore_policy.compile_ignore_policy` (``"layer4"`` covers ``"layer4.0.conv1"``); each must match at
     least one layer. ``input`` and ``weight``: the descriptors of every layer that does not say otherwise (default:
     ``QuantDescriptor()`` and ``QuantDescriptor(axis=0)``).
 
@@ -75,7 +75,7 @@ Top level
     only ``input``).
 
 Tensor sections (``input``, ``weight``)
-    The fields of :class:`~qdq.tensor_quant.QuantDescriptor` but ``name`` (qdq names each quantizer by its path),
+    The fields of :class:`~qdq.math.descriptor.QuantDescriptor` but ``name`` (qdq names each quantizer by its path),
     with the descriptor's meaning and checks: ``num_bits`` (2..16, or ``[4, 3]`` for FP8 E4M3), ``calib_method``
     (``"max"``, ``"histogram"``, or a histogram search by name: ``"entropy"``, ``"mse"``, ``"percentile"``,
     ``"kld"`` and any search registered with :func:`qdq.calib.register_search`), ``calib_args`` (``num_bins`` of the
@@ -94,7 +94,7 @@ Keys a layer's section leaves out come from ``global``; ``calib_args`` are inher
 
 Checks
     Unknown keys at any level (with the closest valid key), version-1 keys in a version-2 file (with the key that
-    replaces them), duplicate keys, wrong types, everything :class:`~qdq.tensor_quant.QuantDescriptor` refuses
+    replaces them), duplicate keys, wrong types, everything :class:`~qdq.math.descriptor.QuantDescriptor` refuses
     (each key checked alone, so that each problem names its key, then the section as a whole), layer names the
     model has no quantizable layer for, ``weight`` on a layer without weights, a ``type`` that differs from the
     model's, ``"enabled": true`` on a layer ``skip_layers`` matches, and ``skip_layers`` patterns that match nothing

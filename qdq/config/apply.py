@@ -1,5 +1,5 @@
 """Applying a per-layer config to a model: checked against it first, then one conversion that builds each
-quantizer once, from its descriptor (:func:`~qdq.quant_modules.replace_to_quantization_module` with
+quantizer once, from its descriptor (:func:`~qdq.transform.replace.replace_to_quantization_module` with
 ``descriptors=``)."""
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from qdq.config.schema import (
     listing,
     resolve_section,
 )
-from qdq.formats import FP8_E4M3, is_fp8
+from qdq.math.formats import FP8_E4M3, is_fp8
 from qdq.nn.modules._utils import QuantInputMixin, QuantMixin
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
-from qdq.quant_modules import (
+from qdq.transform.ignore_policy import compile_ignore_policy
+from qdq.transform.replace import (
     ReplacementReport,
-    compile_ignore_policy,
     module_device,
     name_quantizers,
     quantizable_layers,
@@ -58,7 +58,7 @@ class QuantizeReport:
         config: the resolved config (version 2) - every quantizable layer of the model with its descriptors - as a
             dict that :func:`~qdq.config.save_quant_config` writes and :func:`apply_quant_config` and
             :func:`~qdq.config.calibrate_from_config` take.
-        replacement: the :class:`~qdq.quant_modules.ReplacementReport` of the conversion.
+        replacement: the :class:`~qdq.transform.replace.ReplacementReport` of the conversion.
     """
 
     quantized: list[str] = field(default_factory=list)
@@ -252,7 +252,7 @@ def apply_quant_config(
 
     The whole config is checked against the model first; any problem raises one :class:`QuantConfigError` listing
     them all, and the model is left untouched. Then one call of
-    :func:`~qdq.quant_modules.replace_to_quantization_module` converts the model: disabled layers are its ignore
+    :func:`~qdq.transform.replace.replace_to_quantization_module` converts the model: disabled layers are its ignore
     policy, and each converted layer builds its quantizers once, from the descriptors of its entry
     (``descriptors=``), on the layer's device. A layer that was already quantized gets new quantizers from its
     entry (its amax is lost, logged), or, when its entry is disabled, has its quantizers disabled.
@@ -351,7 +351,7 @@ def apply_quant_config(
 
 def quantize_model(model: nn.Module, config: Any, *, strict: bool = False, quant_map: Any = None) -> QuantizeReport:
     """Deprecated name of :func:`apply_quant_config` (it applies a per-layer config; it is not the main entry
-    point - that is :func:`qdq.quant_modules.replace_to_quantization_module`)."""
+    point - that is :func:`qdq.transform.replace.replace_to_quantization_module`)."""
     warnings.warn("qdq.config.quantize_model is now apply_quant_config (same arguments)", DeprecationWarning,
                   stacklevel=2)
     return apply_quant_config(model, config, strict=strict, quant_map=quant_map)

@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 from qdq.calib import HistogramCalibrator, MaxCalibrator
-from qdq.calibrate import CalibrationReport, collect_stats, load_amax
+from qdq.calibrate.model import CalibrationReport, collect_stats, load_amax
 from qdq.config.apply import quantizer_roles, skip_rules, skipped_by
 from qdq.config.schema import Problems, QuantConfigError, checked_config, descriptor_of, layer_path, resolve_section
 from qdq.nn.modules._utils import QuantInputMixin, QuantMixin
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
-from qdq.tensor_quant import QuantDescriptor
+from qdq.math.descriptor import QuantDescriptor
 
 __all__ = ["calibrate_from_config"]
 

@@ -21,7 +21,7 @@ from qdq.config.schema import (
     save_quant_config,
     section_of,
 )
-from qdq.tensor_quant import QuantDescriptor
+from qdq.math.descriptor import QuantDescriptor
 
 __all__ = ["create_quant_config"]
 
@@ -90,14 +90,14 @@ def create_quant_config(
         path: the JSON file to write (folders are created); ``None`` only returns the config.
         model: the float model (layers that are already quantized are listed too).
         skip_layers: layers to keep in float: names or regular expressions (see
-            :func:`qdq.quant_modules.compile_ignore_policy`); written to ``global.skip_layers`` and as
+            :func:`qdq.transform.ignore_policy.compile_ignore_policy`); written to ``global.skip_layers`` and as
             ``"enabled": false`` on the layers they match. Each must match a layer.
         num_batches: calibration batches (``global.num_batches``); ``None`` for all of the data.
         input: the descriptor of every layer's input (``global.input``; default: 8-bit per tensor, max), e.g.
             ``QuantDescriptor(calib_method="entropy")``; a dict is read as a tensor section of the file.
         weight: the descriptor of every layer's weight (``global.weight``; default: 8-bit, per channel, max).
         quant_map: extra ``{float class: quantized class}`` pairs, as for
-            :func:`~qdq.quant_modules.replace_to_quantization_module` (pass the same to
+            :func:`~qdq.transform.replace.replace_to_quantization_module` (pass the same to
             :func:`~qdq.config.apply_quant_config`).
         old: the keywords of qdq 0.1 (``batch_num``, ``activation_calib``, ``weight_calib``, ``num_bits``,
             ``weight_num_bits``, ``per_channel``, ``symmetric``, ``narrow_range``, ``percentile``, ``num_bins``):

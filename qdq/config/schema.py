@@ -1,6 +1,6 @@
 """The file format of a per-layer quantization config (version 2): its keys, its checks, reading and writing.
 
-A tensor section (``input``, ``weight``) *is* a :class:`~qdq.tensor_quant.QuantDescriptor`: its keys are the
+A tensor section (``input``, ``weight``) *is* a :class:`~qdq.math.descriptor.QuantDescriptor`: its keys are the
 descriptor's fields (all but ``name``, which qdq sets to the quantizer's path) and its values are checked by the
 descriptor itself, one key at a time so that each problem names its key, then as a whole. ``enabled: false`` on a
 section switches that quantizer off (INT4 weight-only layers). Nothing here needs a model; :mod:`qdq.config.apply`
@@ -20,9 +20,9 @@ from typing import Any, Iterable, Mapping
 
 from qdq._files import write_atomically
 from qdq._json_keys import DuplicateKeyError, loads_unique
-from qdq.formats import BLOCK_SIZES
-from qdq.quant_modules import compile_ignore_policy
-from qdq.tensor_quant import QuantDescriptor
+from qdq.math.formats import BLOCK_SIZES
+from qdq.transform.ignore_policy import compile_ignore_policy
+from qdq.math.descriptor import QuantDescriptor
 
 __all__ = ["CONFIG_FORMAT", "CONFIG_VERSION", "QuantConfigError", "load_quant_config", "save_quant_config",
            "section_of", "descriptor_of"]

@@ -207,7 +207,7 @@ FP8_MIN_OPSET = 19
 
 #: TensorRT's FP8 convolution kernels need more than this many input channels per group and output channels, and
 #: a kernel of at most FP8_MAX_KERNEL_AREA elements (ModelOpt's FP8 rule; the same numbers as
-#: ``qdq.layer_formats.FP8_MIN_CHANNELS`` and ``FP8_MAX_KERNEL_AREA``, which decide the model side).
+#: ``qdq.transform.layer_formats.FP8_MIN_CHANNELS`` and ``FP8_MAX_KERNEL_AREA``, which decide the model side).
 FP8_MIN_CHANNELS = 16
 FP8_MAX_KERNEL_AREA = 32
 

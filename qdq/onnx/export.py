@@ -58,9 +58,9 @@ from torch import nn
 from qdq.distributed import run_on_rank0
 from qdq.onnx import export_formats
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
-from qdq.quant_modules import name_quantizers
-from qdq.switches import preserved_modes, quantizers
-from qdq.tensor_quant import amax_problem
+from qdq.transform.replace import name_quantizers
+from qdq.transform.switches import preserved_modes, quantizers
+from qdq.math.ranges import amax_problem
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -249,7 +249,7 @@ def weight_integers(weight: np.ndarray, scale: np.ndarray, zero_point: np.ndarra
     """``(q, scale, zero_point)`` of a constant float weight under ``QuantizeLinear(scale, zero_point, axis)``: q the
     integers qdq's arithmetic gives (``round_half_even(w * (1 / scale)) + zero_point``, saturated to the zero
     point's integer type), in float32, with the scale and zero point shaped to broadcast against the weight."""
-    from qdq.tensor_quant import quantize
+    from qdq.math.quantize import quantize
 
     w = torch.from_numpy(np.asarray(weight, dtype=np.float32))
     s = torch.from_numpy(np.asarray(scale, dtype=np.float32))

@@ -18,7 +18,7 @@ torch's exporters translate the fused fake-quant op into int8 Q/DQ only, so :fun
 FP8 or INT4 quantizer with a per-tensor *tag* scale (a value no INT8 quantizer of the model has) and
 :func:`rewrite_formats` then finds each tagged QuantizeLinear by its scale and writes the quantizer's real scale, zero
 point type and axis (FP8), or replaces it by the packed int4 weights (INT4). The values come from the same functions
-the PyTorch fake quantization uses (:mod:`qdq.formats`, :mod:`qdq.tensor_quant`), so ONNX Runtime dequantizes to
+the PyTorch fake quantization uses (:mod:`qdq.math.formats`, :mod:`qdq.tensor_quant`), so ONNX Runtime dequantizes to
 exactly the weights PyTorch used. This module does not use ``torch.onnx``; it edits the ONNX graph.
 
 An int4 weight read through ``Transpose`` (the MatMul form of a Linear on 3-D inputs) is stored transposed, with the
@@ -36,8 +36,9 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from qdq import formats
-from qdq.tensor_quant import amax_to_scale, quant_range, quantize
+from qdq.math import formats
+from qdq.math.quantize import quantize
+from qdq.math.ranges import amax_to_scale, quant_range
 
 __all__ = ["FormatSpec", "QDQ_TYPES", "MIN_OPSETS", "format_of", "format_spec", "rewrite_formats"]
 

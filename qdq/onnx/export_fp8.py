@@ -26,7 +26,7 @@ import logging
 
 import torch
 
-from qdq import formats
+from qdq.math import formats
 from qdq.nn.modules import fp8_export
 
 __all__ = ["FP8_QDQ_OPSET", "export_form"]

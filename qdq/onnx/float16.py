@@ -111,8 +111,8 @@ def _fp16_problem(scale: np.ndarray) -> str | None:
 
 
 def _quantizers(model: nn.Module):
-    from qdq.quant_modules import name_quantizers
-    from qdq.switches import quantizers
+    from qdq.transform.replace import name_quantizers
+    from qdq.transform.switches import quantizers
 
     name_quantizers(model)
     seen = set()
@@ -223,7 +223,7 @@ def _to_fp16(values: np.ndarray, name: str, report: Float16Report) -> np.ndarray
 
 def _dequantized_fp16(weight: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int) -> np.ndarray:
     """float16 values whose QuantizeLinear (float16 ``scale``) gives exactly qdq's integers of the float32 weight."""
-    from qdq.formats import dequantize_fp8, quantize_fp8
+    from qdq.math.formats import dequantize_fp8, quantize_fp8
 
     if zero_point.dtype.kind in "iu":
         q, s, z = weight_integers(weight, scale, zero_point, axis)

@@ -53,7 +53,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from qdq.switches import preserved_modes
+from qdq.transform.switches import preserved_modes
 
 __all__ = ["verify", "VerifyReport", "OutputParity", "RoundingParity", "run_onnxruntime", "DEFAULT_OUTPUT_TOLERANCE_STEPS",
            "FLOAT16_OUTPUT_RTOL"]
@@ -187,7 +187,7 @@ def _activation_qs(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 
 def _rounding_parity(onnx_model: onnx.ModelProto, args: tuple) -> RoundingParity:
     """Runs the file with every activation Q's input and output exposed and requantizes the inputs with qdq."""
-    from qdq.tensor_quant import quantize
+    from qdq.math.quantize import quantize
 
     qs = _activation_qs(onnx_model)
     parity = RoundingParity(num_quantizers=len(qs))
@@ -241,8 +241,8 @@ def _fp8_ordinal(bits: np.ndarray) -> np.ndarray:
 
 
 def _fp8_step_difference(x: np.ndarray, q_ort: np.ndarray, scale: np.ndarray, node, zero_point) -> np.ndarray:
-    """FP8 grid steps between ONNX Runtime's QuantizeLinear output and :func:`qdq.formats.quantize_fp8`."""
-    from qdq.formats import quantize_fp8
+    """FP8 grid steps between ONNX Runtime's QuantizeLinear output and :func:`qdq.math.formats.quantize_fp8`."""
+    from qdq.math.formats import quantize_fp8
 
     if str(zero_point.dtype) != "float8_e4m3fn":
         raise ValueError(f"{node.name or 'a QuantizeLinear'}: zero point type {zero_point.dtype} is not compared "

@@ -7,7 +7,7 @@ model-specific code, and inserts the quantizers into the PyTorch model (so QAT t
 exported file has):
 
 1. **Find and probe the op sites**, in one export. The model is exported with every quantizer tagged by a
-   distinct scale (:func:`~qdq.onnx.export.export_with_quantizer_tags`) while :mod:`qdq.op_sites` watches the
+   distinct scale (:func:`~qdq.onnx.export.export_with_quantizer_tags`) while :mod:`qdq.transform.op_sites` watches the
    forward: each inline add, concat and average pooling met (by module and call instruction) gets a temporary
    *probe* quantizer with a tag of its own on every input, so each probe's QuantizeLinear says which site input it
    is, whatever the exporter names things. Nothing is traced symbolically, so models torch.fx cannot trace work the
@@ -81,10 +81,10 @@ import numpy as np
 
 from qdq.onnx.export import TAG_STEP, _constant_values, export_with_quantizer_tags
 from qdq.onnx.fusion import _feeds_q, _fusible
-from qdq.op_sites import OpSite, record_sites, remove_site_quantizers, set_site_quantizer, site_quantizers
-from qdq.quant_modules import name_quantizers
-from qdq.switches import quantizers
-from qdq.tensor_quant import QuantDescriptor
+from qdq.transform.op_sites import OpSite, record_sites, remove_site_quantizers, set_site_quantizer, site_quantizers
+from qdq.transform.replace import name_quantizers
+from qdq.transform.switches import quantizers
+from qdq.math.descriptor import QuantDescriptor
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup

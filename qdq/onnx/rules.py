@@ -61,7 +61,7 @@ from qdq.distributed import run_on_rank0
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
 from qdq.onnx.check import quantize_groups
 from qdq.onnx.export import export_with_quantizer_tags
-from qdq.quant_modules import name_quantizers
+from qdq.transform.replace import name_quantizers
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup

@@ -9,7 +9,7 @@ Two ways to get one:
   ``export_onnx(..., quantize=False)`` writes for the same inputs, which it also writes when ``float_path`` is given;
 * :func:`write_tensorrt_cache` (``qdq.write_tensorrt_cache``) takes either: a model as first argument
   (``write_tensorrt_cache(model, path, example_inputs)``) goes to :func:`write_model_tensorrt_cache`; a mapping
-  ``{tensor name: amax}`` (``write_tensorrt_cache(amax, path)``) goes to :func:`qdq.calib_table.write_tensorrt_cache`;
+  ``{tensor name: amax}`` (``write_tensorrt_cache(amax, path)``) goes to :func:`qdq.calibrate.calib_table.write_tensorrt_cache`;
 * :func:`qdq_to_float_and_cache` (a QDQ file): removes every Q/DQ pair (weights keep their fake-quantized values, so
   the engine computes with the weights the QDQ model had) and returns the float model and ``{tensor: amax}``, what
   NVIDIA's qdq_translator does for DLA.
@@ -20,7 +20,7 @@ it, not a silently missing cache line.
 Example:
     >>> import os, tempfile, torch
     >>> import qdq
-    >>> from qdq.calib_table import read_tensorrt_cache
+    >>> from qdq.calibrate.calib_table import read_tensorrt_cache
     >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
     >>> _ = qdq.replace_to_quantization_module(model)
     >>> _ = qdq.calibrate_model(model, [torch.randn(2, 3, 8, 8)], progress=False)
@@ -48,8 +48,8 @@ from collections.abc import Mapping
 
 from torch import nn
 
-from qdq.calib_table import TENSORRT_HEADER
-from qdq.calib_table import write_tensorrt_cache as write_cache_from_amax
+from qdq.calibrate.calib_table import TENSORRT_HEADER
+from qdq.calibrate.calib_table import write_tensorrt_cache as write_cache_from_amax
 from qdq.onnx.export import _constant_values, export_onnx
 
 __all__ = ["qdq_to_float_and_cache", "write_model_tensorrt_cache", "write_tensorrt_cache"]
@@ -167,7 +167,7 @@ def write_tensorrt_cache(source: Any, path: str | os.PathLike, example_inputs: A
     * ``write_tensorrt_cache(model, path, example_inputs, float_path=None, **export_kwargs)``: an ``nn.Module``
       goes to :func:`write_model_tensorrt_cache` (the cache under the tensor names of the float ONNX that
       ``export_onnx(model, example_inputs, ..., quantize=False)`` writes); returns ``{tensor name: amax}``.
-    * ``write_tensorrt_cache(amax, path)``: a mapping goes to :func:`qdq.calib_table.write_tensorrt_cache`
+    * ``write_tensorrt_cache(amax, path)``: a mapping goes to :func:`qdq.calibrate.calib_table.write_tensorrt_cache`
       unchanged; returns ``None``.
 
     Raises:

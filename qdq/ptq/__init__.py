@@ -1,8 +1,8 @@
 """Floor 4, PTQ algorithms beyond range selection: bias correction, cross-layer equalization and AdaRound.
 
-Each works in place on a model that :func:`~qdq.quant_modules.replace_to_quantization_module` converted (and, but for
+Each works in place on a model that :func:`~qdq.transform.replace.replace_to_quantization_module` converted (and, but for
 :func:`equalize`, that :func:`~qdq.calibrate_model` calibrated), feeds data through the same helpers as
-calibration (:mod:`qdq.feeding`), writes weights, biases and amax only, and returns a report. They are also at the
+calibration (:mod:`qdq.calibrate.feeding`), writes weights, biases and amax only, and returns a report. They are also at the
 top level: ``qdq.equalize``, ``qdq.bias_correction``, ``qdq.adaround``.
 
 - :mod:`qdq.ptq.equalize`: cross-layer equalization of Conv/BN/ReLU(6)/Conv chains, with BN folding and high-bias

@@ -68,8 +68,8 @@ from tqdm.auto import tqdm
 
 from qdq.ptq.capture import call_order, run_until
 from qdq.distributed import all_reduce_tensors, broadcast_tensors
-from qdq.quant_modules import name_quantizers
-from qdq.switches import disable_quantization, preserved_modes, restore_quantizer_states
+from qdq.transform.replace import name_quantizers
+from qdq.transform.switches import disable_quantization, preserved_modes, restore_quantizer_states
 from qdq.ptq.weight_layers import check_reiterable, output_channel_dim, quantized_layers, weight_grid
 
 if TYPE_CHECKING:

@@ -40,9 +40,9 @@ from tqdm.auto import tqdm
 
 from qdq.ptq.capture import call_order, run_until
 from qdq.distributed import all_reduce_tensors
-from qdq.feeding import feed, model_device
-from qdq.quant_modules import name_quantizers
-from qdq.switches import disable_quantization, preserved_modes
+from qdq.calibrate.feeding import feed, model_device
+from qdq.transform.replace import name_quantizers
+from qdq.transform.switches import disable_quantization, preserved_modes
 from qdq.ptq.weight_layers import check_reiterable, output_channel_dim, quantized_layers
 
 if TYPE_CHECKING:

@@ -2,7 +2,7 @@
 
 The PTQ algorithms (:mod:`qdq.ptq.bias_correction`, :mod:`qdq.ptq.adaround`) work layer by layer in forward order. For each
 layer they need what reaches it on calibration data - with the layers before it already quantized (and corrected),
-or in float - and nothing beyond it. :func:`run_until` feeds the batches through :func:`qdq.feeding.feed` (the
+or in float - and nothing beyond it. :func:`run_until` feeds the batches through :func:`qdq.calibrate.feeding.feed` (the
 batch conventions of :func:`qdq.calibrate_model`) and stops every batch as soon as the module has run, so the rest of
 the model costs nothing and memory holds only what the caller keeps of this one module.
 
@@ -25,8 +25,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from qdq.feeding import feed, model_device
-from qdq.switches import preserved_modes
+from qdq.calibrate.feeding import feed, model_device
+from qdq.transform.switches import preserved_modes
 
 __all__ = ["run_until", "call_order", "StopForward"]
 

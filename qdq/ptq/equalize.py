@@ -66,8 +66,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import Conv1d, Conv2d, Conv3d
 from torch.nn.modules.linear import Linear
 
-from qdq.fold_batchnorm import _LeafTracer, fold_bn
-from qdq.switches import quantizers
+from qdq.transform.fold_batchnorm import _LeafTracer, fold_bn
+from qdq.transform.switches import quantizers
 
 __all__ = ["equalize", "EqualizeReport", "ChannelClamp"]
 

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
-from qdq.tensor_quant import amax_to_scale
+from qdq.math.ranges import amax_to_scale
 
 __all__ = ["quantized_layers", "output_channel_dim", "check_reiterable", "weight_grid"]
 

@@ -1,7 +1,7 @@
 """pytorch_quantization's ``reduce_amax``: abs-max over the dimensions *named* by ``axis``, NumPy style.
 
 Careful: this ``axis`` names the dimensions that are *reduced* (as in NumPy and pytorch_quantization's
-``utils.reduce_amax``), while the ``axis`` of a descriptor and of :func:`qdq.tensor_quant.reduce_amax` names the
+``utils.reduce_amax``), while the ``axis`` of a descriptor and of :func:`qdq.math.ranges.reduce_amax` names the
 dimensions that are *kept* (one amax per channel).
 
 >>> import torch

@@ -14,7 +14,7 @@ if str(ROOT) not in sys.path:
 import qdq  # noqa: E402
 from examples.vit import vit  # noqa: E402
 from qdq import nn as quant_nn  # noqa: E402
-from qdq.evaluate import sqnr_db  # noqa: E402
+from qdq.calibrate.evaluate import sqnr_db  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -347,7 +347,7 @@ def test_descriptor_amax_loads_as_the_same_float32_values():
 @pytest.mark.parametrize("axis", [None, 1])
 def test_fp8_quantizer_equals_scaled_e4m3_with_its_get_amax(axis):
     """pytorch_quantization's relation: quantizer(x) == scaled_e4m3(x, quantizer._get_amax(x)), bit for bit."""
-    from qdq.formats import fake_fp8_quant
+    from qdq.math.formats import fake_fp8_quant
     from qdq.tensor_quant import reduce_amax, scaled_e4m3
 
     torch.manual_seed(0)
@@ -370,7 +370,7 @@ def test_get_amax_is_the_amax_forward_uses():
 
 
 def test_unsupported_float_format_is_value_and_type_error():
-    from qdq.formats import UnsupportedFormatError
+    from qdq.math.formats import UnsupportedFormatError
 
     for pair in [(5, 2), (7, 3)]:
         with pytest.raises(TypeError, match="only floating-point format is FP8 E4M3"):

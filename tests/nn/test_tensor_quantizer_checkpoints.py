@@ -122,7 +122,7 @@ def test_model_pickled_with_a_cuda_device_loads_calibrates_and_exports_on_cpu(tm
 
 def test_uncalibrated_quantizer_warns_once_with_its_name(caplog):
     model = _net()
-    qdq.quant_modules.name_quantizers(model)
+    qdq.transform.replace.name_quantizers(model)
     with caplog.at_level(logging.WARNING, logger="qdq"):
         model(_data()[0])
         model(_data()[1])

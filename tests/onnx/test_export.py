@@ -14,7 +14,7 @@ import qdq
 from qdq import nn as quant_nn
 from qdq.onnx import ExportError, export_onnx, verify
 from qdq.onnx.parity import run_onnxruntime
-from qdq.switches import quantizers
+from qdq.transform.switches import quantizers
 from qdq.tensor_quant import QuantDescriptor
 
 EXPORTERS = [pytest.param(False, id="torchscript"), pytest.param(True, id="dynamo")]

@@ -182,7 +182,7 @@ def test_fp8_where_tensorrt_has_fp8_kernels_has_no_fp8_layer_finding(tmp_path, f
 
 
 def test_fp8_layer_rule_uses_the_model_sides_numbers():
-    from qdq.layer_formats import FP8_MAX_KERNEL_AREA, FP8_MIN_CHANNELS
+    from qdq.transform.layer_formats import FP8_MAX_KERNEL_AREA, FP8_MIN_CHANNELS
     from qdq.onnx import check
 
     assert (check.FP8_MIN_CHANNELS, check.FP8_MAX_KERNEL_AREA) == (FP8_MIN_CHANNELS, FP8_MAX_KERNEL_AREA)

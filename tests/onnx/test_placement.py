@@ -16,7 +16,7 @@ from qdq.onnx.check import check_tensorrt
 from qdq.onnx.fusion import predict_fusion
 from qdq.onnx.placement import place_quantizers, remove_placement
 from qdq.onnx.rules import apply_custom_rules_to_quantizer
-from qdq.op_sites import site_quantizers
+from qdq.transform.op_sites import site_quantizers
 from qdq.rules import apply_resnet_rules
 
 

@@ -12,7 +12,7 @@ from qdq.onnx import export_onnx, verify
 from qdq.onnx.check import check_tensorrt, quantize_groups
 from qdq.onnx.rules import apply_custom_rules_to_quantizer, find_quantizer_pairs, share_quantizer
 from qdq.rules import apply_resnet_rules, apply_yolov5_rules
-from qdq.switches import quantizers
+from qdq.transform.switches import quantizers
 
 EXPORTERS = [pytest.param(False, id="torchscript"), pytest.param(True, id="dynamo")]
 SCALE_RULES = {"scale-mismatch", "fanout-scale", "add-scale-mismatch"}

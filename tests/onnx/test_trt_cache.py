@@ -5,7 +5,7 @@ import onnx
 import torch
 
 import qdq
-from qdq.calib_table import read_tensorrt_cache
+from qdq.calibrate.calib_table import read_tensorrt_cache
 from qdq.onnx import export_onnx
 from qdq.onnx.parity import run_onnxruntime
 from qdq.onnx.trt_cache import qdq_to_float_and_cache, write_model_tensorrt_cache
@@ -41,7 +41,7 @@ def test_qdq_file_to_float_model_keeps_the_quantized_weights(tmp_path):
     assert cache_fake == cache_deploy and len(cache_fake) == 3
     assert not [n for n in float_fake.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     # the float model computes with the fake-quantized weights and float activations
-    for name, q in qdq.switches.quantizers(model):
+    for name, q in qdq.transform.switches.quantizers(model):
         if "input" in name:
             q.disable()
     with torch.no_grad():
@@ -58,7 +58,7 @@ def test_public_write_tensorrt_cache_takes_a_model(tmp_path):
     x = torch.randn(1, 3, 8, 8)
     cache = qdq.write_tensorrt_cache(model, tmp_path / "c.cache", x, float_path=tmp_path / "float.onnx")
     header, scales = read_tensorrt_cache(tmp_path / "c.cache")
-    assert header == qdq.calib_table.TENSORRT_HEADER and set(scales) == set(cache)
+    assert header == qdq.calibrate.calib_table.TENSORRT_HEADER and set(scales) == set(cache)
     float_model = onnx.load(str(tmp_path / "float.onnx"))
     # each cached tensor is the input of the layer whose quantizer it came from, in the float file
     readers = {}

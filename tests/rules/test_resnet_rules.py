@@ -15,7 +15,7 @@ from qdq import calibrate_model, quant_modules
 from qdq import nn as quant_nn
 from qdq.rules import apply_resnet_rules, remove_resnet_rules
 from qdq.rules import torchvision_resnet as recipes
-from qdq.switches import disable_quantization, quantizers
+from qdq.transform.switches import disable_quantization, quantizers
 from qdq.tensor_quant import QuantDescriptor
 
 NAMES = ["resnet.basic_block_add", "resnet.bottleneck_add"]

@@ -10,9 +10,9 @@ from torchvision.models.resnet import Bottleneck as TorchvisionBottleneck
 
 from qdq import calibrate_model, quant_modules
 from qdq import nn as quant_nn
-from qdq.patching import ForwardPatch, apply_patch
+from qdq.transform.patching import ForwardPatch, apply_patch
 from qdq.rules import apply_yolov5_rules, remove_yolov5_rules, yolov5_patches
-from qdq.switches import disable_quantization, quantizers
+from qdq.transform.switches import disable_quantization, quantizers
 from qdq.tensor_quant import QuantDescriptor
 
 from examples.yolov5 import model as yolo

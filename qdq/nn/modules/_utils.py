@@ -24,7 +24,7 @@ from typing import Any
 from torch import nn
 
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
-from qdq.tensor_quant import QUANT_DESC_8BIT_PER_TENSOR, QuantDescriptor
+from qdq.math.descriptor import QUANT_DESC_8BIT_PER_TENSOR, QuantDescriptor
 
 __all__ = ["QuantMixin", "QuantInputMixin", "pop_quant_desc_in_kwargs", "QUANT_DESC_KEYS"]
 

@@ -3,8 +3,8 @@
 
 torch's exporters translate the fused integer fake-quant ops only (their range is at most 8 bits), so a
 ``TensorQuantizer(QuantDescriptor(num_bits=(4, 3)))`` in export mode (``use_fb_fake_quant``,
-``qdq.quant_modules.enable_onnx_export()``, ``set_export_mode(True)``) calls :func:`fp8_qdq` instead. In PyTorch it
-computes :func:`qdq.formats.fake_quantize_fp8` (the numbers of training and of ONNX Runtime); while it is traced
+``qdq.transform.module_map.enable_onnx_export()``, ``set_export_mode(True)``) calls :func:`fp8_qdq` instead. In PyTorch it
+computes :func:`qdq.math.formats.fake_quantize_fp8` (the numbers of training and of ONNX Runtime); while it is traced
 (``torch.jit`` tracing, ``torch.export``) it hands the Q/DQ to the form the graph side registers,
 :func:`qdq.onnx.export_fp8.export_form`, which writes standard FP8 QuantizeLinear/DequantizeLinear (TorchScript,
 opset >= 19) or pytorch_quantization's ``trt::TRT_FP8QuantizeLinear`` pair (see :mod:`qdq.onnx.export_fp8`).
@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from qdq import formats
+from qdq.math import formats
 
 __all__ = ["fp8_qdq", "register_export_form", "broadcast_scale"]
 
@@ -66,7 +66,7 @@ def fp8_qdq(x: torch.Tensor, scale: torch.Tensor, axis: int | None = None) -> to
     """FP8 E4M3 fake quantization of ``x`` with the float32 ``scale`` (``amax / 448``; a scalar, or one value per
     index of dimension ``axis``), written as FP8 Q/DQ by ``torch.onnx.export`` (see the module docstring).
 
-    Returns ``x``'s dtype; no custom gradient (training uses :func:`qdq.formats.fake_fp8_quant`).
+    Returns ``x``'s dtype; no custom gradient (training uses :func:`qdq.math.formats.fake_fp8_quant`).
     """
     xf = x if x.dtype == torch.float32 else x.float()
     if scale.dtype != torch.float32 or scale.device != x.device:  # (a no-op .to() would be traced as a Cast)

@@ -11,7 +11,7 @@ alone gives a quantizer that never runs. :class:`QuantMultiheadAttention` comput
 * both attention MatMuls through its ``attention`` child, a
   :class:`~qdq.nn.QuantScaledDotProductAttention` (the mask added in float, TensorRT's placement limits);
 * the output projection by calling ``out_proj`` as a module, so a quantized ``out_proj`` (a ``QuantLinear`` after
-  :func:`~qdq.quant_modules.replace_to_quantization_module`) runs where it belongs.
+  :func:`~qdq.transform.replace.replace_to_quantization_module`) runs where it belongs.
 
 Masks, ``batch_first``, unbatched inputs, ``add_bias_kv``, ``add_zero_attn``, dropout, ``need_weights`` and
 ``average_attn_weights`` behave as in torch's module.

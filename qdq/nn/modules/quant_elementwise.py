@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
-from qdq.tensor_quant import QUANT_DESC_8BIT_PER_TENSOR, QuantDescriptor
+from qdq.math.descriptor import QUANT_DESC_8BIT_PER_TENSOR, QuantDescriptor
 
 __all__ = ["QuantAdd", "QuantConcat"]
 

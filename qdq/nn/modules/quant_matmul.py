@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
-from qdq.tensor_quant import QUANT_DESC_8BIT_PER_TENSOR, QuantDescriptor
+from qdq.math.descriptor import QUANT_DESC_8BIT_PER_TENSOR, QuantDescriptor
 
 __all__ = ["QuantMatMul", "QuantScaledDotProductAttention", "MAX_INT8_ATTENTION_LENGTH", "MIN_ATTENTION_DIM"]
 

@@ -1,7 +1,7 @@
 """TensorQuantizer: the module that holds a quantizer's state and calls the math and the calibrator.
 
 State: the ``_amax`` buffer (``None`` until calibrated or given; a ``Parameter`` when learned), the descriptor's
-settings and four public switches. Work: :func:`qdq.tensor_quant.fake_quantize_by_amax` for the numbers and a
+settings and four public switches. Work: :func:`qdq.math.fake_quant.fake_quantize_by_amax` for the numbers and a
 calibrator from :mod:`qdq.calib` for the statistics.
 
 =====================  ===========================================================================
@@ -43,26 +43,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from qdq import calib, formats
+from qdq import calib
+from qdq.math import formats
 from qdq.calib.calibrator import NoDataCollectedError, ShapeChangedError
 from qdq.nn.modules.fp8_export import fp8_qdq
-from qdq.tensor_quant import (
-    QuantDescriptor,
-    affine_qparams,
-    fake_affine_quant,
-    reduce_range,
-    amax_problem,
-    check_amax,
-    fake_quantize_by_amax,
-    maxbound,
-    amax_to_scale,
-    data_checks_enabled,
-    fake_quant_params,
-    fake_quantize_with_params,
-    quant_range,
-    reduce_amax,
-    quantize_by_amax,
-)
+from qdq.math.descriptor import QuantDescriptor
+from qdq.math.fake_quant import (data_checks_enabled, fake_quant_params, fake_quantize_by_amax,
+                                 fake_quantize_with_params, quantize_by_amax)
+from qdq.math.quantize import affine_qparams, fake_affine_quant
+from qdq.math.ranges import amax_problem, amax_to_scale, check_amax, maxbound, quant_range, reduce_amax, reduce_range
 
 __all__ = ["TensorQuantizer"]
 
@@ -73,7 +62,7 @@ class TensorQuantizer(nn.Module):
     """Quantizes the tensors that pass through it, and calibrates its amax on them.
 
     Args:
-        quant_desc: a :class:`~qdq.tensor_quant.QuantDescriptor` (8-bit per-tensor when omitted).
+        quant_desc: a :class:`~qdq.math.descriptor.QuantDescriptor` (8-bit per-tensor when omitted).
         disabled: start disabled (``forward`` returns its input).
         if_quant: quantize in ``forward``.
         if_clip: clamp to amax before quantizing.
@@ -149,7 +138,7 @@ class TensorQuantizer(nn.Module):
     #: ONNX exporters write as QuantizeLinear/DequantizeLinear. A quantizer without amax then raises, as
     #: :func:`qdq.export_onnx` does (inside the rules step every quantizer carries its tag scale instead).
     use_fb_fake_quant = False
-    _enable_onnx_export = False  # set by qdq.quant_modules.enable_onnx_export(), the same effect
+    _enable_onnx_export = False  # set by qdq.transform.module_map.enable_onnx_export(), the same effect
 
     def _set_setting(self, key: str, value) -> None:
         """pytorch_quantization's setters of num_bits / unsigned / narrow_range: the descriptor follows."""
