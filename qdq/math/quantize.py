@@ -68,10 +68,13 @@ def _tensor_ops_path(x: torch.Tensor, scale: torch.Tensor | None = None) -> bool
     return type(x) in _EAGER_TYPES and x.device.type == "cpu" and not torch.jit.is_tracing()
 
 
-def _fake_quantize_eager(x, scale, zero_point, qmin: int, qmax: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def _fake_quantize_eager(x, scale, zero_point, qmin: int, qmax: int, out: torch.Tensor | None = None,
+                         inv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The fused kernels' arithmetic in tensor ops: ``(clamp(round_half_even(x * (1 / scale)) + zp) - zp) * scale``
-    (float32; ``zero_point`` None for 0), written into ``out`` if given (a float32 buffer of ``x``'s shape)."""
-    inv_scale = torch.reciprocal(scale)
+    (float32; ``zero_point`` None for 0), written into ``out`` if given (a float32 buffer of ``x``'s shape);
+    ``inv_scale`` is ``torch.reciprocal(scale)``, computed here when None."""
+    if inv_scale is None:
+        inv_scale = torch.reciprocal(scale)
     q = (torch.mul(x, inv_scale) if out is None else torch.mul(x, inv_scale, out=out)).round_()
     if zero_point is None:
         return q.clamp_(qmin, qmax).mul_(scale)
