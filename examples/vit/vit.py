@@ -10,10 +10,12 @@ The pieces are importable (``from examples.vit import vit``) and :func:`run` cha
    and output projections and both attention MatMuls (Q @ K^T and softmax @ V, placed for TensorRT's fused
    attention); LayerNorm, softmax and the residual adds in float. Reported: top-1, agreement with the float model,
    SQNR of the logits, calibration time;
-3. QAT: fine-tuning of the best PTQ model with fake quantization in the loop;
-4. export of the QAT model to QDQ ONNX, parity with ONNX Runtime and the TensorRT rule check (attention rules
+3. formats beyond INT8 (:func:`format_model`): FP8 E4M3 everywhere and INT4 weight-only Linear weights, each
+   with max calibration;
+4. QAT: fine-tuning of the best PTQ model with fake quantization in the loop;
+5. export of the QAT model to QDQ ONNX, parity with ONNX Runtime and the TensorRT rule check (attention rules
    included), and the fake-quant forward time against the float forward, measured side by side;
-5. a BERT-style encoder (HuggingFace ``BertModel`` from a small config, random weights, random token ids):
+6. a BERT-style encoder (HuggingFace ``BertModel`` from a small config, random weights, random token ids):
    quantized with its attention MatMuls, calibrated, exported, verified and checked.
 
 Example:
@@ -49,13 +51,15 @@ from qdq import nn as quant_nn
 from qdq.calibrate.evaluate import collect_logits, sqnr_db, top1_accuracy, top1_agreement
 from qdq.transform.qat import qat_learning_rate
 
-__all__ = ["METHODS", "small_vit", "train", "quantize", "ptq", "attention_summary", "forward_ratio", "bert_encoder",
-           "quantize_bert", "build_parser", "run", "main"]
+__all__ = ["METHODS", "FORMATS", "small_vit", "train", "quantize", "ptq", "format_model", "attention_summary",
+           "forward_ratio", "bert_encoder", "quantize_bert", "build_parser", "run", "main"]
 
 logger = logging.getLogger(__name__)
 
 #: The calibration methods compared by default.
 METHODS = ("max", "entropy", "mse", "percentile")
+#: The formats beyond INT8 compared by default (see :func:`format_model`), each calibrated with max.
+FORMATS = ("fp8", "int4")
 CHECKPOINT_NAME = "vit_fp32.pt"
 
 
@@ -119,26 +123,101 @@ def ptq(template: nn.Module, calib_loader: DataLoader, method: str, num_batches:
     return qmodel
 
 
+def _swap_quantizers(model: nn.Module, make) -> None:
+    """Replaces every quantizer ``q`` of ``model`` for which ``make(q)`` returns one (a quantizer shared by several
+    modules stays shared); the new quantizers keep the old names."""
+    new_of: dict[int, nn.Module] = {}
+    for module in list(model.modules()):
+        for attr, child in list(module._modules.items()):  # not named_children(): it skips a second name of one child
+            if not isinstance(child, quant_nn.TensorQuantizer):
+                continue
+            if id(child) not in new_of:
+                new = make(child)
+                if new is not None:
+                    new.name = child.name
+                new_of[id(child)] = new
+            if new_of[id(child)] is not None:
+                setattr(module, attr, new_of[id(child)])
+
+
+def format_model(template: nn.Module, fmt: str, block_size: int = 64) -> nn.Module:
+    """An uncalibrated copy of the quantized ``template`` (the INT8 flow of :func:`quantize`) in format ``fmt``:
+
+    * ``"fp8"``: FP8 E4M3 everywhere through ``qdq.set_model_format(model, "fp8")`` (per-channel weights; the layers
+      TensorRT has no FP8 kernel for - here the 3-channel patch embedding and the 10-class head - stay float), and
+      the quantizers that are not a layer's (both attention MatMuls, the residual-add inputs) in FP8 too: nothing is
+      left in INT8;
+    * ``"int4"``: INT4 weight-only: every Linear weight (``qdq.set_model_format(model, "int4")``, and the packed
+      q/k/v input projection of each attention block, which ``nn.MultiheadAttention`` holds as a weight) 4-bit
+      symmetric in blocks of ``block_size`` input features; every activation, the attention MatMuls and the patch
+      embedding in float.
+    """
+    model = copy.deepcopy(template)
+    if fmt == "fp8":
+        qdq.set_model_format(model, "fp8")
+        _swap_quantizers(model, lambda q: quant_nn.TensorQuantizer(q.quant_desc.replace(
+            num_bits=(4, 3), unsigned=False, narrow_range=False, learn_amax=False, amax=None))
+            if q.is_enabled and q.num_bits == 8 else None)
+    elif fmt == "int4":
+        qdq.set_model_format(model, "int4", block_size=block_size)
+        for mha in model.modules():
+            if isinstance(mha, quant_nn.QuantMultiheadAttention):
+                name = mha.weight_quantizer.name
+                mha._weight_quantizer = quant_nn.TensorQuantizer(qdq.QuantDescriptor(4, axis=0, block_size=block_size))
+                mha.weight_quantizer.name = name
+        for q in model.modules():
+            if isinstance(q, quant_nn.TensorQuantizer) and not (q.num_bits == 4 and q.block_size):
+                q.disable()
+    else:
+        raise ValueError(f"format_model: unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return model
+
+
 def attention_summary(qmodel: nn.Module) -> tuple[int, int]:
     """``(attention blocks with both MatMuls in INT8, attention blocks)``."""
     blocks = [m for m in qmodel.modules() if isinstance(m, quant_nn.QuantScaledDotProductAttention)]
     return sum(not b.float_reason and all(q.is_enabled for q in b.quantizers()) for b in blocks), len(blocks)
 
 
-def forward_ratio(model: nn.Module, qmodel: nn.Module, images: torch.Tensor, repeats: int = 5) -> dict:
-    """The fake-quant forward time over the float forward, measured side by side (alternating, best of
-    ``repeats``) so that the machine's load hits both."""
-    times = {"fp32": [], "int8": []}
-    with torch.no_grad():
-        for m in (model, qmodel):
-            m(images)  # warm-up
-        for _ in range(repeats):
-            for key, m in (("fp32", model), ("int8", qmodel)):
-                t0 = time.perf_counter()
-                m(images)
-                times[key].append(time.perf_counter() - t0)
+def forward_ratio(model: nn.Module, qmodel: nn.Module, images: torch.Tensor, repeats: int = 10,
+                  threads: int | None = 1) -> dict:
+    """The fake-quant forward time over the float forward, measured side by side (interleaved round by round, best
+    of ``repeats``) so that the machine's load hits both; on ``threads`` intra-op threads (one by default: on a
+    shared machine a multi-threaded op waits for its slowest thread, which a model of many small ops pays most).
+
+    Two float baselines: ``fp32`` as torch runs ``nn.MultiheadAttention`` in eval under ``no_grad`` (its fused
+    ``_native_multi_head_attention`` fast path: the strict baseline) and ``fp32_composite``, the same module with the
+    fast path off (``torch.backends.mha.set_fastpath_enabled(False)``: the composite ops, as in training).
+    """
+    def composite():
+        previous = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            model(images)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(previous)
+
+    runs = {"fp32": lambda: model(images), "fp32_composite": composite, "int8": lambda: qmodel(images)}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    saved_threads = torch.get_num_threads()
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        with torch.no_grad():
+            for run in runs.values():
+                run()  # warm-up
+            for _ in range(repeats):
+                for key, run in runs.items():
+                    t0 = time.perf_counter()
+                    run()
+                    times[key].append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(saved_threads)
     best = {k: min(v) for k, v in times.items()}
-    return {"fp32_ms": 1e3 * best["fp32"], "int8_ms": 1e3 * best["int8"], "ratio": best["int8"] / best["fp32"]}
+    return {"fp32_ms": 1e3 * best["fp32"], "fp32_composite_ms": 1e3 * best["fp32_composite"],
+            "int8_ms": 1e3 * best["int8"], "ratio": best["int8"] / best["fp32"],
+            "ratio_to_composite": best["int8"] / best["fp32_composite"], "threads": threads or saved_threads,
+            "repeats": repeats, "images": len(images)}
 
 
 class _LastHiddenState(nn.Module):
@@ -234,6 +313,32 @@ def run(args: argparse.Namespace) -> dict:
                 f"{len(labels)} test images, {args.calib_batches} x {args.calib_batch_size} calibration images", rows,
                 [("method", "method", ""), ("top1", "top-1 %", ".2f"), ("agreement", "agree %", ".2f"),
                  ("sqnr_db", "SQNR dB", ".1f"), ("calib_s", "calib s", ".1f")])
+    if args.formats:
+        results["formats"] = {}
+        frows = [{"format": "fp32", "top1": fp32_top1, "agreement": None, "sqnr_db": None, "calib_s": None}]
+        for fmt in args.formats:
+            qmodel = format_model(template, fmt, args.block_size)
+            t0 = time.perf_counter()
+            qdq.calibrate_model(qmodel, calib_loader, num_batches=args.calib_batches, method="max", strict=True,
+                                progress=False)
+            calib_s = time.perf_counter() - t0
+            counts = {}
+            for q in qmodel.modules():
+                if isinstance(q, quant_nn.TensorQuantizer):
+                    kind = "float" if not q.is_enabled else "fp8" if q.num_bits == (4, 3) else f"int{q.num_bits}"
+                    counts[kind] = counts.get(kind, 0) + 1
+            row = {"format": fmt, **_compare(qmodel, test_loader, ref_logits, labels, f"Evaluate {fmt}"),
+                   "calib_s": calib_s}
+            frows.append(row)
+            results["formats"][fmt] = {k: v for k, v in row.items() if k != "format"} | {"quantizers": counts}
+            print(f"{fmt}: quantizers by format {counts}")
+            del qmodel
+        print_table(f"Formats beyond INT8, max calibration (fp8: FP8 E4M3 everywhere, patch embedding and head in "
+                    f"float; int4: INT4 weight-only, blocks of {args.block_size}, every Linear weight, activations "
+                    f"float), {len(labels)} test images", frows,
+                    [("format", "format", ""), ("top1", "top-1 %", ".2f"), ("agreement", "agree %", ".2f"),
+                     ("sqnr_db", "SQNR dB", ".1f"), ("calib_s", "calib s", ".1f")])
+
     best = max(args.methods, key=lambda m: (results["ptq8"][m]["top1"], results["ptq8"][m]["sqnr_db"]))
     results["best_method"] = best
     quantized, blocks = attention_summary(models[best])
@@ -253,8 +358,10 @@ def run(args: argparse.Namespace) -> dict:
 
     images = next(iter(test_loader))[0][: args.verify_images]
     timing = forward_ratio(model, qmodel, images)
-    print(f"\nfake-quant forward {timing['int8_ms']:.1f} ms / fp32 forward {timing['fp32_ms']:.1f} ms on "
-          f"{len(images)} images = {timing['ratio']:.2f}x (side by side, best of 5)")
+    print(f"\nfake-quant forward {timing['int8_ms']:.1f} ms / fp32 forward {timing['fp32_ms']:.1f} ms (torch's fused "
+          f"attention) on {len(images)} images = {timing['ratio']:.2f}x; / fp32 composite attention "
+          f"{timing['fp32_composite_ms']:.1f} ms = {timing['ratio_to_composite']:.2f}x (side by side, best of "
+          f"{timing['repeats']}, {timing['threads']} thread{'s' if timing['threads'] > 1 else ''})")
     results["forward"] = timing
 
     print("\nexport of the QAT model")
@@ -265,6 +372,7 @@ def run(args: argparse.Namespace) -> dict:
         ("fp32 top-1", f"{fp32_top1:.2f}%"),
         (f"best int8 PTQ ({best})", f"{results['ptq8'][best]['top1']:.2f}%"),
         ("int8 QAT", f"{qat_row['top1']:.2f}%"),
+        *[(f"{fmt} PTQ (max)", f"{row['top1']:.2f}%") for fmt, row in results.get("formats", {}).items()],
         ("attention MatMuls in INT8", f"{quantized} of {blocks} blocks"),
         ("fake-quant / fp32 forward", f"{timing['ratio']:.2f}x"),
         *export_summary(results["export"]),
@@ -298,6 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="use only the first N images of each class in each split (quick runs)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=None,
                         help="calibration methods to compare (default: all; max and mse with --tiny)")
+    parser.add_argument("--formats", nargs="*", choices=FORMATS, default=None,
+                        help="formats beyond INT8 to compare, each with max calibration (default: fp8 int4; none: "
+                             "--formats with no value)")
+    parser.add_argument("--block-size", type=int, choices=(32, 64, 128), default=64,
+                        help="INT4 weight-only block size along the input features (64)")
     parser.add_argument("--calib-batches", type=positive(int), default=None, help="calibration batches (default 8)")
     parser.add_argument("--calib-batch-size", type=positive(int), default=None,
                         help="calibration batch size (default 64)")
@@ -316,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     defaults = {"epochs": 30, "qat_epochs": 1, "qat_steps": None, "batch_size": 128, "calib_batches": 8,
                 "calib_batch_size": 64, "verify_images": 32, "limit_per_class": None, "methods": list(METHODS),
+                "formats": list(FORMATS),
                 "bert_seq_len": 128}
     return resolve_defaults(args, "vit", defaults, TINY, files=["checkpoint"], folders=["data"])
 

@@ -6,13 +6,14 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 
 from qdq.math import formats as _formats
 from qdq.math.quantize import _channel_axis, _fake_quantize_eager, _quantize_plain, _tensor_ops_path, fake_quantize
 from qdq.math.ranges import _check_bits, amax_to_scale, check_amax, maxbound, quant_range
+from qdq.math._tensors import float32_tensor
 
 __all__ = [
     "TensorQuantFunction",
@@ -21,6 +22,9 @@ __all__ = [
     "data_checks_enabled",
     "quantize_by_amax",
     "fake_quantize_by_amax",
+    "FakeQuantParams",
+    "fake_quant_params",
+    "fake_quantize_with_params",
 ]
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -197,6 +201,57 @@ def fake_quantize_by_amax(
     return _fake_tensor_quant_nograd(x, amax, num_bits, unsigned, narrow_range)
 
 
+class FakeQuantParams(NamedTuple):
+    """What symmetric integer fake quantization with one amax needs, computed once by :func:`fake_quant_params`:
+    the float32 step ``scale`` (:func:`amax_to_scale`), its reciprocal and the integer range."""
+
+    scale: torch.Tensor
+    inv_scale: torch.Tensor
+    qmin: int
+    qmax: int
+
+
+def fake_quant_params(amax: torch.Tensor, num_bits: int = 8, unsigned: bool = False,
+                      narrow_range: bool = False) -> FakeQuantParams:
+    """The :class:`FakeQuantParams` of ``amax`` (a tensor: a scalar or keepdims-shaped per channel; detached) for
+    :func:`fake_quantize_with_params`. Integer formats only (FP8 has its own path, :mod:`qdq.math.formats`).
+
+    >>> p = fake_quant_params(torch.tensor(1.0), num_bits=4)
+    >>> round(p.scale.item(), 6), p.qmin, p.qmax
+    (0.142857, -8, 7)
+    """
+    if _formats.is_fp8(num_bits):
+        raise ValueError("fake_quant_params: integer formats only; FP8 quantizes through qdq.math.formats")
+    _check_bits(num_bits)
+    scale = amax_to_scale(torch.as_tensor(amax).detach(), num_bits, unsigned)
+    qmin, qmax = quant_range(num_bits, unsigned, narrow_range)
+    return FakeQuantParams(scale, torch.reciprocal(scale), qmin, qmax)
+
+
+def fake_quantize_with_params(x: torch.Tensor, params: FakeQuantParams) -> torch.Tensor:
+    """:func:`fake_quantize_by_amax` with the scale computed ahead (:func:`fake_quant_params`): the same numbers,
+    in ``x``'s dtype, without recomputing the scale on every call. For forwards that record no gradient (eval,
+    ``no_grad``): training goes through :func:`fake_quantize_by_amax` (its straight-through and amax gradients).
+    The per-call value checks of :func:`data_checks` are not made here.
+
+    >>> x = torch.tensor([-2.0, 0.3, 1.0])
+    >>> p = fake_quant_params(torch.tensor(1.0))
+    >>> torch.equal(fake_quantize_with_params(x, p), fake_quantize_by_amax(x, torch.tensor(1.0)))
+    True
+    """
+    scale = params.scale
+    if scale.device != x.device:
+        scale = scale.to(x.device)
+    xf = x.float()
+    if _tensor_ops_path(xf, scale):
+        _channel_axis(scale, xf)  # the shape check, with its message
+        out = _fake_quantize_eager(xf, scale, None, params.qmin, params.qmax,
+                                   inv_scale=params.inv_scale if params.inv_scale.device == x.device else None)
+    else:
+        out = fake_quantize(xf, scale, 0, params.qmin, params.qmax)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
 def quantize_by_amax(
     x: torch.Tensor,
     amax: torch.Tensor,
@@ -211,7 +266,7 @@ def quantize_by_amax(
     (tensor([ 2., -8.]), tensor(0.2857))
     """
     if _formats.is_fp8(num_bits):  # the FP8 values (as float32) and the scale
-        amax = torch.as_tensor(amax, dtype=torch.float32, device=x.device)
+        amax = float32_tensor(amax, x.device)
         scale = _formats.fp8_scale(amax.detach())
         return _formats.quantize_fp8(x, scale).float(), scale
     return TensorQuantFunction.apply(x, amax, num_bits, unsigned, narrow_range)

@@ -51,6 +51,7 @@ import functools
 from typing import Any
 
 import torch
+from qdq.math._tensors import float32_tensor
 
 __all__ = [
     "UnsupportedFormatError",
@@ -150,7 +151,7 @@ def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
     """
     from qdq.math.ranges import AMAX_EPS
 
-    return torch.as_tensor(amax, dtype=torch.float32).clamp(min=AMAX_EPS) / FP8_E4M3_MAX
+    return float32_tensor(amax).clamp(min=AMAX_EPS) / FP8_E4M3_MAX
 
 
 def _eager_cpu(t: torch.Tensor) -> bool:
@@ -195,7 +196,7 @@ def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     >>> quantize_fp8(torch.tensor([1.0, 17.0, 1000.0]), torch.tensor(1.0)).float()
     tensor([  1.,  16., 448.])
     """
-    return _to_fp8(_quotient(x, torch.as_tensor(scale, dtype=torch.float32, device=x.device)))
+    return _to_fp8(_quotient(x, float32_tensor(scale, x.device)))
 
 
 #: Below this many elements dequantize_fp8 uses torch's float8 -> float32 cast (a scalar CPU loop) directly.
@@ -240,7 +241,7 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | Non
     >>> dequantize_fp8(torch.tensor([2.0, 448.0]).to(torch.float8_e4m3fn), torch.tensor(0.5))
     tensor([  1., 224.])
     """
-    scale = torch.as_tensor(scale, dtype=torch.float32, device=q.device)
+    scale = float32_tensor(scale, q.device)
     if out is None:
         out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     elif out.shape != q.shape or out.dtype != torch.float32:
@@ -261,7 +262,7 @@ def fake_quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     >>> fake_quantize_fp8(torch.tensor([0.1, 0.3]), torch.tensor(1.0))
     tensor([0.1016, 0.3125])
     """
-    scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    scale = float32_tensor(scale, x.device)
     y = _quotient(x, scale)
     return dequantize_fp8(_to_fp8(y), scale, out=y)
 
@@ -274,7 +275,7 @@ class FakeFP8QuantFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, amax):
-        amax = torch.as_tensor(amax, dtype=torch.float32, device=x.device)
+        amax = float32_tensor(amax, x.device)
         out = fake_quantize_fp8(x, fp8_scale(amax.detach())).to(x.dtype)
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(x.detach().abs() <= amax.detach())
@@ -299,7 +300,7 @@ def fake_fp8_quant(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and x.requires_grad:
         return FakeFP8QuantFunction.apply(x, amax)
     # nothing to record (eval, no_grad, a weight that needs no gradient): the forward alone, no saturation mask
-    amax = torch.as_tensor(amax, dtype=torch.float32, device=x.device)
+    amax = float32_tensor(amax, x.device)
     out = fake_quantize_fp8(x, fp8_scale(amax.detach()))
     return out if out.dtype == x.dtype else out.to(x.dtype)
 

@@ -11,6 +11,7 @@ import torch
 from qdq.math import formats as _formats
 from qdq.math.fake_quant import fake_quantize_by_amax, quantize_by_amax
 from qdq.math.ranges import maxbound
+from qdq.math._tensors import float32_tensor
 
 __all__ = ["tensor_quant", "fake_tensor_quant", "legacy_fake_tensor_quant", "fake_affine_tensor_quant", "scaled_e4m3"]
 
@@ -118,7 +119,7 @@ class _ScaledE4M3(torch.autograd.Function):
         if (E, M) != (4, 3):
             raise NotImplementedError(f"scaled_e4m3: only E=4, M=3 is supported, got E={E}, M={M}")
         bound = torch.tensor(_formats.FP8_E4M3_MAX, device=inputs.device)
-        amax_t = bound if amax is None else torch.as_tensor(amax, dtype=torch.float32, device=inputs.device)
+        amax_t = bound if amax is None else float32_tensor(amax, inputs.device)
         ctx.save_for_backward(inputs, amax_t)
         # qdq's one FP8 arithmetic (that of TensorQuantizer(num_bits=(4, 3)) and of the exported Q/DQ)
         y = _formats.fake_quantize_fp8(inputs, _formats.fp8_scale(amax_t.detach()))

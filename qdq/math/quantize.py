@@ -10,6 +10,7 @@ import logging
 import torch
 
 from qdq.math.ranges import AMAX_EPS, _check_bits, quant_range
+from qdq.math._tensors import float32_tensor
 
 __all__ = ["quantize", "dequantize", "fake_quantize", "affine_qparams", "fake_affine_quant"]
 
@@ -67,10 +68,13 @@ def _tensor_ops_path(x: torch.Tensor, scale: torch.Tensor | None = None) -> bool
     return type(x) in _EAGER_TYPES and x.device.type == "cpu" and not torch.jit.is_tracing()
 
 
-def _fake_quantize_eager(x, scale, zero_point, qmin: int, qmax: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def _fake_quantize_eager(x, scale, zero_point, qmin: int, qmax: int, out: torch.Tensor | None = None,
+                         inv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The fused kernels' arithmetic in tensor ops: ``(clamp(round_half_even(x * (1 / scale)) + zp) - zp) * scale``
-    (float32; ``zero_point`` None for 0), written into ``out`` if given (a float32 buffer of ``x``'s shape)."""
-    inv_scale = torch.reciprocal(scale)
+    (float32; ``zero_point`` None for 0), written into ``out`` if given (a float32 buffer of ``x``'s shape);
+    ``inv_scale`` is ``torch.reciprocal(scale)``, computed here when None."""
+    if inv_scale is None:
+        inv_scale = torch.reciprocal(scale)
     q = (torch.mul(x, inv_scale) if out is None else torch.mul(x, inv_scale, out=out)).round_()
     if zero_point is None:
         return q.clamp_(qmin, qmax).mul_(scale)
@@ -125,8 +129,8 @@ def quantize(
     tensor([0., 2., 7.])
     """
     qmin, qmax = _resolve_range(qmin, qmax, num_bits, unsigned, narrow_range)
-    scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
-    zero_point = torch.as_tensor(zero_point, dtype=torch.float32, device=x.device)
+    scale = float32_tensor(scale, x.device)
+    zero_point = float32_tensor(zero_point, x.device)
     return _quantize_plain(x.float(), scale, zero_point, qmin, qmax)
 
 
@@ -136,8 +140,8 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | 
     >>> dequantize(torch.tensor([0.0, 2.0, 127.0]), torch.tensor(0.5))
     tensor([ 0.0000,  1.0000, 63.5000])
     """
-    scale = torch.as_tensor(scale, dtype=torch.float32, device=q.device)
-    zero_point = torch.as_tensor(zero_point, dtype=torch.float32, device=q.device)
+    scale = float32_tensor(scale, q.device)
+    zero_point = float32_tensor(zero_point, q.device)
     return (q.float() - zero_point) * scale
 
 
@@ -167,7 +171,7 @@ def fake_quantize(
     """
     qmin, qmax = _resolve_range(qmin, qmax, num_bits, unsigned, narrow_range)
     x = x.float()
-    scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    scale = float32_tensor(scale, x.device)
     if _tensor_ops_path(x, scale):
         _channel_axis(scale, x)  # the shape check, with its message
         zp = None
@@ -206,8 +210,8 @@ def affine_qparams(
     (0.015686, 64.0)
     """
     qmin, qmax = quant_range(num_bits, unsigned, False)
-    amin = torch.as_tensor(amin, dtype=torch.float32).clamp(max=0)
-    amax = torch.as_tensor(amax, dtype=torch.float32).clamp(min=0)
+    amin = float32_tensor(amin).clamp(max=0)
+    amax = float32_tensor(amax).clamp(min=0)
     scale = (amax - amin).clamp(min=AMAX_EPS) / (qmax - qmin)
     zero_point = torch.clamp(torch.round(qmin - amin / scale), qmin, qmax)
     return scale, zero_point
@@ -219,8 +223,8 @@ class FakeAffineQuantFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, amin, amax, num_bits=8, unsigned=False):
         _check_bits(num_bits)
-        amin = torch.as_tensor(amin, dtype=torch.float32, device=x.device)
-        amax = torch.as_tensor(amax, dtype=torch.float32, device=x.device)
+        amin = float32_tensor(amin, x.device)
+        amax = float32_tensor(amax, x.device)
         _channel_axis(amax, x)
         if not bool(torch.isfinite(amin).all() & torch.isfinite(amax).all() & (amin <= amax).all()):
             raise ValueError("amin and amax must be finite with amin <= amax")

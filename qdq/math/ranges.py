@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from qdq.math import formats as _formats
+from qdq.math._tensors import float32_tensor
 
 __all__ = [
     "AMAX_EPS",
@@ -84,7 +85,7 @@ def amax_to_scale(amax: torch.Tensor, num_bits: int = 8, unsigned: bool = False)
     >>> amax_to_scale(torch.tensor([127.0, 0.0]))
     tensor([1.0000e+00, 4.6933e-10])
     """
-    amax = torch.as_tensor(amax, dtype=torch.float32)
+    amax = float32_tensor(amax)
     if _formats.is_fp8(num_bits):
         return _formats.fp8_scale(amax)
     return amax.to(torch.float32).clamp(min=AMAX_EPS) / maxbound(num_bits, unsigned)

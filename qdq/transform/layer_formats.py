@@ -154,7 +154,8 @@ def _descriptors(fmt: str, iq: TensorQuantizer, wq: TensorQuantizer, block_size:
 def _replace_everywhere(model: nn.Module, old: TensorQuantizer, new: TensorQuantizer) -> None:
     """Puts ``new`` wherever ``old`` sits (a quantizer shared by several modules stays shared)."""
     for module in model.modules():
-        for attr, child in list(module.named_children()):
+        # _modules, not named_children(): that lists a module once however many attributes name it
+        for attr, child in list(module._modules.items()):
             if child is old:
                 setattr(module, attr, new)
 

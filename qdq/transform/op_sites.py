@@ -187,22 +187,79 @@ class _SiteMode(TorchFunctionMode):
 _state = threading.local()
 
 
+def _stack(name: str) -> list:
+    stack = getattr(_state, name, None)
+    if stack is None:
+        stack = []
+        setattr(_state, name, stack)
+    return stack
+
+
 def _depth() -> int:
-    return getattr(_state, "depth", 0)
+    return len(_stack("entered"))
 
 
 def _enter(module: nn.Module, args: Any) -> None:
-    if _depth() == 0:
-        _state.mode = _SiteMode()
-        _state.mode.__enter__()
-    _state.depth = _depth() + 1
+    """Forward pre-hook of a module with sites: the mode is entered unless it is active already."""
+    pushed = None
+    if getattr(_state, "mode", None) is None:
+        pushed = _state.mode = _SiteMode()
+        pushed.__enter__()
+    _stack("entered").append((module, pushed))
+
+
+def _pop_entry(name: str, module: nn.Module):
+    """The entry ``module``'s pre-hook pushed, or None when it pushed none (a hook added during its forward)."""
+    stack = _stack(name)
+    if stack and stack[-1][0] is module:
+        return stack.pop()[1]
+    return None
 
 
 def _exit(module: nn.Module, args: Any, output: Any) -> None:
-    _state.depth = _depth() - 1
-    if _state.depth == 0:
-        mode, _state.mode = _state.mode, None
+    pushed = _pop_entry("entered", module)
+    if pushed is not None:
+        _state.mode = None
+        pushed.__exit__(None, None, None)
+
+
+_current_mode = getattr(torch.overrides, "_get_current_function_mode", None)
+_LIBRARY_PREFIXES = ("torch.nn.", "qdq.")
+_library_classes: dict[type, bool] = {}
+
+
+def _library_subtree(module: nn.Module) -> bool:
+    """Whether every module under ``module`` runs a forward of torch.nn or qdq (its class's, not patched on the
+    instance): code that never calls a method of the module with the sites, so none of its ops is a site."""
+    for m in module.modules():
+        cls = type(m)
+        known = _library_classes.get(cls)
+        if known is None:
+            known = _library_classes[cls] = getattr(cls.forward, "__module__", "").startswith(_LIBRARY_PREFIXES)
+        if not known or "forward" in m.__dict__:
+            return False
+    return True
+
+
+def _pause(module: nn.Module, args: Any) -> None:
+    """Forward pre-hook of the children of a module with sites: while a child whose ops cannot be sites runs
+    (:func:`_library_subtree`), the mode steps aside, so that its many ops do not each pay a Python call. A module
+    with sites further down enters a mode of its own (:func:`_enter`). Not while recording sites."""
+    mode = getattr(_state, "mode", None)
+    paused = None
+    if (mode is not None and _current_mode is not None and getattr(_state, "record", None) is None
+            and _current_mode() is mode and _library_subtree(module)):
+        _state.mode = None
         mode.__exit__(None, None, None)
+        paused = mode
+    _stack("paused").append((module, paused))
+
+
+def _resume(module: nn.Module, args: Any, output: Any) -> None:
+    paused = _pop_entry("paused", module)
+    if paused is not None:
+        paused.__enter__()
+        _state.mode = paused
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -213,13 +270,21 @@ def _add_hooks(module: nn.Module) -> None:
     if not _has_hooks(module):
         module.register_forward_pre_hook(_enter)
         module.register_forward_hook(_exit, always_call=True)
+    for child in module.children():
+        if not isinstance(child, TensorQuantizer) and not any(h is _pause for h in child._forward_pre_hooks.values()):
+            child.register_forward_pre_hook(_pause)
+            child.register_forward_hook(_resume, always_call=True)
 
 
 def _remove_hooks(module: nn.Module) -> None:
-    for hooks, fn in ((module._forward_pre_hooks, _enter), (module._forward_hooks, _exit)):
-        for key in [k for k, h in hooks.items() if h is fn]:
-            del hooks[key]
-            getattr(module, "_forward_hooks_always_called", {}).pop(key, None)
+    pairs = [(module, ((module._forward_pre_hooks, _enter), (module._forward_hooks, _exit)))]
+    pairs += [(child, ((child._forward_pre_hooks, _pause), (child._forward_hooks, _resume)))
+              for child in module.children()]
+    for owner, kinds in pairs:
+        for hooks, fn in kinds:
+            for key in [k for k, h in hooks.items() if h is fn]:
+                del hooks[key]
+                getattr(owner, "_forward_hooks_always_called", {}).pop(key, None)
 
 
 def record_sites(model: nn.Module, args: Any = None, kwargs: dict | None = None,
@@ -252,7 +317,8 @@ def record_sites(model: nn.Module, args: Any = None, kwargs: dict | None = None,
         raise RuntimeError("record_sites: already recording in this thread")
     with preserved_modes(model):
         _state.record = record
-        _enter(model, None)
+        token = object()  # the recording's own entry, apart from the model's hooks
+        _enter(token, None)
         try:
             if run is not None:
                 run()
@@ -263,7 +329,7 @@ def record_sites(model: nn.Module, args: Any = None, kwargs: dict | None = None,
                 with torch.no_grad():
                     model(*args, **(kwargs or {}))
         finally:
-            _exit(model, None, None)
+            _exit(token, None, None)
             _state.record = None
     return list(found.values())
 

@@ -445,6 +445,41 @@ def test_ranges():
     assert math.isclose(tq.amax_to_scale(torch.tensor(2.54)).item(), 0.02, rel_tol=1e-6)
 
 
+@pytest.mark.parametrize("axis", [None, 1])
+@pytest.mark.parametrize("num_bits,unsigned,narrow_range", [(8, False, False), (8, False, True), (8, True, False),
+                                                             (4, False, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fake_quantize_with_params_equals_fake_quantize_by_amax(axis, num_bits, unsigned, narrow_range, dtype):
+    """The scale computed ahead gives the numbers of fake_quantize_by_amax bit for bit (ties, saturation, NaN)."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 40, 7) * 3
+    amax = torch.rand(1, 40, 1) + 0.5 if axis is not None else torch.tensor(2.5)
+    if unsigned:
+        x = x.abs()
+    step = float(tq.amax_to_scale(amax, num_bits, unsigned).reshape(-1)[0])
+    x[0, 0, :6] = (torch.arange(6) + 0.5) * step  # exact ties
+    x[1, 0, :2] = torch.tensor([1e6, float("nan")])
+    x = x.to(dtype)
+    params = tq.fake_quant_params(amax, num_bits, unsigned, narrow_range)
+    got = tq.fake_quantize_with_params(x, params)
+    expected = tq.fake_quantize_by_amax(x, amax, num_bits, unsigned, narrow_range)
+    assert got.dtype == dtype
+    assert torch.equal(got.isnan(), expected.isnan())
+    assert torch.equal(got.nan_to_num(), expected.nan_to_num())
+    traced = torch.jit.trace(lambda t: tq.fake_quantize_with_params(t, params), x.float().nan_to_num(),
+                             check_trace=False)  # traced: the fused kernels
+    assert "fake_quantize_per" in str(traced.graph)
+
+
+def test_fake_quant_params_refuses_fp8_and_a_bad_shape():
+    with pytest.raises(ValueError, match="integer formats only"):
+        tq.fake_quant_params(torch.tensor(1.0), (4, 3))
+    with pytest.raises(ValueError, match="num_bits"):
+        tq.fake_quant_params(torch.tensor(1.0), 1)
+    with pytest.raises(ValueError, match="does not match"):
+        tq.fake_quantize_with_params(torch.randn(3, 4), tq.fake_quant_params(torch.ones(5, 1)))
+
+
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_training_forward_equals_fused_kernels_with_its_gradient(per_channel, monkeypatch):
     """The QAT forward (|x| and the output share one buffer on eager CPU) gives the fused kernels' numbers and the

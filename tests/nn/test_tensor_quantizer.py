@@ -8,7 +8,7 @@ from torch import nn
 import reference as ref
 from qdq import calib
 from qdq.nn import TensorQuantizer
-from qdq.tensor_quant import QuantDescriptor, data_checks
+from qdq.tensor_quant import QuantDescriptor, data_checks, fake_quantize_by_amax
 
 
 def test_defaults_and_descriptor():
@@ -286,6 +286,54 @@ def test_weight_cache_inference_mode_kept_apart():
     with torch.no_grad():
         b = q(w)
     assert a.is_inference() and not b.is_inference() and torch.equal(a, b)
+
+
+def test_activation_scale_computed_once_per_amax_and_refreshed():
+    """In eval a calibrated quantizer computes its scale once per amax; every kind of amax change is seen (a new
+    amax, in place, load_state_dict, a learned amax's step, scale_amax) and the numbers are fake_quantize_by_amax's."""
+    q = TensorQuantizer(QuantDescriptor(amax=2.0))
+    x = torch.randn(64) * 3
+
+    def expected():
+        return fake_quantize_by_amax(x, q.effective_amax())
+
+    with torch.no_grad():
+        assert torch.equal(q(x), expected())
+        params = q.__dict__["_params_cache"][2]
+        q(x)
+        assert q.__dict__["_params_cache"][2] is params  # reused
+        for change in (lambda: setattr(q, "amax", 1.5), lambda: q._amax.copy_(torch.tensor(0.7)),
+                       lambda: q.load_state_dict({"_amax": torch.tensor(4.0)})):
+            change()
+            assert torch.equal(q(x), expected())
+        q.init_learn_amax()
+        opt = torch.optim.SGD(q.parameters(), lr=0.1)
+    q(x).sum().backward()  # training: the autograd function, amax gets a gradient
+    assert q._amax.grad is not None
+    opt.step()
+    with torch.no_grad():
+        assert torch.equal(q(x), expected())
+    s = TensorQuantizer(QuantDescriptor(amax=2.0, scale_amax=0.5))
+    with torch.no_grad():
+        assert torch.equal(s(x), fake_quantize_by_amax(x, torch.tensor(1.0)))
+    import pickle
+    assert "_params_cache" not in pickle.loads(pickle.dumps(q)).__dict__
+    q.clear_cache()
+    assert "_params_cache" not in q.__dict__
+
+
+def test_activation_scale_cache_keeps_the_checks():
+    """A wrong amax shape still names the quantizer; data_checks() still checks each call."""
+    q = TensorQuantizer(QuantDescriptor(axis=0, amax=[1.0, 2.0, 3.0]))
+    q.name = "block.q"
+    with torch.no_grad(), pytest.raises(ValueError, match="block.q"):
+        q(torch.randn(4, 5))
+    u = TensorQuantizer(QuantDescriptor(amax=1.0, unsigned=True))
+    with torch.no_grad():
+        assert u(torch.tensor([-0.5, 0.5])).tolist() == [0.0, fake_quantize_by_amax(torch.tensor(0.5),
+                                                                                  torch.tensor(1.0), 8, True).item()]
+        with data_checks(), pytest.raises(ValueError, match="negative data"):
+            u(torch.tensor([-0.5, 0.5]))
 
 
 def test_descriptor_amax_loads_as_the_same_float32_values():

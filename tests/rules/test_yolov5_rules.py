@@ -119,6 +119,7 @@ def test_ops_are_on_the_forward_path_with_the_right_inputs():
     assert torch.equal(y3, nn.functional.max_pool2d(x, 13, 1, 6))
 
 
+@pytest.mark.filterwarnings("ignore::qdq.nn.modules.tensor_quantizer.DynamicAmaxWarning")  # uncalibrated on purpose
 def test_applying_twice_patches_once():
     model, _ = _quantized(_float_model())
     count = len(list(quantizers(model)))

@@ -104,3 +104,17 @@ def test_fp8_default_on_efficientnet_lite0_keeps_the_depthwise_convolutions_floa
     depthwise = sorted(f"_blocks.{i}._depthwise_conv" for i in range(16))
     assert kept == sorted(depthwise + ["_conv_stem", "_blocks.0._project_conv", "_blocks.1._expand_conv"])
     assert list(formats.values()).count("fp8") == 31 and formats["_fc"] == "fp8"
+
+
+def test_replacing_a_quantizer_reaches_every_attribute_that_names_it():
+    """A quantizer two attributes of one module share (q and k of an attention block) is replaced under both."""
+    from qdq.nn import TensorQuantizer
+    from qdq.transform.layer_formats import _replace_everywhere
+
+    holder = torch.nn.Module()
+    shared = TensorQuantizer()
+    holder.q_quantizer = shared
+    holder.k_quantizer = shared
+    new = TensorQuantizer()
+    _replace_everywhere(holder, shared, new)
+    assert holder.q_quantizer is new and holder.k_quantizer is new

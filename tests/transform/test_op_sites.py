@@ -96,3 +96,101 @@ def test_site_keys_do_not_depend_on_other_torch_function_modes():
             model(x)
 
     assert [s.key for s in record_sites(model, run=run)] == eager
+
+
+class _Calls(dict):
+    """The site mode's table of op kinds, counting the ops the mode sees (each looks itself up once)."""
+
+    def __init__(self, monkeypatch):
+        from qdq.transform import op_sites
+
+        super().__init__(op_sites._KINDS)
+        self.count = 0
+        monkeypatch.setattr(op_sites, "_KINDS", self)
+
+    def get(self, key, default=None):
+        self.count += 1
+        return super().get(key, default)
+
+
+class Block(nn.Module):
+    """A residual block whose add is a site; its children are a library MLP and a module of its own."""
+
+    def __init__(self, helper=None):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
+        self.helper = helper if helper is not None else nn.Identity()
+
+    def forward(self, x):
+        return self.helper(self.mlp(x)) + x
+
+
+class CallsBack(nn.Module):
+    """A child that calls a helper of another module: its ops are that module's, so the mode must stay."""
+
+    def __init__(self, owner_forward):
+        super().__init__()
+        self.owner_forward = owner_forward
+
+    def forward(self, x):
+        return self.owner_forward(x)
+
+
+def test_library_children_of_a_site_owner_run_outside_the_mode(monkeypatch):
+    """The ops of a child that runs torch.nn/qdq code only are not intercepted one by one; the site still is."""
+    model, x = Block(), torch.randn(3, 4)
+    sites = record_sites(model, x)
+    assert [s.kind for s in sites] == ["add"]
+    set_site_quantizer(model, sites[0].key, "add", 1, "_add0_input1_quantizer", _q(0.5))
+    calls = _Calls(monkeypatch)
+    out = model(x)
+    xq = torch.clamp(torch.round(x * (127 / 0.5)), -128, 127) * (0.5 / 127)
+    assert torch.equal(out, model.mlp(x) + xq)
+    assert calls.count <= 3  # the add (and nn.Identity's call), not the MLP's linear and gelu ops
+    assert record_sites(model, x)[0].key == sites[0].key  # recording still walks every child
+    from torch.overrides import _get_current_function_mode_stack
+
+    assert not _get_current_function_mode_stack()
+    remove_site_quantizers(model)
+    assert not model.mlp._forward_pre_hooks and not model.mlp._forward_hooks
+
+
+def test_children_that_are_not_library_code_stay_in_the_mode_and_nested_owners_work():
+    inner = Block()
+    outer = Block(helper=nn.Sequential(inner))
+    x = torch.randn(3, 4)
+    sites = record_sites(outer, x)
+    assert {s.owner for s in sites} == {"", "helper.0"}
+    for s in sites:
+        owner = outer if s.owner == "" else inner
+        set_site_quantizer(owner, s.key, "add", 1, "_add0_input1_quantizer", _q(0.5))
+    seen = []
+    inner._add0_input1_quantizer.register_forward_hook(lambda m, a, o: seen.append(1))
+    outer(x)
+    assert seen == [1]  # the nested owner's site ran under its own mode, though its parent's mode stepped aside
+    patched = Block()
+    psites = record_sites(patched, x)
+    set_site_quantizer(patched, psites[0].key, "add", 1, "_add0_input1_quantizer", _q(0.5))
+    patched.mlp.forward = lambda t: nn.Sequential.forward(patched.mlp, t)  # patched on the instance: not library
+    from qdq.transform import op_sites
+
+    assert not op_sites._library_subtree(patched.mlp) and op_sites._library_subtree(Block().mlp)
+    assert not op_sites._library_subtree(CallsBack(patched.forward))
+    xq = torch.clamp(torch.round(x * (127 / 0.5)), -128, 127) * (0.5 / 127)
+    assert torch.equal(patched(x), patched.mlp(x) + xq)
+
+
+def test_an_exception_in_a_paused_child_leaves_no_mode_active():
+    model = Block()
+    sites = record_sites(model, torch.randn(3, 4))
+    set_site_quantizer(model, sites[0].key, "add", 1, "_add0_input1_quantizer", _q())
+    try:
+        model(torch.randn(3, 5))  # wrong width: the MLP raises while the mode is paused
+    except RuntimeError:
+        pass
+    from torch.overrides import _get_current_function_mode_stack
+    from qdq.transform import op_sites
+
+    assert not _get_current_function_mode_stack() and op_sites._depth() == 0
+    assert not op_sites._stack("paused") and getattr(op_sites._state, "mode", None) is None
+    model(torch.randn(3, 4))

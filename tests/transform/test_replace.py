@@ -47,6 +47,7 @@ def _net():
     )
 
 
+@pytest.mark.filterwarnings("ignore::qdq.nn.modules.tensor_quantizer.DynamicAmaxWarning")  # uncalibrated on purpose
 def test_keeps_objects_parameters_and_hooks():
     model = torchvision.models.resnet18(num_classes=10)
     conv = model.layer1[0].conv1
@@ -70,6 +71,7 @@ def test_keeps_objects_parameters_and_hooks():
     assert conv.weight_quantizer.name == "layer1.0.conv1._weight_quantizer"
 
 
+@pytest.mark.filterwarnings("ignore::qdq.nn.modules.tensor_quantizer.DynamicAmaxWarning")  # uncalibrated on purpose
 def test_mobilenet_v2_every_conv_and_linear():
     model = torchvision.models.mobilenet_v2(num_classes=10)
     n_conv = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
@@ -113,6 +115,7 @@ def test_subclassed_convs_are_quantized_with_their_forward():
     assert model[2].input_quantizer.calibrator.num_batches == 1
 
 
+@pytest.mark.filterwarnings("ignore::qdq.nn.modules.tensor_quantizer.DynamicAmaxWarning")  # uncalibrated on purpose
 def test_quantized_subclasses_pickle_and_deepcopy(tmp_path):
     """torch.save(model) and pickle find a generated class through the classes it is made from."""
     import copy
@@ -281,6 +284,7 @@ def test_subclass_forward_without_a_positional_input_is_refused():
     assert "cannot tell which argument to quantize" in report.unsupported[0][1]
 
 
+@pytest.mark.filterwarnings("ignore::qdq.nn.modules.tensor_quantizer.DynamicAmaxWarning")  # uncalibrated on purpose
 def test_subclass_forward_gradients():
     model = _net()
     replace_to_quantization_module(model)
@@ -361,6 +365,7 @@ def test_uses_class_default_descriptors():
         quant_nn.QuantConv2d.set_default_quant_desc_input(old)
 
 
+@pytest.mark.filterwarnings("ignore::qdq.nn.modules.tensor_quantizer.DynamicAmaxWarning")  # uncalibrated on purpose
 def test_lstm_in_model():
     model = nn.Sequential(nn.LSTM(4, 5, num_layers=2))
     replace_to_quantization_module(model)

@@ -48,7 +48,8 @@ from qdq.math import formats
 from qdq.calib.calibrator import NoDataCollectedError, ShapeChangedError
 from qdq.nn.modules.fp8_export import fp8_qdq
 from qdq.math.descriptor import QuantDescriptor
-from qdq.math.fake_quant import fake_quantize_by_amax, quantize_by_amax
+from qdq.math.fake_quant import (data_checks_enabled, fake_quant_params, fake_quantize_by_amax,
+                                 fake_quantize_with_params, quantize_by_amax)
 from qdq.math.quantize import affine_qparams, fake_affine_quant
 from qdq.math.ranges import amax_problem, amax_to_scale, check_amax, maxbound, quant_range, reduce_amax, reduce_range
 
@@ -466,13 +467,35 @@ class TensorQuantizer(nn.Module):
         return out
 
     def clear_cache(self) -> None:
-        """Forgets the cached fake-quantized weight (needed only after writing a weight through ``.data``)."""
+        """Forgets the cached fake-quantized weight and scale (needed only after writing a weight or amax through
+        ``.data``)."""
         self.__dict__.pop("_weight_cache", None)
+        self.__dict__.pop("_params_cache", None)
 
     def __getstate__(self):
         state = super().__getstate__()
         state.pop("_weight_cache", None)
+        state.pop("_params_cache", None)
         return state
+
+    def _params_for(self, x: torch.Tensor):
+        """The scale of a calibrated integer fake quantizer in a forward that records no gradient, computed once
+        per amax (same host-side change detection as the weight cache); ``None`` where the general path runs
+        (dynamic amax, blocks, FP8, real quantization, :func:`~qdq.tensor_quant.data_checks`, tracing or
+        compiling, or a forward that records a gradient)."""
+        amax = self._amax
+        if (amax is None or not self._fake_quant or self._block_size or formats.is_fp8(self._num_bits)
+                or data_checks_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or (torch.is_grad_enabled() and (x.requires_grad or amax.requires_grad))):
+            return None
+        key = (amax._version, amax.data_ptr(), amax.device, torch.is_inference_mode_enabled(), self._num_bits,
+               self._unsigned, self._narrow_range, self._scale_amax)
+        cache = self.__dict__.get("_params_cache")
+        if cache is not None and cache[0] is amax and cache[1] == key:
+            return cache[2]
+        params = fake_quant_params(self.effective_amax(), self._num_bits, self._unsigned, self._narrow_range)
+        self.__dict__["_params_cache"] = (amax, key, params)
+        return params
 
     def _amax_for(self, x: torch.Tensor) -> torch.Tensor:
         amax = self.effective_amax()
@@ -511,6 +534,12 @@ class TensorQuantizer(nn.Module):
     def _quant_forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._symmetric:
             return self._affine_forward(x)
+        params = self._params_for(x)
+        try:
+            if params is not None:
+                return fake_quantize_with_params(x, params)
+        except ValueError as err:
+            raise ValueError(f"{self._label()}: {err}") from None
         amax = self._amax_for(x)
         try:
             if self._block_size:
