@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))  # the NumPy reference module
+sys.path.insert(0, str(Path(__file__).parent))  # the modules tests share: the NumPy reference, format_models
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # examples/ is not installed; tests import it from the checkout
     sys.path.insert(0, str(ROOT))

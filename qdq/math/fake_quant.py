@@ -118,8 +118,8 @@ class FakeTensorQuantFunction(torch.autograd.Function):
         scale = amax_to_scale(amax_f, num_bits, unsigned)
         xd = x.detach()
         if xd.dtype == torch.float32 and _tensor_ops_path(xd, scale) and not torch.compiler.is_compiling():
-            # eager CPU: |x| and then the output go into one buffer, a large allocation fewer per call
-            _channel_axis(scale, xd)
+            # eager CPU: |x| and then the output go into one buffer, a large allocation fewer per call (the shape
+            # of amax, and so of scale, was checked by _prepare)
             out = torch.abs(xd)
             inside = out <= amax_f
             out = _fake_quantize_eager(xd, scale, None, qmin, qmax, out=out)

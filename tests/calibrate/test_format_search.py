@@ -10,25 +10,11 @@ from qdq.calibrate.format_search import FORMAT_COSTS, layer_flops, search_format
 from qdq.onnx import export_onnx, verify
 from qdq.transform.layer_formats import layer_formats
 
-
-def _mlp(seed=0):
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64), torch.nn.ReLU(),
-                                torch.nn.Linear(64, 10))
-    qdq.replace_to_quantization_module(model)
-    return model
-
-
-def _cnn():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                                torch.nn.Flatten(), torch.nn.Linear(8, 4))
-    qdq.replace_to_quantization_module(model)
-    return model
+from format_models import quantized_cnn, quantized_mlp
 
 
 def test_layer_flops_counts_multiply_adds():
-    model = _cnn()
+    model = quantized_cnn()
     flops = layer_flops(model, torch.randn(1, 3, 8, 8))
     assert flops == {"0": 8 * 6 * 6 * 3 * 9, "4": 4 * 8}
 
@@ -44,7 +30,7 @@ def _metric_for(model, x):
 
 
 def test_search_meets_the_tolerance_at_lower_cost_than_float(tmp_path):
-    model = _mlp()
+    model = quantized_mlp()
     x = torch.randn(256, 64)
     metric = _metric_for(model, x)
     data = [x[i:i + 64] for i in range(0, 256, 64)]
@@ -64,7 +50,7 @@ def test_search_meets_the_tolerance_at_lower_cost_than_float(tmp_path):
 
 
 def test_search_with_no_budget_keeps_everything_float():
-    model = _mlp(1)
+    model = quantized_mlp(1)
     x = torch.randn(64, 64)
     report = search_formats(model, [x], _metric_for(model, x), tolerance=0.0, example_input=x[:1], progress=False)
     assert report.met and set(report.formats.values()) == {"float"} and report.cost == pytest.approx(1.0)
@@ -75,7 +61,7 @@ def test_cost_table_is_documented_for_every_format():
     assert FORMAT_COSTS["float"] == 1.0 and FORMAT_COSTS["int8"] == FORMAT_COSTS["fp8"] < FORMAT_COSTS["int4"] < 1
 
 
-def _depthwise_cnn():
+def _depthwisequantized_cnn():
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 32, 3, padding=1),              # 3 input channels: no FP8 kernel
@@ -93,7 +79,7 @@ def _depthwise_cnn():
 def test_search_never_picks_fp8_where_tensorrt_has_no_fp8_kernel(fallback, expected):
     """search_formats used to offer FP8 to depthwise and <=16-channel convolutions (fp8_exclusion), which TensorRT
     has no FP8 kernel for: they get the fallback instead, and the report says why."""
-    model = _depthwise_cnn()
+    model = _depthwisequantized_cnn()
     x = torch.randn(8, 3, 8, 8)
     report = search_formats(model, [x], _metric_for(model, x), tolerance=math.inf, example_input=x[:1],
                             formats=("fp8",), fp8_fallback=fallback, progress=False)
@@ -112,7 +98,7 @@ def test_search_never_picks_fp8_where_tensorrt_has_no_fp8_kernel(fallback, expec
 
 
 def test_search_with_no_fp8_fallback_offers_fp8_everywhere():
-    model = _depthwise_cnn()
+    model = _depthwisequantized_cnn()
     x = torch.randn(8, 3, 8, 8)
     report = search_formats(model, [x], _metric_for(model, x), tolerance=math.inf, example_input=x[:1],
                             formats=("fp8",), fp8_fallback=None, progress=False)

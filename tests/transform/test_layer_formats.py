@@ -7,25 +7,11 @@ import qdq
 from qdq.transform.layer_formats import layer_formats, set_layer_format, set_model_format
 from qdq.onnx import check_tensorrt, export_onnx, verify
 
-
-def _mlp(seed=0):
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64), torch.nn.ReLU(),
-                                torch.nn.Linear(64, 10))
-    qdq.replace_to_quantization_module(model)
-    return model
-
-
-def _cnn():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                                torch.nn.Flatten(), torch.nn.Linear(8, 4))
-    qdq.replace_to_quantization_module(model)
-    return model
+from format_models import quantized_cnn, quantized_mlp
 
 
 def test_set_layer_format_and_read_it_back():
-    model = _mlp()
+    model = quantized_mlp()
     set_layer_format(model, "0", "fp8")
     set_layer_format(model, "2", "int4", block_size=128)
     set_layer_format(model, "4", "float")
@@ -36,7 +22,7 @@ def test_set_layer_format_and_read_it_back():
 
 
 def test_bad_formats_name_the_layer():
-    model = _cnn()
+    model = quantized_cnn()
     with pytest.raises(ValueError, match="layer '0' \\(QuantConv2d\\): INT4 weight-only is for Linear"):
         set_layer_format(model, "0", "int4")
     with pytest.raises(ValueError, match="layer '4': 8 input features are not a multiple of block_size 64"):
@@ -48,7 +34,7 @@ def test_bad_formats_name_the_layer():
 
 
 def test_set_model_format_fp8_covers_pooling_and_exports(tmp_path):
-    model = _cnn()
+    model = quantized_cnn()
     assert set_model_format(model, "fp8", fp8_fallback=None) == {"0": "fp8", "4": "fp8"}
     assert model[2]._input_quantizer.num_bits == (4, 3)  # the pool's input too
     qdq.calibrate_model(model, [torch.randn(4, 3, 8, 8)], progress=False)
@@ -87,9 +73,9 @@ def test_set_model_format_fp8_keeps_what_tensorrt_has_no_fp8_kernel_for():
 
 
 def test_set_model_format_int4_leaves_other_layers():
-    model = _cnn()
+    model = quantized_cnn()
     assert set_model_format(model, "int4", block_size=32) == {"0": "int8", "4": "int8"}  # 8 features: not divisible
-    model = _mlp()
+    model = quantized_mlp()
     assert set_model_format(model, "int4") == {"0": "int4", "2": "int4", "4": "int4"}
 
 
