@@ -18,6 +18,7 @@ from torch import nn
 import qdq
 from qdq import calib
 from qdq.nn import TensorQuantizer
+from qdq.math import fake_quant
 from qdq.tensor_quant import QuantDescriptor, fake_quantize_by_amax
 
 
@@ -51,13 +52,39 @@ def _host_reads_forbidden():
 
     names = ("__bool__", "item", "tolist", "__float__", "__int__", "__index__", "numpy")
     saved = {n: getattr(torch.Tensor, n) for n in names}
+    # the eager-CPU shortcut reads a CPU amax (no synchronisation there); it never reads a device tensor
+    # (test_clip_interval_reads_only_cpu_tensors), so the path a GPU runs is the one checked here
+    clip_interval = fake_quant._clip_interval
     try:
+        fake_quant._clip_interval = lambda amax: None
         for n in names:
             setattr(torch.Tensor, n, refuse)
         yield
     finally:
+        fake_quant._clip_interval = clip_interval
         for n, fn in saved.items():
             setattr(torch.Tensor, n, fn)
+
+
+def test_clip_interval_reads_only_cpu_tensors():
+    assert fake_quant._clip_interval(torch.ones((), device="meta")) is None
+    assert fake_quant._clip_interval(torch.ones(3)) is None  # per channel: the mask path
+    assert fake_quant._clip_interval(torch.tensor(float("inf"))) is None
+    lo, hi = fake_quant._clip_interval(torch.tensor(0.5))
+    assert lo == -hi and hi == float(torch.nextafter(torch.tensor(0.5), torch.tensor(1.0)))
+
+
+@pytest.mark.parametrize("amax", [0.5, 3.0, 1e-20])
+def test_eager_cpu_gradient_without_mask_is_the_straight_through_one(amax):
+    """The CPU path with one amax keeps no mask (the backward compares x with the float32 neighbours of +-amax):
+    the same gradient as ``|x| <= amax``, values exactly at and next to +-amax included."""
+    a = torch.tensor(amax)
+    edge = torch.stack([a, torch.nextafter(a, torch.tensor(0.0)), torch.nextafter(a, torch.tensor(9.0))])
+    x = torch.cat([torch.randn(500) * amax, edge, -edge, torch.zeros(1)]).requires_grad_()
+    g = torch.randn_like(x)
+    fake_quantize_by_amax(x, a).backward(g)
+    assert fake_quant._clip_interval(a) is not None
+    assert torch.equal(x.grad, torch.where(x.detach().abs() <= a, g, 0.0))
 
 
 def test_qat_step_and_eval_read_no_tensor_on_the_host():
