@@ -120,14 +120,18 @@ def first_per_class(dataset, limit: int | None):
 
 
 def imagenet_sample(transform: Callable, calib: int = 100, batch_size: int = 25,
-                    root: str | os.PathLike | None = None) -> tuple[DataLoader, DataLoader]:
+                    root: str | os.PathLike | None = None, offset: int = 0) -> tuple[DataLoader, DataLoader]:
     """``(calibration loader, evaluation loader)`` over the ImageNet sample: after a fixed shuffle (the files are
-    sorted by class, and the classes by kind), the first ``calib`` images calibrate and the others evaluate."""
+    sorted by class, and the classes by kind), the ``calib`` images from ``offset`` on calibrate and the others
+    evaluate (``offset`` 0, 100, ... gives disjoint calibration folds)."""
     folder = Path(root) if root else extract("imagenet-sample-500.tar") / "imagenet-sample-500"
     files = list(ImagenetSample(folder, transform).files)
     random.Random(0).shuffle(files)
-    calib_set = ImagenetSample(folder, transform, files[:calib])
-    eval_set = ImagenetSample(folder, transform, files[calib:])
+    if not 0 <= offset <= len(files) - calib:
+        raise ValueError(f"imagenet_sample: offset {offset} with {calib} calibration images does not fit the "
+                         f"{len(files)} images")
+    calib_set = ImagenetSample(folder, transform, files[offset:offset + calib])
+    eval_set = ImagenetSample(folder, transform, files[:offset] + files[offset + calib:])
     return (DataLoader(calib_set, batch_size=batch_size), DataLoader(eval_set, batch_size=batch_size))
 
 
