@@ -154,3 +154,19 @@ def test_user_mistakes_are_one_line_errors(module, argv, message, capsys, tmp_pa
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert len(err.strip().splitlines()[-1]) > 0
+
+
+def test_imagenet_sample_folds_are_disjoint_and_cover_the_sample():
+    require_shared_data("imagenet-sample-500.tar")
+    from examples.common import imagenet_sample
+
+    folds = []
+    for offset in range(0, 500, 100):
+        calib, evaluate = imagenet_sample(lambda image: image, calib=100, offset=offset)
+        calib_files, eval_files = set(calib.dataset.files), set(evaluate.dataset.files)
+        assert len(calib_files) == 100 and len(eval_files) == 400 and not calib_files & eval_files
+        folds.append(calib_files)
+    assert len(set().union(*folds)) == 500
+    assert folds[0] == set(imagenet_sample(lambda image: image, calib=100)[0].dataset.files)  # offset 0 as before
+    with pytest.raises(ValueError, match="offset 450 with 100 calibration images"):
+        imagenet_sample(lambda image: image, calib=100, offset=450)
