@@ -18,7 +18,8 @@ touch, on every step: at batch 32, ResNet-18's activations are 26-103 MB each, a
 (the fake-quantized inputs of the convolutions). Measured (2026-12-03, load below 1, 4 steps each, interleaved):
 fp32 3.10 s and QAT 4.06 s per step with the default (0.67 s and 1.49 s of it in the kernel, 121k and 205k page
 faults), 1.85 s and 1.93 s with the variable set (0.21 s and 0.06 s in the kernel, 19k and 21k page faults).
-Preloading jemalloc or tcmalloc, as PyTorch's CPU performance guide suggests, has the same effect.
+Preloading jemalloc or tcmalloc, as PyTorch's CPU performance guide suggests, has the same effect (and where the C
+library is not glibc, the variable does nothing: both rows then measure the same allocator).
 ``qat_cost(32, 7, True)`` with the variable set (the same day): eager QAT 1.12x fp32 (2.50 s / 2.36 s), compiled QAT
 1.22x compiled fp32 (2.60 s / 2.11 s; compiled QAT is no faster than eager QAT); with the default allocator
 (2026-12-02) 1.26x and 1.26x.
@@ -125,11 +126,12 @@ HEAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30)}
 
 def qat_cost_heap(batch: int, rounds: int, compile_: bool) -> dict:
     """:func:`qat_cost` in a child process started with :data:`HEAP_ENV` (glibc reads it at start-up only)."""
-    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from _common import set_threads; "
+    code = ("import json, sys; sys.path[:0] = sys.argv[1].split('\\n'); from _common import set_threads; "
             "import bench_hot_path as b; set_threads(); "
             "print(json.dumps(b.qat_cost(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == '1')))")
     here = Path(__file__).resolve().parent
-    done = subprocess.run([sys.executable, "-c", code, str(here), str(batch), str(rounds), "1" if compile_ else "0"],
+    paths = f"{here}\n{here.parent}"  # the benchmarks and the checkout: as this process imports them
+    done = subprocess.run([sys.executable, "-c", code, paths, str(batch), str(rounds), "1" if compile_ else "0"],
                           env={**os.environ, **HEAP_ENV}, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"the QAT step in a child process with {HEAP_ENV} failed (exit {done.returncode}):\n"
