@@ -32,8 +32,9 @@ once in the float model (its output), and goes on to the next unit after this on
 those paused forwards keep alive (the unit's inputs and outputs on the calibration data, and tensors held for
 later, such as a residual) and one concatenated copy of the unit's inputs and outputs. With ``recompute=True`` the
 model is fed from the start for every unit instead (about ``units / 2`` forwards of the data; memory: one unit's
-inputs and outputs). Then ``iterations`` steps on batches of ``batch_size`` samples. ``report.layers[name]`` gives
-the time per unit (``seconds``, of which ``capture_seconds`` feeding the data).
+inputs and outputs). Then ``iterations`` steps on batches of ``batch_size`` samples; the captured tensors of units
+with 2-D convolutions are kept channels-last, where oneDNN's convolutions are several times faster on CPU.
+``report.layers[name]`` gives the time per unit (``seconds``, of which ``capture_seconds`` feeding the data).
 
 Under torch.distributed every rank captures its own shard; the gradients are averaged over the ranks at every step
 (every rank starts from the same ``V`` and the same seed), and the final integers are broadcast from rank 0, so all
@@ -176,8 +177,10 @@ def _units(model: nn.Module, order: list[nn.Module], names: dict[int, str],
     return units
 
 
-def _gather(calls: list[tuple[tuple, dict, Any]], name: str, keep: str) -> tuple[torch.Tensor, dict]:
-    """The unit's first positional input (``keep="input"``) or its output over the captured calls, concatenated."""
+def _gather(calls: list[tuple[tuple, dict, Any]], name: str, keep: str,
+            channels_last: bool = False) -> tuple[torch.Tensor, dict]:
+    """The unit's first positional input (``keep="input"``) or its output over the captured calls, concatenated
+    (4-D ones channels-last with ``channels_last``: see :func:`_convolves_images`)."""
     kept: list[torch.Tensor] = []
     extra: dict = {}
     for args, kwargs, out in calls:
@@ -187,8 +190,17 @@ def _gather(calls: list[tuple[tuple, dict, Any]], name: str, keep: str) -> tuple
         if len(args) > 1 or any(isinstance(v, torch.Tensor) for v in kwargs.values()):
             raise TypeError(f"adaround: {name} takes more than one tensor; make units of single-input modules")
         extra.update(kwargs)
-        kept.append(value.detach())
+        value = value.detach()
+        kept.append(value.contiguous(memory_format=torch.channels_last) if channels_last and value.dim() == 4 else value)
     return torch.cat(kept), extra
+
+
+def _convolves_images(unit: nn.Module) -> bool:
+    """The unit holds a 2-D convolution: its captured 4-D tensors are kept channels-last. On CPU, oneDNN runs such
+    convolutions 2-6x faster forward and backward on channels-last tensors than on NCHW ones (depthwise ones most);
+    only the strides change, and ``torch.cat`` and indexing along the batch keep them, so the rounding steps run on
+    channels-last inputs and targets throughout."""
+    return any(isinstance(m, nn.Conv2d) for m in unit.modules())
 
 
 @contextlib.contextmanager
@@ -207,7 +219,7 @@ def _float_weights(layers: dict[str, nn.Module], originals: dict[str, torch.Tens
 
 
 def _capture(model: nn.Module, unit: nn.Module, name: str, data: Iterable, num_batches: int | None, device,
-             preprocess, quantized: bool, keep: str) -> tuple[torch.Tensor, dict]:
+             preprocess, quantized: bool, keep: str, channels_last: bool) -> tuple[torch.Tensor, dict]:
     """``_gather`` over a feed of the model from the start that stops at the unit (``recompute=True``)."""
     calls: list = []
 
@@ -221,12 +233,39 @@ def _capture(model: nn.Module, unit: nn.Module, name: str, data: Iterable, num_b
         with disable_quantization(model):
             run_until(model, unit, data, on_call, num_batches, device=device, preprocess=preprocess, progress=False,
                       name=name)
-    return _gather(calls, name, keep)
+    return _gather(calls, name, keep, channels_last)
+
+
+class _SquaredError(torch.autograd.Function):
+    """``((out - target) ** 2).sum()`` with one temporary: the difference, reduced by a dot product over its memory
+    order, and turned into the gradient in place. ``mse_loss``'s backward is 10-30x slower on channels-last tensors
+    (it makes them contiguous first), and the unit's outputs are channels-last (:func:`_convolves_images`)."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        diff = torch.sub(out, target)
+        ctx.save_for_backward(diff)
+        flat = _memory_order(diff)
+        return torch.dot(flat, flat)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if getattr(ctx, "spent", False):
+            raise RuntimeError("adaround: the reconstruction loss's backward runs once (its buffer became the gradient)")
+        ctx.spent = True
+        (diff,) = ctx.saved_tensors
+        return diff.mul_(2 * grad), None
+
+
+def _memory_order(t: torch.Tensor) -> torch.Tensor:
+    """A dense tensor as a 1-D view in the order of its memory (a copy only if it is not dense)."""
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    return t.permute(order).reshape(-1)
 
 
 def _recon(out: torch.Tensor, target: torch.Tensor, cdim: int) -> torch.Tensor:
-    """Squared error summed over the channels, averaged over the rest: one fused op (its backward too)."""
-    return torch.nn.functional.mse_loss(out, target, reduction="sum") / (out.numel() / out.shape[cdim])
+    """Squared error summed over the channels, averaged over the rest."""
+    return _SquaredError.apply(out, target) / (out.numel() / out.shape[cdim])
 
 
 def adaround(
@@ -305,15 +344,16 @@ def adaround(
         for index, (unit_name, unit, layer_names) in enumerate(bar):
             bar.set_postfix_str(unit_name)
             t0 = time.perf_counter()
+            image = _convolves_images(unit)
             if recompute:
                 inputs, kwargs = _capture(model, unit, unit_name, data, num_batches, device, preprocess, True,
-                                          "input")
+                                          "input", image)
                 with _float_weights(candidates, originals):
                     target, _ = _capture(model, unit, unit_name, data, num_batches, device, preprocess, False,
-                                         "output")
+                                         "output", image)
             else:
-                inputs, kwargs = _gather(quantized.advance(unit), unit_name, "input")
-                target, _ = _gather(reference.advance(unit), unit_name, "output")
+                inputs, kwargs = _gather(quantized.advance(unit), unit_name, "input", image)
+                target, _ = _gather(reference.advance(unit), unit_name, "output", image)
             capture_seconds = time.perf_counter() - t0
             for n in layer_names:
                 originals[n] = candidates[n].weight.detach().clone()

@@ -192,3 +192,40 @@ def test_export_gives_the_chosen_integers_in_onnxruntime(deploy, tmp_path):
     by_shape = {v.shape: v for v in found}
     for name, q in chosen.items():
         assert np.array_equal(by_shape[q.shape].astype(np.int64), q.astype(np.int64)), name
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
+def test_reconstruction_loss_and_gradient_match_the_float64_formula(layout):
+    from qdq.ptq.adaround import _recon
+
+    torch.manual_seed(0)
+    out, target = torch.randn(3, 5, 4, 6), torch.randn(3, 5, 4, 6)
+    if layout == "channels_last":
+        out, target = (t.contiguous(memory_format=torch.channels_last) for t in (out, target))
+    elif layout == "transposed":
+        out, target = out.transpose(1, 3), target.transpose(1, 3)
+    out.requires_grad_(True)
+    loss = _recon(out, target, 1)
+    loss.backward()
+    ref_out = out.detach().double().requires_grad_(True)
+    ref = (ref_out - target.double()).pow(2).sum(1).mean()
+    ref.backward()
+    assert float(loss) == pytest.approx(float(ref), rel=1e-6)
+    torch.testing.assert_close(out.grad.double(), ref_out.grad, rtol=1e-6, atol=1e-9)
+    with pytest.raises(RuntimeError, match="runs once"):
+        again = _recon(out, target, 1)
+        again.backward(retain_graph=True)
+        again.backward()
+
+
+def test_conv_units_round_on_channels_last_tensors_as_on_nchw_ones():
+    from qdq.ptq.adaround import _gather
+
+    x = torch.randn(2, 3, 4, 5)
+    calls = [((x,), {}, x + 1), ((x * 2,), {}, x)]
+    image, _ = _gather(calls, "u", "input", channels_last=True)
+    plain, _ = _gather(calls, "u", "input")
+    assert image.is_contiguous(memory_format=torch.channels_last) and plain.is_contiguous()
+    assert torch.equal(image, plain)
+    flat, _ = _gather([((torch.randn(2, 3),), {}, None)], "u", "input", channels_last=True)
+    assert flat.is_contiguous()
