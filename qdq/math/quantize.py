@@ -68,13 +68,28 @@ def _tensor_ops_path(x: torch.Tensor, scale: torch.Tensor | None = None) -> bool
     return type(x) in _EAGER_TYPES and x.device.type == "cpu" and not torch.jit.is_tracing()
 
 
+def _standard_layout(x: torch.Tensor) -> bool:
+    """Contiguous, or channels-last for 4-D and 5-D tensors: the layouts an output keeps. Any other input (a
+    transposed or permuted view: attention's Q, K and V, a Linear input in ``(length, batch)`` order) gets a
+    contiguous output, written in the same pass, so that the MatMul or Linear reading it makes no copy of its own
+    (torch.matmul copies a permuted operand into a contiguous batch)."""
+    if x.is_contiguous():
+        return True
+    if x.dim() == 4:
+        return x.is_contiguous(memory_format=torch.channels_last)
+    return x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)
+
+
 def _fake_quantize_eager(x, scale, zero_point, qmin: int, qmax: int, out: torch.Tensor | None = None,
                          inv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The fused kernels' arithmetic in tensor ops: ``(clamp(round_half_even(x * (1 / scale)) + zp) - zp) * scale``
-    (float32; ``zero_point`` None for 0), written into ``out`` if given (a float32 buffer of ``x``'s shape);
-    ``inv_scale`` is ``torch.reciprocal(scale)``, computed here when None."""
+    (float32; ``zero_point`` None for 0), written into ``out`` if given (a float32 buffer of ``x``'s shape; else a new
+    one, contiguous unless ``x`` has a :func:`_standard_layout`); ``inv_scale`` is ``torch.reciprocal(scale)``,
+    computed here when None."""
     if inv_scale is None:
         inv_scale = torch.reciprocal(scale)
+    if out is None and not _standard_layout(x):
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     q = (torch.mul(x, inv_scale) if out is None else torch.mul(x, inv_scale, out=out)).round_()
     if zero_point is None:
         return q.clamp_(qmin, qmax).mul_(scale)

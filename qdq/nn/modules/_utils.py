@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import torch
 from torch import nn
 
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
@@ -30,6 +31,12 @@ __all__ = ["QuantMixin", "QuantInputMixin", "pop_quant_desc_in_kwargs", "QUANT_D
 
 #: The keyword arguments that carry descriptors.
 QUANT_DESC_KEYS = ("quant_desc_input", "quant_desc_weight")
+
+
+def _eager() -> bool:
+    """Outside tracing and compiling, where the layout and in-place tricks of the attention modules only change
+    speed (the traced graph keeps the plain ops)."""
+    return not (torch.jit.is_tracing() or torch.compiler.is_compiling())
 
 
 def _check_desc(value: Any, what: str) -> QuantDescriptor:

@@ -33,17 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from qdq import tensor_quant
-from qdq.nn.modules._utils import QuantMixin, _check_desc, pop_quant_desc_in_kwargs, split_quant_kwargs
+from qdq.nn.modules._utils import QuantMixin, _check_desc, _eager, pop_quant_desc_in_kwargs, split_quant_kwargs
 from qdq.nn.modules.quant_matmul import QuantScaledDotProductAttention, additive_mask
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
 
 __all__ = ["QuantMultiheadAttention"]
-
-
-def _eager() -> bool:
-    """Outside tracing and compiling, where the layout tricks below only change speed (the traced graph keeps the
-    plain ops)."""
-    return not (torch.jit.is_tracing() or torch.compiler.is_compiling())
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -148,13 +142,15 @@ class QuantMultiheadAttention(QuantMixin, nn.MultiheadAttention):
             mask = padding if mask is None else mask + padding
         dropout = self.dropout if self.training else 0.0
         out, probs = self.attention.attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        out = out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, self.embed_dim)
-        out = self.out_proj(out)
-        if self.batch_first and batched:
-            out = out.transpose(0, 1)
-            if _eager():  # contiguous as torch's fused kernel returns it: the residual add and LayerNorm after
-                out = out.contiguous()  # it run on a contiguous tensor
-        elif not batched:
+        if self.batch_first and batched and _eager():
+            # (batch, length, embed) directly: contiguous as torch's fused kernel returns it (the residual add and
+            # LayerNorm after it run on a contiguous tensor), one copy fewer than through (length, batch, embed)
+            out = self.out_proj(out.transpose(1, 2).reshape(bsz, tgt_len, self.embed_dim))
+        else:
+            out = self.out_proj(out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, self.embed_dim))
+            if self.batch_first and batched:
+                out = out.transpose(0, 1)
+        if not batched:
             out = out.squeeze(1)
         if not need_weights:
             return out, None

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qdq.nn.modules._utils import _eager
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
 from qdq.math.descriptor import QUANT_DESC_8BIT_PER_TENSOR, QuantDescriptor
 
@@ -98,6 +99,19 @@ def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype, allowed_when_tr
         blocked = ~mask if allowed_when_true else mask
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(blocked, float("-inf"))
     return mask.to(dtype)
+
+
+def _scaled(scores: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scores * scale``, in place in eager execution: the scores are the MatMul's own new tensor, which its
+    gradient does not need, so no copy of the ``(length, length)`` scores is made."""
+    return scores.mul_(scale) if _eager() else scores * scale
+
+
+def _plus(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``scores + mask`` (the additive mask), in place in eager execution where the sum has the scores' shape."""
+    if _eager() and torch.broadcast_shapes(scores.shape, mask.shape) == scores.shape:
+        return scores.add_(mask)
+    return scores + mask
 
 
 class QuantScaledDotProductAttention(nn.Module):
@@ -186,13 +200,13 @@ class QuantScaledDotProductAttention(nn.Module):
             repeat = query.shape[-3] // key.shape[-3]
             key, value = key.repeat_interleave(repeat, dim=-3), value.repeat_interleave(repeat, dim=-3)
         scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-        scores = self.bmm1(query, key.transpose(-2, -1)) * scale
+        scores = _scaled(self.bmm1(query, key.transpose(-2, -1)), scale)
         if is_causal:
             causal = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
-            scores = scores + additive_mask(causal, scores.dtype)
+            scores = _plus(scores, additive_mask(causal, scores.dtype))
         mask = additive_mask(attn_mask, scores.dtype)
         if mask is not None:
-            scores = scores + mask
+            scores = _plus(scores, mask)
         probs = torch.softmax(scores, dim=-1)
         if dropout_p > 0.0:
             probs = F.dropout(probs, p=dropout_p)
