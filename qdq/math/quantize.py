@@ -88,7 +88,7 @@ def _fake_quantize_eager(x, scale, zero_point, qmin: int, qmax: int, out: torch.
     computed here when None."""
     if inv_scale is None:
         inv_scale = torch.reciprocal(scale)
-    if out is None and not _standard_layout(x):
+    if out is None and not _standard_layout(x) and not torch.compiler.is_compiling():  # inductor lays out its own
         out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     q = (torch.mul(x, inv_scale) if out is None else torch.mul(x, inv_scale, out=out)).round_()
     if zero_point is None:

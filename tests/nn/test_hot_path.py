@@ -228,3 +228,39 @@ def test_channels_last_keeps_format_and_values():
     torch.testing.assert_close(cl(xc), model(x), rtol=1e-5, atol=1e-5)  # conv kernels differ by format
     cl(xc).sum().backward()
     assert xc.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# layouts: permuted inputs, attention under compile
+# ------------------------------------------------------------------------------------------------------------------
+def test_permuted_input_gets_a_contiguous_output_and_standard_layouts_keep_theirs():
+    x = torch.randn(5, 4, 6)
+    amax = torch.tensor(1.5)
+    with torch.no_grad():
+        permuted = fake_quantize_by_amax(x.transpose(0, 1), amax)
+        assert permuted.is_contiguous()
+        assert torch.equal(permuted, fake_quantize_by_amax(x.transpose(0, 1).contiguous(), amax))
+        image = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+        assert fake_quantize_by_amax(image, amax).is_contiguous(memory_format=torch.channels_last)
+
+
+def _encoder():
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    qdq.replace_to_quantization_module(layer)
+    x = torch.randn(3, 20, 32)
+    qdq.calibrate_model(layer, [x], progress=False)
+    return layer.eval(), x
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_batch_first_attention_matches_eager(backend):
+    """The eager-only layout and in-place steps of the attention modules stay out of compiled graphs."""
+    torch._dynamo.reset()
+    layer, x = _encoder()
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)
+    with torch.no_grad():
+        expected = layer(x)
+        assert expected.is_contiguous()
+        torch.testing.assert_close(compiled(x), expected, rtol=0 if backend == "aot_eager" else 1e-5,
+                                   atol=0 if backend == "aot_eager" else 1e-5)
