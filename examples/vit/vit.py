@@ -180,7 +180,7 @@ def attention_summary(qmodel: nn.Module) -> tuple[int, int]:
 
 
 def forward_ratio(model: nn.Module, qmodel: nn.Module, images: torch.Tensor, repeats: int = 10,
-                  threads: int | None = 1) -> dict:
+                  threads: int | None = 1, compiled: bool = False) -> dict:
     """The fake-quant forward time over the float forward, measured side by side (interleaved round by round, best
     of ``repeats``) so that the machine's load hits both; on ``threads`` intra-op threads (one by default: on a
     shared machine a multi-threaded op waits for its slowest thread, which a model of many small ops pays most).
@@ -188,6 +188,11 @@ def forward_ratio(model: nn.Module, qmodel: nn.Module, images: torch.Tensor, rep
     Two float baselines: ``fp32`` as torch runs ``nn.MultiheadAttention`` in eval under ``no_grad`` (its fused
     ``_native_multi_head_attention`` fast path: the strict baseline) and ``fp32_composite``, the same module with the
     fast path off (``torch.backends.mha.set_fastpath_enabled(False)``: the composite ops, as in training).
+
+    With ``compiled``, both models also run under ``torch.compile`` (inductor, which fuses each fake quantization
+    with its neighbours into one loop): ``int8_compiled_ms``, ``fp32_compiled_ms``, ``ratio_compiled`` (compiled
+    over compiled) and ``compiled_max_diff``, the largest difference between the compiled and the eager fake-quant
+    outputs.
     """
     def composite():
         previous = torch.backends.mha.get_fastpath_enabled()
@@ -198,12 +203,17 @@ def forward_ratio(model: nn.Module, qmodel: nn.Module, images: torch.Tensor, rep
             torch.backends.mha.set_fastpath_enabled(previous)
 
     runs = {"fp32": lambda: model(images), "fp32_composite": composite, "int8": lambda: qmodel(images)}
-    times: dict[str, list[float]] = {k: [] for k in runs}
     saved_threads = torch.get_num_threads()
+    extra: dict = {}
     try:
         if threads:
             torch.set_num_threads(threads)
         with torch.no_grad():
+            if compiled:
+                fp32_c, int8_c = torch.compile(model), torch.compile(qmodel)
+                extra["compiled_max_diff"] = float((int8_c(images) - qmodel(images)).abs().max())
+                runs.update({"fp32_compiled": lambda: fp32_c(images), "int8_compiled": lambda: int8_c(images)})
+            times: dict[str, list[float]] = {k: [] for k in runs}
             for run in runs.values():
                 run()  # warm-up
             for _ in range(repeats):
@@ -214,10 +224,13 @@ def forward_ratio(model: nn.Module, qmodel: nn.Module, images: torch.Tensor, rep
     finally:
         torch.set_num_threads(saved_threads)
     best = {k: min(v) for k, v in times.items()}
+    if compiled:
+        extra.update({"fp32_compiled_ms": 1e3 * best["fp32_compiled"], "int8_compiled_ms": 1e3 * best["int8_compiled"],
+                      "ratio_compiled": best["int8_compiled"] / best["fp32_compiled"]})
     return {"fp32_ms": 1e3 * best["fp32"], "fp32_composite_ms": 1e3 * best["fp32_composite"],
             "int8_ms": 1e3 * best["int8"], "ratio": best["int8"] / best["fp32"],
             "ratio_to_composite": best["int8"] / best["fp32_composite"], "threads": threads or saved_threads,
-            "repeats": repeats, "images": len(images)}
+            "repeats": repeats, "images": len(images), **extra}
 
 
 class _LastHiddenState(nn.Module):
@@ -357,11 +370,15 @@ def run(args: argparse.Namespace) -> dict:
     results["qat"] = qat_row
 
     images = next(iter(test_loader))[0][: args.verify_images]
-    timing = forward_ratio(model, qmodel, images)
+    timing = forward_ratio(model, qmodel, images, compiled=args.compiled_timing)
     print(f"\nfake-quant forward {timing['int8_ms']:.1f} ms / fp32 forward {timing['fp32_ms']:.1f} ms (torch's fused "
           f"attention) on {len(images)} images = {timing['ratio']:.2f}x; / fp32 composite attention "
           f"{timing['fp32_composite_ms']:.1f} ms = {timing['ratio_to_composite']:.2f}x (side by side, best of "
           f"{timing['repeats']}, {timing['threads']} thread{'s' if timing['threads'] > 1 else ''})")
+    if args.compiled_timing:
+        print(f"under torch.compile: fake-quant {timing['int8_compiled_ms']:.1f} ms / fp32 "
+              f"{timing['fp32_compiled_ms']:.1f} ms = {timing['ratio_compiled']:.2f}x (largest difference from "
+              f"the eager fake-quant output {timing['compiled_max_diff']:.2g})")
     results["forward"] = timing
 
     print("\nexport of the QAT model")
@@ -421,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="test images ONNX Runtime runs for the parity check (default 32)")
     parser.add_argument("--bert-seq-len", type=positive(int), default=None,
                         help="sequence length of the BERT-style encoder (default 128)")
+    parser.add_argument("--compiled-timing", action="store_true",
+                        help="also time both forwards under torch.compile (inductor; about a minute of compiling)")
     add_run_arguments(parser, "vit", "checkpoint, ONNX files, results.json",
                       "20 images per class, 1 epoch, 3 QAT steps, one calibration batch, two methods")
     return parser
