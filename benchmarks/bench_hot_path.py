@@ -11,8 +11,9 @@
 Targets (issue 15): eval <= 1.3x, QAT step <= 1.15x eager and compiled, histogram calibration <= 1.3x.
 
 The QAT step is measured twice: in this process, with the allocator as it is, and in a child process started with
-``MALLOC_MMAP_THRESHOLD_`` set (:data:`HEAP_ENV`), where glibc serves large blocks from its heap and reuses them
-instead of mapping each one afresh and returning it to the kernel on free. With glibc's default, every block above
+``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` set (:data:`HEAP_ENV`), where glibc serves large blocks
+from its heap and reuses them instead of mapping each one afresh and returning it to the kernel on free. With
+glibc's default, every block above
 its (adaptive, at most 32 MB) threshold is a fresh mapping whose pages the kernel faults in and zeroes on first
 touch, on every step: at batch 32, ResNet-18's activations are 26-103 MB each, and QAT allocates more of them
 (the fake-quantized inputs of the convolutions). Measured (2026-12-03, load below 1, 4 steps each, interleaved):
@@ -120,8 +121,11 @@ def qat_cost(batch: int, rounds: int, compile_: bool) -> dict:
 
 
 #: The environment of the child process that measures the QAT step with large blocks on glibc's heap: every block
-#: below 4 GiB comes from the heap, and freed blocks are reused rather than unmapped.
-HEAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30)}
+#: below 4 GiB comes from the heap, and freed blocks are reused rather than unmapped. The trim threshold goes with
+#: it: once the mmap threshold is set, glibc stops adapting the trim threshold, and at its default (128 KB) every
+#: free at the top of the heap hands the pages back to the kernel, to be faulted in again by the next allocation
+#: (out-of-place ops on 1-50 MB tensors then run 3-4x slower than with the default allocator).
+HEAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
 
 
 def qat_cost_heap(batch: int, rounds: int, compile_: bool) -> dict:
