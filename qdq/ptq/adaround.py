@@ -239,7 +239,7 @@ def _capture(model: nn.Module, unit: nn.Module, name: str, data: Iterable, num_b
 class _SquaredError(torch.autograd.Function):
     """``((out - target) ** 2).sum()`` with one temporary: the difference, reduced by a dot product over its memory
     order, and turned into the gradient in place. On channels-last tensors, which the unit's outputs are
-    (:func:`_convolves_images`), ``mse_loss``'s backward was 30x slower (360 ms against 12 ms on a 32x96x112x112
+    (:func:`_convolves_images`), ``mse_loss``'s backward was 30x slower (360 ms against 10 ms on a 32x96x112x112
     output, one of EfficientNet-Lite0's, on 2 CPU threads)."""
 
     @staticmethod
