@@ -21,9 +21,10 @@ fp32 3.10 s and QAT 4.06 s per step with the default (0.67 s and 1.49 s of it in
 faults), 1.85 s and 1.93 s with the variable set (0.21 s and 0.06 s in the kernel, 19k and 21k page faults).
 Preloading jemalloc or tcmalloc, as PyTorch's CPU performance guide suggests, has the same effect (and where the C
 library is not glibc, the variable does nothing: both rows then measure the same allocator).
-``qat_cost(32, 7, True)`` with the variable set (the same day): eager QAT 1.12x fp32 (2.50 s / 2.36 s), compiled QAT
-1.22x compiled fp32 (2.60 s / 2.11 s; compiled QAT is no faster than eager QAT); with the default allocator
-(2026-12-02) 1.26x and 1.26x.
+``qat_cost(32, 7, True)`` with the mmap variable alone (the same day): eager QAT 1.12x fp32 (2.50 s / 2.36 s),
+compiled QAT 1.22x compiled fp32 (2.60 s / 2.11 s; compiled QAT is no faster than eager QAT); with both variables
+(:data:`HEAP_ENV`, the same day, load 1-1.8): 1.09x (2.46 s / 2.30 s) and 1.29x (2.49 s / 1.96 s); with the default
+allocator (2026-12-02) 1.26x and 1.26x.
 
 Run: ``python benchmarks/bench_hot_path.py [--rounds 5] [--calib-batches 4] [--no-compile] [--json FILE]``. The
 cost section of ``benchmarks/run.py`` calls :func:`measure` through ``bench_cost.py``.
