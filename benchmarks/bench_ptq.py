@@ -5,7 +5,8 @@ Every row starts from the same float model with its BatchNorms folded (as Tensor
 convolution and linear layer (per-channel symmetric weights of 8 or 4 bits, per-tensor 8-bit inputs; ``--per-tensor``
 for per-tensor weights), calibrates on the same images (max for weights, ``--method`` for activations), then runs
 the algorithms of the row in the order CLE (before calibration) -> AdaRound -> BC, and evaluates top-1 and top-1
-agreement with the float model.
+agreement with the float model. The ``QAT`` row fine-tunes the nearest-rounding model on the same calibration images
+(``--qat-epochs`` passes, SGD from ``--qat-lr``): what training on the PTQ rows' data gives, next to them.
 
 * ``cifar``: ResNet-20 of ``examples/cifar10`` from ``--checkpoint`` (a state_dict of ``cifar.resnet20``), test
   images of the shared CIFAR-10 (``--eval-images`` of them), calibration on training images.
@@ -50,7 +51,35 @@ ROWS = {
     "AdaRound blocks": ("ada_blocks",),
     "CLE+AdaRound+BC": ("cle", "ada", "bc"),
     "CLE float": ("cle", "float"),  # the equalized float model, not quantized (differs with --cle-relu6 relu)
+    "QAT": ("qat",),  # nearest rounding, then QAT on the calibration images (the data the PTQ rows have)
 }
+
+
+def qat(model: nn.Module, batches: list, epochs: int, lr: float, label: str = "QAT") -> float:
+    """Fine-tunes a calibrated model in place on ``batches`` of ``(images, labels)``: SGD with momentum 0.9 and a
+    cosine decay from ``lr`` over ``epochs`` passes, cross-entropy on the labels, the quantizers as calibrated (the
+    straight-through gradient trains the weights). Returns the seconds it took; the model is left in eval mode."""
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    steps = epochs * len(batches)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    model.train()
+    with tqdm(total=steps, desc=label, unit="step", leave=False) as bar:
+        for _ in range(epochs):
+            for images, targets in batches:
+                loss = nn.functional.cross_entropy(model(images), targets)
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"{label}: the loss became {float(loss)}; lower --qat-lr")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                bar.update()
+                bar.set_postfix(loss=f"{float(loss):.3f}")
+    model.eval()
+    return time.perf_counter() - t0
 
 
 def _data(args):
@@ -165,6 +194,9 @@ def _row(args, fp32, calib, evaluation, block_types, ref, labels, bits, steps, l
                          for n, r in rep.layers.items()}
     if "bc" in steps:
         info["bc_seconds"] = qdq.bias_correction(model, calib, progress=False).seconds
+    if "qat" in steps:
+        info["qat_seconds"] = qat(model, calib, args.qat_epochs, args.qat_lr, label)
+        info["qat_epochs"], info["qat_lr"] = args.qat_epochs, args.qat_lr
     seconds = time.perf_counter() - t0
     logits, _ = collect_logits(model, evaluation, desc=label)
     return {"bits": bits, "top1": 100 * top1_accuracy(logits, labels), "agreement": 100 * top1_agreement(ref, logits),
@@ -209,6 +241,8 @@ def main() -> None:
                         help="AdaRound feeds the model from the start for every unit (instead of paused forwards)")
     parser.add_argument("--verbose", action="store_true", help="log each AdaRound unit as it finishes")
     parser.add_argument("--ada-batch", type=int, default=32, help="AdaRound samples per step")
+    parser.add_argument("--qat-epochs", type=int, default=4, help="QAT row: passes over the calibration images")
+    parser.add_argument("--qat-lr", type=float, default=1e-3, help="QAT row: SGD learning rate (cosine decay)")
     parser.add_argument("--calib-images", type=int, default=256)
     parser.add_argument("--eval-images", type=int, default=10000, help="cifar test images (evenly spread over the test set)")
     parser.add_argument("--batch-size", type=int, default=32, help="calibration batch size")
@@ -223,6 +257,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.model == "cifar" and args.checkpoint is None:
         parser.error("--model cifar needs --checkpoint")
+    if args.qat_epochs < 1 or not args.qat_lr > 0:
+        parser.error(f"--qat-epochs must be >= 1 and --qat-lr > 0, got {args.qat_epochs} and {args.qat_lr}")
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     if args.verbose:
