@@ -8,8 +8,11 @@ in forward order, one layer at a time, so each layer is corrected on the inputs 
 layers before it give - the shift a layer inherits is corrected too. Only biases change; weights and amax do not.
 
 Run it on a replaced and calibrated model (after :func:`qdq.calibrate_model`, and after :func:`qdq.adaround` when
-both are used). Cost: one float pass over the data, then one pass per layer that stops at that layer. Memory: the
-per-channel sums of one layer.
+both are used). Cost: one float pass over the data, then one quantized pass: each batch's forward pauses after
+each layer (:class:`~qdq.ptq.capture.PausedForwards`), the layer's bias is corrected and the correction is added to
+the output it has just computed, so the layers after it see what the corrected layer gives. Memory: what those
+paused forwards keep alive. With ``recompute=True`` each layer gets a pass of its own instead, stopped at that
+layer (about ``layers / 2`` forwards of the data; memory: the per-channel sums of one layer).
 
 Under torch.distributed every rank feeds its own shard; the sums and counts are added over the ranks (so every
 rank adds the same correction, that of the union of the data).
@@ -29,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -38,7 +42,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qdq.ptq.capture import call_order, run_until
+from qdq.ptq.capture import PausedForwards, call_order, run_until
 from qdq.distributed import all_reduce_tensors
 from qdq.calibrate.feeding import feed, model_device
 from qdq.transform.replace import name_quantizers
@@ -100,6 +104,7 @@ def bias_correction(
     preprocess: Callable[[Any], Any] | None = None,
     progress: bool = True,
     group: ProcessGroup | None = None,
+    recompute: bool = False,
 ) -> BiasCorrectionReport:
     """Corrects the bias of every quantized conv / linear layer of ``model`` in place (see the module docstring).
 
@@ -113,6 +118,8 @@ def bias_correction(
         preprocess: ``batch -> model input``.
         progress: tqdm progress bars.
         group: the torch.distributed process group whose ranks correct together (default: the world).
+        recompute: feed the model from the start for every layer (memory: one layer's sums) instead of one paused
+            forward of each batch through all the layers (memory: what the forwards keep alive).
 
     Returns:
         A :class:`BiasCorrectionReport`.
@@ -143,24 +150,41 @@ def bias_correction(
         for h in handles:
             h.remove()
 
-    for module in tqdm(order, desc="Bias correction", unit="layer", disable=not progress, leave=False):
-        name = by_module[id(module)]
-        quant = _ChannelMean(output_channel_dim(module))
-        run_until(model, module, data, quant, num_batches, device=device, preprocess=preprocess, progress=False,
-                  desc=f"Bias correction {name}", name=name)
-        ref = float_means[name]
-        all_reduce_tensors([ref.sum, ref.count, quant.sum, quant.count], "sum", group)
-        delta = ref.sum / ref.count - quant.sum / quant.count
-        weight = module.weight
-        with torch.no_grad():
-            if module.bias is None:
-                module.bias = nn.Parameter(delta.to(weight.dtype), requires_grad=weight.requires_grad)
-                report.bias_added.append(name)
+    with contextlib.ExitStack() as stack:
+        if not recompute:
+            stack.enter_context(preserved_modes(model, quantizer_states=False))
+            model.eval()
+            forwards = stack.enter_context(PausedForwards(
+                model, order, data, num_batches, at="output", device=device, preprocess=preprocess,
+                names=by_module))
+        for module in tqdm(order, desc="Bias correction", unit="layer", disable=not progress, leave=False):
+            name = by_module[id(module)]
+            quant = _ChannelMean(output_channel_dim(module))
+            if recompute:
+                run_until(model, module, data, quant, num_batches, device=device, preprocess=preprocess,
+                          progress=False, desc=f"Bias correction {name}", name=name)
             else:
-                module.bias.add_(delta.to(module.bias.device, module.bias.dtype))
-        report.layers.append(name)
-        report.shift[name] = float(delta.abs().max())
-        logger.debug("bias_correction: %s: largest shift %.4g", name, report.shift[name])
+                outputs = [out for _, _, out in forwards.advance(module)]
+                for out in outputs:
+                    quant((), {}, out)
+            ref = float_means[name]
+            all_reduce_tensors([ref.sum, ref.count, quant.sum, quant.count], "sum", group)
+            delta = ref.sum / ref.count - quant.sum / quant.count
+            weight = module.weight
+            with torch.no_grad():
+                if module.bias is None:
+                    module.bias = nn.Parameter(delta.to(weight.dtype), requires_grad=weight.requires_grad)
+                    report.bias_added.append(name)
+                else:
+                    module.bias.add_(delta.to(module.bias.device, module.bias.dtype))
+                if not recompute:  # the paused forwards go on with the output of the corrected layer
+                    for out in outputs:
+                        shape = [1] * out.dim()
+                        shape[quant.dim % out.dim()] = -1
+                        out.add_(delta.to(out.device, out.dtype).reshape(shape))
+            report.layers.append(name)
+            report.shift[name] = float(delta.abs().max())
+            logger.debug("bias_correction: %s: largest shift %.4g", name, report.shift[name])
     report.seconds = time.perf_counter() - t0
     logger.info("bias_correction: corrected %d layers on %d batches in %.1f s (new biases: %s)", len(report.layers),
                 report.batches, report.seconds, ", ".join(report.bias_added) or "none")

@@ -59,3 +59,50 @@ def test_subset_of_layers_and_errors():
     assert report.layers == ["4"] and torch.equal(model[2].bias, bias)
     with pytest.raises(TypeError, match="one-shot"):
         qdq.bias_correction(model, iter(data), progress=False)
+
+
+class _Residual(nn.Module):
+    """A layer whose output is read twice (by the next layer and by the sum), as in a residual block."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Sequential(nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.body(x)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def _residual_model():
+    torch.manual_seed(0)
+    model = _Residual().eval()
+    qdq.replace_to_quantization_module(model)
+    for m in model.modules():
+        if hasattr(m, "_weight_quantizer"):
+            m._weight_quantizer = qdq.TensorQuantizer(QuantDescriptor(num_bits=3, axis=0))
+    return model
+
+
+def test_paused_forwards_correct_as_recomputing_does():
+    """One paused pass gives the biases that a pass per layer gives: the correction of a layer reaches everything
+    after it, the residual sum included."""
+    data = [torch.randn(8, 3, 8, 8) + 0.3 for _ in range(3)]
+    paused = _residual_model()
+    qdq.calibrate_model(paused, data, progress=False)
+    recomputed = copy.deepcopy(paused)
+    reference = copy.deepcopy(paused)
+    modes = [m.training for m in paused.modules()]
+    report = qdq.bias_correction(paused, data, progress=False)
+    assert [m.training for m in paused.modules()] == modes
+    qdq.bias_correction(recomputed, data, progress=False, recompute=True)
+    assert report.layers == ["stem", "body.1", "body.3", "head"]
+    for name in report.layers:
+        a, b = paused.get_submodule(name).bias, recomputed.get_submodule(name).bias
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        diff = (_means(paused, data, paused.get_submodule(name), True)
+                - _means(reference, data, reference.get_submodule(name), False)).abs().max()
+        assert diff < 1e-4, name
+    assert max(report.shift.values()) > 1e-3  # there was something to correct
