@@ -155,12 +155,13 @@ def _distinct_relu6(model: nn.Module) -> nn.Module:
     return model
 
 
-def _quantized(fp32: nn.Module, bits: int, per_tensor: bool, cle: bool, relu6: str = "clamp") -> tuple[nn.Module, dict]:
+def _quantized(fp32: nn.Module, bits: int, per_tensor: bool, cle: bool, relu6: str = "clamp",
+               strength: float = 1.0) -> tuple[nn.Module, dict]:
     model = copy.deepcopy(fp32).eval()
     info = {}
     if cle:
-        report = qdq.equalize(model, relu6=relu6)
-        info["cle_relu6"] = relu6
+        report = qdq.equalize(model, relu6=relu6, strength=strength)
+        info["cle_relu6"], info["cle_strength"] = relu6, strength
         info["cle_pairs"], info["absorbed"] = len(report.pairs), len(report.absorbed)
     else:
         qdq.fold_bn(model)
@@ -176,11 +177,12 @@ def _row(args, fp32, calib, evaluation, block_types, ref, labels, bits, steps, l
     t0 = time.perf_counter()
     if "float" in steps:
         model = copy.deepcopy(fp32).eval()
-        info = {"cle_pairs": len(qdq.equalize(model, relu6=args.cle_relu6).pairs), "cle_relu6": args.cle_relu6}
+        info = {"cle_pairs": len(qdq.equalize(model, relu6=args.cle_relu6, strength=args.cle_strength).pairs),
+                "cle_relu6": args.cle_relu6, "cle_strength": args.cle_strength}
         logits, _ = collect_logits(model, evaluation, desc=label)
         return {"bits": None, "top1": 100 * top1_accuracy(logits, labels),
                 "agreement": 100 * top1_agreement(ref, logits), "seconds": time.perf_counter() - t0, **info}
-    model, info = _quantized(fp32, bits, args.per_tensor, "cle" in steps, args.cle_relu6)
+    model, info = _quantized(fp32, bits, args.per_tensor, "cle" in steps, args.cle_relu6, args.cle_strength)
     qdq.calibrate_model(model, calib, method=args.method, progress=False)
     if iterations is not None:
         rep = qdq.adaround(model, calib, iterations=iterations, batch_size=args.ada_batch,
@@ -250,6 +252,9 @@ def main() -> None:
     parser.add_argument("--per-tensor", action="store_true", help="per-tensor weights")
     parser.add_argument("--distinct-relu6", action="store_true",
                         help="efficientnet_lite0: a ReLU6 module of its own at each call site (the same function)")
+    parser.add_argument("--cle-strength", type=float, default=1.0,
+                        help="qdq.equalize's strength= (1: equalized; 0.5 halfway, for per-tensor weights and "
+                             "activations)")
     parser.add_argument("--cle-relu6", choices=["clamp", "relu", "skip"], default="clamp",
                         help="qdq.equalize's relu6= (relu: ReLU6 becomes ReLU, which equalizes reused ReLU6 modules)")
     parser.add_argument("--threads", type=int, default=2)

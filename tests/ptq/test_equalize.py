@@ -35,13 +35,18 @@ def test_mobilenet_v2_stays_equal():
         assert torch.allclose(model(x), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_depthwise_chain_is_equal_and_ranges_even_out():
+def _chain():
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 8, 3, padding=1, groups=8),
                           nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
     _randomize_bn(model)
     with torch.no_grad():
         model[0].weight[:3] *= 30
         model[3].weight[5:] *= 0.01
+    return model
+
+
+def test_depthwise_chain_is_equal_and_ranges_even_out():
+    model = _chain()
     x = torch.randn(2, 3, 7, 7)
     with torch.no_grad():
         expected = model(x)
@@ -57,6 +62,32 @@ def test_depthwise_chain_is_equal_and_ranges_even_out():
     # each pair's ranges match channel by channel (the last pair exactly, the first to the rounds' tolerance)
     assert torch.allclose(out_range(model[3].weight), in_range(model[6].weight, 1), rtol=1e-4)
     assert torch.allclose(out_range(model[0].weight), in_range(model[3].weight, 8), rtol=0.05)
+
+
+@pytest.mark.parametrize("strength", [0.0, 0.5])
+def test_partial_strength_scales_by_a_power_of_the_settled_scales(strength):
+    full = _chain()
+    partial = copy.deepcopy(full)
+    x = torch.randn(2, 3, 7, 7)
+    with torch.no_grad():
+        expected = full(x)
+    folded = copy.deepcopy(full)
+    qdq.fold_bn(folded)
+    qdq.equalize(full, absorb_high_bias=False)
+    report = qdq.equalize(partial, absorb_high_bias=False, strength=strength)
+    with torch.no_grad():
+        assert torch.allclose(partial(x), expected, rtol=1e-4, atol=1e-5)  # still the same function
+    # the last layer's input channels: folded * s ** strength, where full equalization applied s
+    s = (full[6].weight / folded[6].weight).detach().double()
+    got = (partial[6].weight / folded[6].weight).detach().double()
+    torch.testing.assert_close(got, s ** strength, rtol=1e-5, atol=0)
+    lo, hi = report.scale_range["3"]
+    assert (lo, hi) == pytest.approx((float(s[0].min() ** strength), float(s[0].max() ** strength)), rel=1e-5)
+    if strength == 0:
+        for i in (0, 3, 6):
+            torch.testing.assert_close(partial[i].weight, folded[i].weight, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="strength"):
+        qdq.equalize(_chain(), strength=1.5)
 
 
 def test_high_bias_absorption_moves_bias_and_stays_close():
