@@ -97,9 +97,16 @@ class ChannelClamp(nn.Module):
         self.register_buffer("bound", torch.as_tensor(bound, dtype=torch.float32).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = [1] * x.dim()
-        shape[self.dim % x.dim()] = -1
-        return torch.minimum(torch.relu(x), self.bound.reshape(shape).to(x.dtype))
+        return _channel_clamp(x, self.bound, self.dim)
+
+
+def _channel_clamp(x: torch.Tensor, bound: torch.Tensor, dim: int) -> torch.Tensor:
+    shape = [1] * x.dim()
+    shape[dim % x.dim()] = -1
+    return torch.minimum(torch.relu(x), bound.reshape(shape).to(x.dtype))
+
+
+fx.wrap("_channel_clamp")  # one call in torch.fx graphs: its shape arithmetic needs the tensor's rank
 
 
 class _Tracer(_LeafTracer):
