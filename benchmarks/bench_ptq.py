@@ -187,12 +187,13 @@ def _row(args, fp32, calib, evaluation, block_types, ref, labels, bits, steps, l
     if iterations is not None:
         rep = qdq.adaround(model, calib, iterations=iterations, batch_size=args.ada_batch,
                            blocks=block_types if "ada_blocks" in steps else None, recompute=args.recompute,
-                           progress=False)
+                           activation=args.ada_activation, progress=False)
+        info["ada_activation"] = args.ada_activation
         info["iterations"] = iterations
         info["adaround_seconds"] = rep.seconds
         info["units"] = {n: {"seconds": r.seconds, "capture_seconds": r.capture_seconds, "samples": r.samples,
                              "loss_nearest": r.loss_nearest, "loss_adaround": r.loss_adaround,
-                             "flipped": r.flipped, "kept_nearest": r.kept_nearest}
+                             "flipped": r.flipped, "kept_nearest": r.kept_nearest, "activation": r.activation}
                          for n, r in rep.layers.items()}
     if "bc" in steps:
         info["bc_seconds"] = qdq.bias_correction(model, calib, progress=False).seconds
@@ -243,6 +244,8 @@ def main() -> None:
                         help="AdaRound feeds the model from the start for every unit (instead of paused forwards)")
     parser.add_argument("--verbose", action="store_true", help="log each AdaRound unit as it finishes")
     parser.add_argument("--ada-batch", type=int, default=32, help="AdaRound samples per step")
+    parser.add_argument("--ada-activation", action="store_true",
+                        help="AdaRound reconstructs each layer through the activation it feeds (activation=True)")
     parser.add_argument("--qat-epochs", type=int, default=4, help="QAT row: passes over the calibration images")
     parser.add_argument("--qat-lr", type=float, default=1e-3, help="QAT row: SGD learning rate (cosine decay)")
     parser.add_argument("--calib-images", type=int, default=256)

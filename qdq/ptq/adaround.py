@@ -75,6 +75,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from qdq.ptq.activation import following_activations
 from qdq.ptq.capture import PausedForwards, call_order, run_until
 from qdq.distributed import all_reduce_tensors, broadcast_tensors
 from qdq.transform.replace import name_quantizers
@@ -118,6 +119,7 @@ class UnitResult:
         flipped: fraction of the unit's weights rounded the other way than nearest.
         kept_nearest: the learned rounding's loss was higher than nearest rounding's (on the same samples, averaged
             over the ranks), so nearest rounding was kept.
+        activation: the activation the unit was reconstructed through (``activation=True``), or ``""``.
     """
 
     layers: list[str]
@@ -129,6 +131,7 @@ class UnitResult:
     loss_adaround: float = float("nan")
     flipped: float = 0.0
     kept_nearest: bool = False
+    activation: str = ""
 
 
 @dataclass
@@ -285,6 +288,7 @@ def adaround(
     layers: Sequence[str] | None = None,
     seed: int = 0,
     recompute: bool = False,
+    activation: bool = False,
     device: torch.device | str | None = None,
     preprocess: Callable[[Any], Any] | None = None,
     progress: bool = True,
@@ -307,6 +311,9 @@ def adaround(
         seed: seed of the sampling (the result is reproducible).
         recompute: feed the model from the start for every unit (memory: one unit's inputs and outputs) instead of
             one paused forward of each batch through all the units (memory: what the forwards keep alive).
+        activation: reconstruct a layer's output through the activation it goes into alone (ReLU, ReLU6, ...;
+            found in the torch.fx graph: :func:`qdq.ptq.activation.following_activations`), as the paper's best
+            variant does: errors the activation clips do not count. Layer-wise units only.
         device: where batches go (default: the model's).
         preprocess: ``batch -> model input``.
         progress: tqdm progress bars.
@@ -329,6 +336,10 @@ def adaround(
     if missing:
         raise RuntimeError(f"adaround: {', '.join(missing)} did not run on the first calibration batch")
     units = _units(model, order, names, blocks)
+    acts = {}
+    if activation:
+        acts = following_activations(model, [n for n, _, layer_names in units if layer_names == [n]])
+        logger.info("adaround: %d of %d units reconstructed through their activation", len(acts), len(units))
     report = AdaRoundReport()
     originals: dict[str, torch.Tensor] = {}  # the float weights of the layers rounded so far
     with contextlib.ExitStack() as stack:
@@ -359,8 +370,11 @@ def adaround(
             capture_seconds = time.perf_counter() - t0
             for n in layer_names:
                 originals[n] = candidates[n].weight.detach().clone()
+            act = acts.get(unit_name)
+            if act is not None:
+                target = act(target)
             result = _round_unit(unit_name, unit, layer_names, candidates, grids, inputs, kwargs, target,
-                                 iterations, batch_size, lr, reg, beta, warmup, seed + index, group)
+                                 iterations, batch_size, lr, reg, beta, warmup, seed + index, group, act)
             del inputs, target
             result.capture_seconds = capture_seconds
             result.seconds = time.perf_counter() - t0
@@ -378,8 +392,12 @@ def adaround(
 
 
 def _round_unit(unit_name, unit, layer_names, candidates, grids, inputs, kwargs, target, iterations, batch_size, lr,
-                reg, beta, warmup, seed, group) -> UnitResult:
-    result = UnitResult(list(layer_names), iterations=iterations)
+                reg, beta, warmup, seed, group, act=None) -> UnitResult:
+    """Learns the rounding of one unit; ``target`` is already through ``act`` (when given), the unit's output is
+    put through it here."""
+    result = UnitResult(list(layer_names), iterations=iterations, activation=act.name if act is not None else "")
+    run = (lambda w, x: act(functional_call(unit, w, (x,), kwargs))) if act is not None else \
+        (lambda w, x: functional_call(unit, w, (x,), kwargs))
     result.samples = n = inputs.shape[0]
     cdim = output_channel_dim(candidates[layer_names[-1]])
     prefix = {name: (name[len(unit_name) + 1:] if name != unit_name else "") for name in layer_names}
@@ -412,7 +430,7 @@ def _round_unit(unit_name, unit, layer_names, candidates, grids, inputs, kwargs,
         with torch.no_grad():
             for start in range(0, min(n, 256), batch_size):
                 x, y = inputs[start:start + batch_size], target[start:start + batch_size]
-                total += float(_recon(functional_call(unit, sample_weights, (x,), kwargs), y, cdim)) * len(x)
+                total += float(_recon(run(sample_weights, x), y, cdim)) * len(x)
                 count += len(x)
         return total / count
 
@@ -428,7 +446,7 @@ def _round_unit(unit_name, unit, layer_names, candidates, grids, inputs, kwargs,
         warm = int(warmup * iterations)
         for step in range(iterations):
             idx = torch.randint(n, (min(batch_size, n),), generator=generator).to(inputs.device)
-            out = functional_call(unit, weights(False), (inputs[idx],), kwargs)
+            out = run(weights(False), inputs[idx])
             loss = _recon(out, target[idx], cdim)
             if step >= warm:
                 t = (step - warm) / max(1, iterations - warm)
