@@ -9,7 +9,7 @@ per-tensor weight quantization loses far less (and per-channel activations of de
 Chains (``pointwise -> depthwise -> pointwise``) are equalized pair by pair, repeatedly, until the scales settle.
 
 The activation between the layers is scaled by ``1 / s`` too: equalization moves the spread of the weights into
-the activations, which per-channel weights and per-tensor activations pay for. ``strength`` applies ``s **
+the activations, which per-tensor activation quantizers pay for. ``strength`` applies ``s **
 strength`` instead of the settled scales (``1``: equalized, the paper; ``0``: unchanged): with per-tensor weights
 *and* per-tensor activations a partial equalization can beat both ends (EfficientNet-Lite0, per-tensor W8A8 on
 the ImageNet sample: 84.0% top-1 unequalized, 84.8% equalized, 88.5% at ``strength=0.5``; fp32 88.1%).
