@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import qdq
+from ptq_models import low_bit_weights
 from qdq.ptq.activation import following_activations
 from qdq.ptq.equalize import ChannelClamp
 
@@ -65,10 +66,7 @@ def test_adaround_reconstructs_through_the_activation():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
     with torch.no_grad():
         model[0].bias.fill_(-0.5)  # much of the output is clipped by the ReLU
-    qdq.replace_to_quantization_module(model)
-    for m in model.modules():
-        if hasattr(m, "_weight_quantizer"):
-            m._weight_quantizer = qdq.TensorQuantizer(qdq.tensor_quant.QuantDescriptor(num_bits=3, axis=0))
+    low_bit_weights(model)
     data = [torch.randn(16, 3, 6, 6) for _ in range(2)]
     qdq.calibrate_model(model, data, progress=False)
     with qdq.disable_quantization(model), torch.no_grad():

@@ -9,18 +9,14 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 import qdq
+from ptq_models import low_bit_weights
 from qdq.onnx.parity import run_onnxruntime
-from qdq.tensor_quant import QuantDescriptor
 
 
 def _model(bits=4):
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8),
                           nn.ReLU(), nn.Conv2d(8, 6, 1), nn.Flatten(), nn.Linear(6 * 6 * 6, 5)).eval()
-    qdq.replace_to_quantization_module(model)
-    for m in model.modules():
-        if hasattr(m, "_weight_quantizer"):
-            m._weight_quantizer = qdq.TensorQuantizer(QuantDescriptor(num_bits=bits, axis=0))
-    return model
+    return low_bit_weights(model, bits)
 
 
 def _data(n=4):
@@ -75,11 +71,7 @@ class _Residual(nn.Module):
 
 def _rounded(recompute):
     torch.manual_seed(0)
-    model = _Residual().eval()
-    qdq.replace_to_quantization_module(model)
-    for m in model.modules():
-        if hasattr(m, "_weight_quantizer"):
-            m._weight_quantizer = qdq.TensorQuantizer(QuantDescriptor(num_bits=3, axis=0))
+    model = low_bit_weights(_Residual().eval())
     data = _data(3)
     qdq.calibrate_model(model, data, progress=False)
     float_model = _Residual().eval()
