@@ -9,9 +9,9 @@ layers before it give - the shift a layer inherits is corrected too. Only biases
 
 Run it on a replaced and calibrated model (after :func:`qdq.calibrate_model`, and after :func:`qdq.adaround` when
 both are used). Cost: one float pass over the data, then one quantized pass: each batch's forward pauses after
-each layer (:class:`~qdq.ptq.capture.PausedForwards`), the layer's bias is corrected and the correction is added to
-the output it has just computed, so the layers after it see what the corrected layer gives. Memory: what those
-paused forwards keep alive. With ``recompute=True`` each layer gets a pass of its own instead, stopped at that
+each layer (:class:`~qdq.ptq.capture.PausedForwards`), the layer's bias is corrected and the layer is run again on
+the same input into the output it had computed, so the layers after it see what the corrected layer gives (each
+layer runs twice). Memory: what those paused forwards keep alive. With ``recompute=True`` each layer gets a pass of its own instead, stopped at that
 layer (about ``layers / 2`` forwards of the data; memory: the per-channel sums of one layer).
 
 Under torch.distributed every rank feeds its own shard; the sums and counts are added over the ranks (so every
@@ -164,8 +164,8 @@ def bias_correction(
                 run_until(model, module, data, quant, num_batches, device=device, preprocess=preprocess,
                           progress=False, desc=f"Bias correction {name}", name=name)
             else:
-                outputs = [out for _, _, out in forwards.advance(module)]
-                for out in outputs:
+                calls = forwards.advance(module)
+                for _, _, out in calls:
                     quant((), {}, out)
             ref = float_means[name]
             all_reduce_tensors([ref.sum, ref.count, quant.sum, quant.count], "sum", group)
@@ -177,11 +177,11 @@ def bias_correction(
                     report.bias_added.append(name)
                 else:
                     module.bias.add_(delta.to(module.bias.device, module.bias.dtype))
-                if not recompute:  # the paused forwards go on with the output of the corrected layer
-                    for out in outputs:
-                        shape = [1] * out.dim()
-                        shape[quant.dim % out.dim()] = -1
-                        out.add_(delta.to(out.device, out.dtype).reshape(shape))
+                if not recompute:
+                    # the paused forwards go on with what the corrected layer computes, bit for bit (adding delta to
+                    # the output instead differs in the last bit, enough to flip roundings downstream)
+                    for args, kwargs, out in calls:
+                        out.copy_(module(*args, **kwargs))
             report.layers.append(name)
             report.shift[name] = float(delta.abs().max())
             logger.debug("bias_correction: %s: largest shift %.4g", name, report.shift[name])

@@ -4,20 +4,17 @@ import copy
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 import qdq
-from qdq.tensor_quant import QuantDescriptor
+from ptq_models import low_bit_weights
 
 
 def _model():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU(), nn.Conv2d(8, 6, 3),
                           nn.Flatten(), nn.Linear(6 * 4 * 4, 5)).eval()
-    qdq.replace_to_quantization_module(model)
-    for m in model.modules():
-        if hasattr(m, "_weight_quantizer"):
-            m._weight_quantizer = qdq.TensorQuantizer(QuantDescriptor(num_bits=3, axis=0))
-    return model
+    return low_bit_weights(model)
 
 
 def _means(model, data, layer, quantized):
@@ -78,17 +75,12 @@ class _Residual(nn.Module):
 
 def _residual_model():
     torch.manual_seed(0)
-    model = _Residual().eval()
-    qdq.replace_to_quantization_module(model)
-    for m in model.modules():
-        if hasattr(m, "_weight_quantizer"):
-            m._weight_quantizer = qdq.TensorQuantizer(QuantDescriptor(num_bits=3, axis=0))
-    return model
+    return low_bit_weights(_Residual().eval())
 
 
 def test_paused_forwards_correct_as_recomputing_does():
-    """One paused pass gives the biases that a pass per layer gives: the correction of a layer reaches everything
-    after it, the residual sum included."""
+    """One paused pass gives the biases that a pass per layer gives, bit for bit: the correction of a layer reaches
+    everything after it, the residual sum included."""
     data = [torch.randn(8, 3, 8, 8) + 0.3 for _ in range(3)]
     paused = _residual_model()
     qdq.calibrate_model(paused, data, progress=False)
@@ -100,9 +92,22 @@ def test_paused_forwards_correct_as_recomputing_does():
     qdq.bias_correction(recomputed, data, progress=False, recompute=True)
     assert report.layers == ["stem", "body.1", "body.3", "head"]
     for name in report.layers:
-        a, b = paused.get_submodule(name).bias, recomputed.get_submodule(name).bias
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        assert torch.equal(paused.get_submodule(name).bias, recomputed.get_submodule(name).bias), name
         diff = (_means(paused, data, paused.get_submodule(name), True)
                 - _means(reference, data, reference.get_submodule(name), False)).abs().max()
         assert diff < 1e-4, name
     assert max(report.shift.values()) > 1e-3  # there was something to correct
+
+
+def test_paused_forwards_on_torchvision_resnet18():
+    """torchvision's BasicBlock: in-place ReLU and ``out += identity`` on the corrected layers' outputs."""
+    model = low_bit_weights(torchvision.models.resnet18(weights=None, num_classes=10).eval(), bits=8)
+    qdq.fold_bn(model)
+    data = [torch.randn(4, 3, 64, 64) for _ in range(2)]
+    qdq.calibrate_model(model, data, progress=False)
+    recomputed = copy.deepcopy(model)
+    report = qdq.bias_correction(model, data, progress=False)
+    qdq.bias_correction(recomputed, data, progress=False, recompute=True)
+    assert len(report.layers) == 21 and max(report.shift.values()) > 1e-3
+    for name in report.layers:
+        assert torch.equal(model.get_submodule(name).bias, recomputed.get_submodule(name).bias), name
