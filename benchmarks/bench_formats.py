@@ -119,21 +119,27 @@ def _counts(model) -> dict:
     return {f: formats.count(f) for f in dict.fromkeys(formats)}
 
 
-def section_overhead(ctx: Context, result: dict) -> None:
+def section_overhead_models(ctx: Context) -> None:
+    """Puts fp32 EfficientNet-Lite0 and its INT8 and FP8 fake-quantized copies (every layer, max calibration) in
+    ``ctx.cache`` unless the accuracy section did; timing only: any calibration will do."""
     import qdq
+
+    if "efficientnet" in ctx.cache:
+        return
+    calib, evalb = imagenet_batches(ctx, calib=ctx.option("batch"), evaluate=ctx.option("batch"))
+    fp32 = efficientnet_fp32()
+    models = {}
+    for name, fmt in (("int8 max", "int8"), ("fp8 max, every layer", "fp8")):
+        models[name] = quantized(fp32, fmt, fp8_fallback=None)
+        qdq.calibrate_model(models[name], calib, method="max", progress=False)
+    ctx.cache["efficientnet"] = (fp32, models, calib, evalb, None, None)
+
+
+def section_overhead(ctx: Context, result: dict) -> None:
     from qdq.math.formats import fake_fp8_quant
     from qdq.tensor_quant import fake_quantize_by_amax, fake_tensor_quant
 
-    if "efficientnet" not in ctx.cache:  # timing only: any calibration will do
-        import qdq
-
-        calib, evalb = imagenet_batches(ctx, calib=ctx.option("batch"), evaluate=ctx.option("batch"))
-        fp32 = efficientnet_fp32()
-        models = {}
-        for name, fmt in (("int8 max", "int8"), ("fp8 max, every layer", "fp8")):
-            models[name] = quantized(fp32, fmt, fp8_fallback=None)
-            qdq.calibrate_model(models[name], calib, method="max", progress=False)
-        ctx.cache["efficientnet"] = (fp32, models, calib, evalb, None, None)
+    section_overhead_models(ctx)
     fp32, models, calib, evalb, *_ = ctx.cache["efficientnet"]
     x = torch.cat([b[0] for b in evalb])[: ctx.option("batch")]
     int8, fp8 = models["int8 max"], models["fp8 max, every layer"]  # like for like: every layer quantized
@@ -174,7 +180,33 @@ def section_overhead(ctx: Context, result: dict) -> None:
           f"{model_part['ratio_to_fp32']['fp8']:.3f}x; fp8/int8 {model_part['fp8_over_int8']:.3f}; extra time "
           f"fp8/int8 {model_part['extra_time_fp8_over_extra_time_int8']:.3f}", flush=True)
     print(f"  functions fp8/int8: {op_part['fp8_over_int8']}", flush=True)
-    del qdq
+
+
+def section_compiled(ctx: Context, result: dict) -> None:
+    """The overhead section's forward under torch.compile (inductor): fp32, INT8 and FP8 on every layer, interleaved;
+    the compiled outputs are compared with eager ones."""
+    section_overhead_models(ctx)
+    fp32, models, calib, evalb, *_ = ctx.cache["efficientnet"]
+    x = torch.cat([b[0] for b in evalb])[: ctx.option("batch")]
+    eager = {"fp32": fp32, "int8": models["int8 max"], "fp8": models["fp8 max, every layer"]}
+    compiled, part = {}, {"compile_seconds": {}, "max_abs_diff_to_eager": {}}
+    with torch.no_grad():
+        for name, model in eager.items():
+            compiled[name] = torch.compile(model)
+            t0 = time.perf_counter()
+            out = compiled[name](x)
+            part["compile_seconds"][name] = time.perf_counter() - t0
+            part["max_abs_diff_to_eager"][name] = float((out - model(x)).abs().max())
+        timing = interleaved({name: (lambda m=m: m(x)) for name, m in compiled.items()},
+                             repeat=ctx.option("rounds"), warmup=1)
+    part.update(timing.to_dict("fp32"))
+    t = {k: timing.median(k) for k in compiled}
+    part["fp8_over_int8"] = timing.ratio("fp8", "int8")
+    part["extra_time_fp8_over_extra_time_int8"] = (t["fp8"] - t["fp32"]) / max(t["int8"] - t["fp32"], 1e-9)
+    result["compiled_overhead"] = part
+    print(f"  compiled forward over compiled fp32: int8 {part['ratio_to_fp32']['int8']:.3f}x, fp8 "
+          f"{part['ratio_to_fp32']['fp8']:.3f}x; fp8/int8 {part['fp8_over_int8']:.3f}; extra time fp8/int8 "
+          f"{part['extra_time_fp8_over_extra_time_int8']:.3f} (compile {part['compile_seconds']})", flush=True)
 
 
 def section_vit(ctx: Context, result: dict) -> None:
@@ -292,8 +324,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tolerance", type=float, default=0.3, help="format search top-1 tolerance (points)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--sections", default="accuracy,overhead,vit",
-                        help="comma-separated sections to run: accuracy, overhead, vit, fp8_kinds (which layer "
-                             "kinds FP8 hurts) (default: %(default)s)")
+                        help="comma-separated sections to run: accuracy, overhead, compiled (the overhead under "
+                             "torch.compile), vit, fp8_kinds (which layer kinds FP8 hurts) (default: %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out or tempfile.mkdtemp(prefix="qdq-formats-"))
@@ -304,7 +336,8 @@ def main(argv=None) -> int:
     ctx = Context(out=out, quick=args.quick, options=options)
     result = {"machine": machine(), "threads": set_threads(args.threads), "options": options}
     t0 = time.perf_counter()
-    for name, section in (("accuracy", section_accuracy), ("overhead", section_overhead), ("vit", section_vit),
+    for name, section in (("accuracy", section_accuracy), ("overhead", section_overhead),
+                          ("compiled", section_compiled), ("vit", section_vit),
                           ("fp8_kinds", section_fp8_kinds)):
         if name not in args.sections.split(","):
             continue

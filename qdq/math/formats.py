@@ -28,7 +28,8 @@ torch's casts): the clamp is left to the cast where torch's cast saturates (torc
 infinities to +-448, NaN to NaN; probed once), and :func:`dequantize_fp8` of 16384 or more values builds the float32
 bits from the FP8 bytes with in-place integer ops instead of torch's float8 -> float32 cast, a scalar loop 5-10x
 slower (NaN values and ``torch.set_flush_denormal(True)`` take the cast). :func:`fake_quantize_fp8` runs both on
-the quotient's buffer.
+the quotient's buffer. Under torch.compile on the CPU it rounds in float32 arithmetic instead (the same bits), which
+inductor vectorizes and fuses where its float8 casts are scalar code.
 
 Blocked INT4 quantization reshapes a 2-D weight ``(rows, features)`` to ``(rows, features / block, block)`` and
 quantizes it with one amax per ``(row, block)`` with the integer arithmetic of :mod:`qdq.tensor_quant` (the same
@@ -263,8 +264,38 @@ def fake_quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     tensor([0.1016, 0.3125])
     """
     scale = float32_tensor(scale, x.device)
+    if _compiling_cpu(x):
+        return _fake_quantize_fp8_arith(x, scale)
     y = _quotient(x, scale)
     return dequantize_fp8(_to_fp8(y), scale, out=y)
+
+
+def _compiling_cpu(t: torch.Tensor) -> bool:
+    """torch.compile on the CPU (not an export): where :func:`_fake_quantize_fp8_arith` replaces the casts."""
+    return t.device.type == "cpu" and torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+
+
+#: The float32 exponent field; 2**-6 (FP8's smallest normal binade) as float32 bits; 2**e -> 1.5 * 2**(e + 20).
+_EXPONENT_BITS = 0x7F800000
+_FP8_MIN_NORMAL_BITS = (127 - 6) << 23
+_TO_ROUNDING_CONSTANT = (20 << 23) | 0x00400000
+
+
+def _fake_quantize_fp8_arith(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """:func:`fake_quantize_fp8` in float32 arithmetic, bit for bit (sign of zero included; tested against the
+    casts), for torch.compile on the CPU: inductor's float8 casts there are scalar code that keeps the loop fused
+    around them from vectorizing (EfficientNet-Lite0 compiled: FP8 fake quantization took 1.32x the fp32 forward
+    with the casts, INT8 1.05x).
+
+    FP8 E4M3 keeps 3 mantissa bits: in the binade ``[2**e, 2**(e+1))`` its step is ``2**(e-3)``, and below 2**-6
+    (subnormals) the step stays 2**-9. Adding ``m = 1.5 * 2**(e+20)`` (ulp ``2**(e-3)``) rounds ``y`` to that
+    step, ties to even, in one float32 rounding, and subtracting ``m`` again is exact; ``e`` is ``y``'s exponent
+    field (clamped below at 2**-6), ``m`` is built from it by integer addition on the bits.
+    """
+    y = torch.clamp(_quotient(x, scale), -FP8_E4M3_MAX, FP8_E4M3_MAX)
+    bits = torch.bitwise_and(y.view(torch.int32), _EXPONENT_BITS).clamp_min(_FP8_MIN_NORMAL_BITS)
+    m = (bits + _TO_ROUNDING_CONSTANT).view(torch.float32)
+    return torch.copysign((y + m) - m, y) * scale  # copysign: -0 for negatives that round to zero, as the cast
 
 
 class FakeFP8QuantFunction(torch.autograd.Function):

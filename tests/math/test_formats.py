@@ -288,3 +288,38 @@ def test_dequantize_fp8_out_is_checked():
     q = torch.zeros(4).to(torch.float8_e4m3fn)
     with pytest.raises(ValueError, match="out must be float32 of shape \\(4,\\)"):
         formats.dequantize_fp8(q, torch.tensor(1.0), out=torch.empty(3))
+
+
+@pytest.mark.parametrize("scale", [torch.tensor(1.0), torch.tensor(0.37), torch.tensor(2.0**20), torch.tensor(1e-30)])
+def test_fp8_arithmetic_rounding_is_the_cast_bit_for_bit(scale):
+    """The float32-arithmetic route torch.compile takes on the CPU: every E4M3 value and tie, their neighbours,
+    subnormals, overflow, infinities, NaN and the sign of zero give the bits of torch's cast."""
+    x = _hard_values(3 * formats._BITS_MIN_NUMEL)
+    x[:6] = torch.tensor([float("nan"), -0.0, -(2.0**-40), 2.0**-40, -float("inf"), 1e-45])
+    got = formats._fake_quantize_fp8_arith(x, scale)
+    cast = formats.quantize_fp8(x, scale).to(torch.float32) * scale
+    same = (got.view(torch.int32) == cast.view(torch.int32)) | (got.isnan() & cast.isnan())
+    assert bool(same.all()), x[~same][:5]
+    assert got[1].item() == 0.0 and torch.signbit(got[1:3]).all()  # -0 and a negative that rounds to zero
+    grid, _ = _fp8_grid()
+    mids = (grid[1:] + grid[:-1]) / 2
+    v = torch.tensor(np.concatenate([grid, mids, np.nextafter(mids, np.inf), np.nextafter(mids, -np.inf)]),
+                     dtype=torch.float32)
+    np.testing.assert_array_equal(formats._fake_quantize_fp8_arith(v, torch.tensor(1.0)).numpy(),
+                                  _fp8_reference(v.numpy()))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_fake_fp8_takes_the_arithmetic_route_with_the_same_bits(backend, monkeypatch):
+    """Under torch.compile on the CPU fake_quantize_fp8 rounds in float32 arithmetic (which inductor vectorizes);
+    its bits are eager's (inductor compiles without reassociating ``(y + m) - m``)."""
+    calls = []
+    arith = formats._fake_quantize_fp8_arith
+    monkeypatch.setattr(formats, "_fake_quantize_fp8_arith", lambda x, s: calls.append(1) or arith(x, s))
+    x = _hard_values(3 * formats._BITS_MIN_NUMEL).reshape(48, -1)
+    scale = torch.rand(48, 1) + 0.01
+    torch._dynamo.reset()
+    got = torch.compile(formats.fake_quantize_fp8, backend=backend, fullgraph=True)(x, scale)
+    assert calls, "the compiled function did not take the arithmetic route"
+    eager = formats.fake_quantize_fp8(x, scale)
+    assert torch.equal(got.view(torch.int32), eager.view(torch.int32))
