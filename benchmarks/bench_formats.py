@@ -17,7 +17,9 @@ Sections (all numbers measured in this run, ratios side by side):
    FP8 everywhere and INT4 weight-only (block 64) Linear layers: ONNX Runtime parity, checker errors, overhead.
 4. ``--sections fp8_kinds``: EfficientNet-Lite0 with FP8 on every layer but one kind (stem, expand, depthwise,
    project, head, fc) and on one kind only: where FP8 loses accuracy (the depthwise convolutions).
-5. With ``--search``: the per-layer format search on EfficientNet-Lite0 under a top-1 tolerance.
+5. ``--sections compiled``: section 2's forward under torch.compile (inductor), where FP8 rounds in float32
+   arithmetic that inductor vectorizes (``qdq.math.formats``); compile time and the difference to eager printed.
+6. With ``--search``: the per-layer format search on EfficientNet-Lite0 under a top-1 tolerance.
 
 Writes ``results.json`` in ``--out``.
 """
