@@ -275,9 +275,11 @@ def _compiling_cpu(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and torch.compiler.is_compiling() and not torch.compiler.is_exporting()
 
 
-#: The float32 exponent field; 2**-6 (FP8's smallest normal binade) as float32 bits; 2**e -> 1.5 * 2**(e + 20).
+#: The float32 exponent field; 2**-6 and 2**8 (FP8's lowest and highest normal binades) as float32 bits;
+#: 2**e -> 1.5 * 2**(e + 20).
 _EXPONENT_BITS = 0x7F800000
 _FP8_MIN_NORMAL_BITS = (127 - 6) << 23
+_FP8_MAX_BINADE_BITS = (127 + 8) << 23
 _TO_ROUNDING_CONSTANT = (20 << 23) | 0x00400000
 
 
@@ -290,10 +292,11 @@ def _fake_quantize_fp8_arith(x: torch.Tensor, scale: torch.Tensor) -> torch.Tens
     FP8 E4M3 keeps 3 mantissa bits: in the binade ``[2**e, 2**(e+1))`` its step is ``2**(e-3)``, and below 2**-6
     (subnormals) the step stays 2**-9. Adding ``m = 1.5 * 2**(e+20)`` (ulp ``2**(e-3)``) rounds ``y`` to that
     step, ties to even, in one float32 rounding, and subtracting ``m`` again is exact; ``e`` is ``y``'s exponent
-    field (clamped below at 2**-6), ``m`` is built from it by integer addition on the bits.
+    field (clamped to FP8's binades, 2**-6 to 2**8: a NaN's all-ones field cannot overflow the integer addition),
+    ``m`` is built from it by integer addition on the bits.
     """
     y = torch.clamp(_quotient(x, scale), -FP8_E4M3_MAX, FP8_E4M3_MAX)
-    bits = torch.bitwise_and(y.view(torch.int32), _EXPONENT_BITS).clamp_min(_FP8_MIN_NORMAL_BITS)
+    bits = torch.bitwise_and(y.view(torch.int32), _EXPONENT_BITS).clamp(_FP8_MIN_NORMAL_BITS, _FP8_MAX_BINADE_BITS)
     m = (bits + _TO_ROUNDING_CONSTANT).view(torch.float32)
     return torch.copysign((y + m) - m, y) * scale  # copysign: -0 for negatives that round to zero, as the cast
 
