@@ -11,8 +11,9 @@ Run it on a replaced and calibrated model (after :func:`qdq.calibrate_model`, an
 both are used). Cost: one float pass over the data, then one quantized pass: each batch's forward pauses after
 each layer (:class:`~qdq.ptq.capture.PausedForwards`), the layer's bias is corrected and the layer is run again on
 the same input into the output it had computed, so the layers after it see what the corrected layer gives (each
-layer runs twice). Memory: what those paused forwards keep alive. With ``recompute=True`` each layer gets a pass of its own instead, stopped at that
-layer (about ``layers / 2`` forwards of the data; memory: the per-channel sums of one layer).
+layer runs twice). Memory: what those paused forwards keep alive. With ``recompute=True`` each layer gets a pass of
+its own instead, stopped at that layer (about ``layers / 2`` forwards of the data; memory: the per-channel sums of
+one layer).
 
 Under torch.distributed every rank feeds its own shard; the sums and counts are added over the ranks (so every
 rank adds the same correction, that of the union of the data).
