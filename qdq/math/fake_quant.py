@@ -11,6 +11,7 @@ from typing import Iterator, NamedTuple
 import torch
 
 from qdq.math import formats as _formats
+from qdq.math._masks import float_mask_route, inside_as_float
 from qdq.math.quantize import _channel_axis, _fake_quantize_eager, _quantize_plain, _tensor_ops_path, fake_quantize
 from qdq.math.ranges import _check_bits, amax_to_scale, check_amax, maxbound, quant_range
 from qdq.math._tensors import float32_tensor
@@ -137,6 +138,7 @@ class FakeTensorQuantFunction(torch.autograd.Function):
         xd = x.detach()
         learned = isinstance(amax, torch.Tensor) and amax.requires_grad
         ctx.clip = None
+        ctx.float_mask = False
         if xd.dtype == torch.float32 and _tensor_ops_path(xd, scale) and not torch.compiler.is_compiling():
             clip = None if learned else _clip_interval(amax_f)
             if clip is not None:
@@ -153,10 +155,15 @@ class FakeTensorQuantFunction(torch.autograd.Function):
             out = _fake_quantize_eager(xd, scale, None, qmin, qmax, out=out)
         else:
             out = fake_quantize(x, scale, 0, qmin, qmax)
-            inside = xd.abs() <= amax_f
+            # compiled for the CPU: the backward computes the mask from x, so that no bool is saved (qdq.math._masks)
+            ctx.float_mask = float_mask_route(xd)
+            inside = amax_f if ctx.float_mask else xd.abs() <= amax_f
+        ctx.learned = learned
         if learned:
             ctx.save_for_backward(inside, x, scale, amax_t)
             ctx.bounds = (qmin, qmax, maxbound(num_bits, unsigned))
+        elif ctx.float_mask:
+            ctx.save_for_backward(inside, x)
         else:
             ctx.save_for_backward(inside)
         return out.to(x.dtype)
@@ -166,15 +173,20 @@ class FakeTensorQuantFunction(torch.autograd.Function):
         if ctx.clip is not None:
             (x,) = ctx.saved_tensors
             return torch.ops.aten.hardtanh_backward(grad_out, x, *ctx.clip), None, None, None, None
-        inside = ctx.saved_tensors[0]
-        grad_x = torch.where(inside, grad_out, torch.zeros((), dtype=grad_out.dtype, device=grad_out.device))
+        saved = ctx.saved_tensors
+        if ctx.float_mask:
+            inside = inside_as_float(saved[1], saved[0])  # saved: amax and x
+            grad_x = grad_out * inside.to(grad_out.dtype)
+        else:
+            inside = saved[0]
+            grad_x = torch.where(inside, grad_out, torch.zeros((), dtype=grad_out.dtype, device=grad_out.device))
         grad_amax = None
-        if len(ctx.saved_tensors) > 1:
-            _, x, scale, amax = ctx.saved_tensors
+        if ctx.learned:
+            _, x, scale, amax = saved
             qmin, qmax, mb = ctx.bounds
             xs = x.float() * torch.reciprocal(scale)
             q = torch.clamp(torch.round(xs), qmin, qmax)
-            dscale = torch.where(inside, q - xs, q)
+            dscale = q - xs * inside.float() if ctx.float_mask else torch.where(inside, q - xs, q)
             g = (grad_out.float() * dscale) / mb
             # sum over the broadcast dimensions down to amax's shape
             lead = g.dim() - amax.dim()

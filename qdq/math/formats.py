@@ -52,6 +52,7 @@ import functools
 from typing import Any
 
 import torch
+from qdq.math._masks import float_mask_route, inside_as_float
 from qdq.math._tensors import float32_tensor
 
 __all__ = [
@@ -311,12 +312,19 @@ class FakeFP8QuantFunction(torch.autograd.Function):
     def forward(ctx, x, amax):
         amax = float32_tensor(amax, x.device)
         out = fake_quantize_fp8(x, fp8_scale(amax.detach())).to(x.dtype)
+        ctx.float_mask = float_mask_route(x)  # compiled for the CPU: no bool saved (qdq.math._masks)
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(x.detach().abs() <= amax.detach())
+            if ctx.float_mask:
+                ctx.save_for_backward(x.detach(), amax.detach())
+            else:
+                ctx.save_for_backward(x.detach().abs() <= amax.detach())
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
+        if ctx.float_mask:
+            x, amax = ctx.saved_tensors
+            return grad_out * inside_as_float(x, amax).to(grad_out.dtype), None
         (inside,) = ctx.saved_tensors
         return torch.where(inside, grad_out, torch.zeros((), dtype=grad_out.dtype, device=grad_out.device)), None
 

@@ -10,6 +10,7 @@ import logging
 import torch
 
 from qdq.math.ranges import AMAX_EPS, _check_bits, quant_range
+from qdq.math._masks import float_mask_route, inside_as_float
 from qdq.math._tensors import float32_tensor
 
 __all__ = ["quantize", "dequantize", "fake_quantize", "affine_qparams", "fake_affine_quant"]
@@ -246,11 +247,18 @@ class FakeAffineQuantFunction(torch.autograd.Function):
         scale, zero_point = affine_qparams(amin, amax, num_bits, unsigned)
         qmin, qmax = quant_range(num_bits, unsigned, False)
         xd = x.detach()
-        ctx.save_for_backward((xd >= amin.clamp(max=0)) & (xd <= amax.clamp(min=0)))
+        ctx.float_mask = float_mask_route(xd)  # compiled for the CPU: no bool saved (qdq.math._masks)
+        if ctx.float_mask:
+            ctx.save_for_backward(xd, amin.clamp(max=0), amax.clamp(min=0))
+        else:
+            ctx.save_for_backward((xd >= amin.clamp(max=0)) & (xd <= amax.clamp(min=0)))
         return fake_quantize(x, scale, zero_point, qmin, qmax).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
+        if ctx.float_mask:
+            x, lo, hi = ctx.saved_tensors
+            return grad_out * inside_as_float(x, hi, lo).to(grad_out.dtype), None, None, None, None
         (inside,) = ctx.saved_tensors
         zero = torch.zeros((), dtype=grad_out.dtype, device=grad_out.device)
         return torch.where(inside, grad_out, zero), None, None, None, None

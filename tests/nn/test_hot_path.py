@@ -264,3 +264,41 @@ def test_compiled_batch_first_attention_matches_eager(backend):
         assert expected.is_contiguous()
         torch.testing.assert_close(compiled(x), expected, rtol=0 if backend == "aot_eager" else 1e-5,
                                    atol=0 if backend == "aot_eager" else 1e-5)
+
+
+def _saved_for_backward_dtypes(model: nn.Module, x: torch.Tensor) -> list[torch.dtype]:
+    """The dtypes of the tensors the compiled forward keeps for the backward, with inductor's partitioner."""
+    from functorch.compile import min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.decomposition import select_decomp_table
+
+    forwards = []
+
+    def fw_compiler(gm, example_inputs):
+        forwards.append(gm)
+        return gm
+
+    backend = aot_autograd(fw_compiler=fw_compiler, bw_compiler=lambda gm, _: gm,
+                           partition_fn=min_cut_rematerialization_partition, decompositions=select_decomp_table())
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend, fullgraph=True)(x).sum().backward()
+    (gm,) = forwards
+    (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+    outs = output.args[0]
+    return [n.meta["val"].dtype for n in outs[1:] if hasattr(n, "meta") and isinstance(n.meta.get("val"), torch.Tensor)]
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_compiled_cpu_forward_saves_no_bool_mask(fp8):
+    """Inductor's vectorized stores into bool buffers are ~20x slower than float ones on the CPU, so the compiled
+    forward must not keep a bool straight-through mask (qdq.math._masks): the backward computes it from the input."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                          nn.Conv2d(8, 4, 3))
+    qdq.replace_to_quantization_module(model)
+    if fp8:
+        for q in (m for m in model.modules() if isinstance(m, TensorQuantizer)):
+            q.num_bits = (4, 3)
+    qdq.calibrate_model(model, [torch.randn(2, 3, 12, 12)], method="max", progress=False)
+    dtypes = _saved_for_backward_dtypes(model.train(), torch.randn(2, 3, 12, 12))
+    assert dtypes and torch.bool not in dtypes, dtypes
