@@ -24,7 +24,9 @@ library is not glibc, the variable does nothing: both rows then measure the same
 ``qat_cost(32, 7, True)`` with the mmap variable alone (the same day): eager QAT 1.12x fp32 (2.50 s / 2.36 s),
 compiled QAT 1.22x compiled fp32 (2.60 s / 2.11 s; compiled QAT is no faster than eager QAT); with both variables
 (:data:`HEAP_ENV`, the same day, load 1-1.8): 1.09x (2.46 s / 2.30 s) and 1.29x (2.49 s / 1.96 s); with the default
-allocator (2026-12-02) 1.26x and 1.26x.
+allocator (2026-12-02) 1.26x and 1.26x. Since the compiled backward recomputes the straight-through mask instead of
+keeping a bool one (``qdq.math._masks``), ``qat_cost(32, 5, True)`` (2026-12-03, 2 threads): eager 1.08x and compiled
+1.04x with :data:`HEAP_ENV` (compiled QAT 1.85 s, compiled fp32 1.85 s), 1.57x and 0.99x with the default allocator.
 
 Run: ``python benchmarks/bench_hot_path.py [--rounds 5] [--calib-batches 4] [--no-compile] [--json FILE]``. The
 cost section of ``benchmarks/run.py`` calls :func:`measure` through ``bench_cost.py``.
