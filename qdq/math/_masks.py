@@ -1,14 +1,15 @@
 """Where a straight-through gradient passes, for the autograd functions of the math floor.
 
-Eager code and GPUs keep that mask as a bool tensor, a byte per element, saved by the forward. Under torch.compile on
-the CPU the bool is the slow part: inductor's vectorized store into a bool buffer runs about 20x slower than a
+Eager code and GPUs keep that mask as a bool tensor, a byte per element, saved by the forward. Under torch.compile
+on the CPU the bool is the slow part: inductor's vectorized store into a bool buffer runs about 20x slower than a
 float32 store of the same elements (``x <= 0`` on 3.2M elements, 2 threads, torch 2.14: 26-29 ms compiled against
 1.4-2.0 ms eager, and 0.7-1.4 ms compiled as ``(x <= 0).float()``), and the min-cut partitioner keeps exactly such a
-mask between forward and backward, a byte being the cheapest thing to save. On that route the autograd functions save the input instead and
-the backward computes the mask with :func:`inside_as_float`: float arithmetic with no bool in between, so that the
-partitioner keeps a float tensor (the input, which the ReLU before a quantizer then also reads its mask from), never
-a bool. On ResNet-18's QAT step the bool masks cost more than the fake quantization itself. The gradient is then
-``grad * mask``: where the mask is 0, an infinite or NaN incoming gradient gives NaN (``torch.where`` gives 0).
+mask between forward and backward, a byte being the cheapest thing to save. On that route the autograd functions
+save the input instead and the backward computes the mask with :func:`inside_as_float`: float arithmetic with no
+bool in between, so that the partitioner keeps a float tensor (the input, which the ReLU before a quantizer then
+also reads its mask from), never a bool. On ResNet-18's QAT step the bool masks cost more than the fake quantization
+itself. The gradient is then ``grad * mask``: where the mask is 0, an infinite or NaN incoming gradient gives NaN
+(``torch.where`` gives 0).
 """
 
 from __future__ import annotations
