@@ -187,13 +187,14 @@ def _row(args, fp32, calib, evaluation, block_types, ref, labels, bits, steps, l
     if iterations is not None:
         rep = qdq.adaround(model, calib, iterations=iterations, batch_size=args.ada_batch,
                            blocks=block_types if "ada_blocks" in steps else None, recompute=args.recompute,
-                           activation=args.ada_activation, progress=False)
-        info["ada_activation"] = args.ada_activation
+                           activation=args.ada_activation, objective=args.ada_objective, progress=False)
+        info["ada_activation"], info["ada_objective"] = args.ada_activation, args.ada_objective
         info["iterations"] = iterations
         info["adaround_seconds"] = rep.seconds
         info["units"] = {n: {"seconds": r.seconds, "capture_seconds": r.capture_seconds, "samples": r.samples,
                              "loss_nearest": r.loss_nearest, "loss_adaround": r.loss_adaround,
-                             "flipped": r.flipped, "kept_nearest": r.kept_nearest, "activation": r.activation}
+                             "flipped": r.flipped, "kept_nearest": r.kept_nearest, "activation": r.activation,
+                             "objective": r.objective}
                          for n, r in rep.layers.items()}
     if "bc" in steps:
         info["bc_seconds"] = qdq.bias_correction(model, calib, progress=False).seconds
@@ -243,7 +244,9 @@ def main() -> None:
     parser.add_argument("--recompute", action="store_true",
                         help="AdaRound feeds the model from the start for every unit (instead of paused forwards)")
     parser.add_argument("--verbose", action="store_true", help="log each AdaRound unit as it finishes")
-    parser.add_argument("--ada-batch", type=int, default=32, help="AdaRound samples per step")
+    parser.add_argument("--ada-batch", type=int, default=32, help="AdaRound samples per step (sampled objective)")
+    parser.add_argument("--ada-objective", choices=["auto", "gram", "sampled"], default="auto",
+                        help="AdaRound's reconstruction error: exact over all samples where it applies, or sampled")
     parser.add_argument("--ada-activation", action="store_true",
                         help="AdaRound reconstructs each layer through the activation it feeds (activation=True)")
     parser.add_argument("--qat-epochs", type=int, default=4, help="QAT row: passes over the calibration images")

@@ -32,14 +32,18 @@ once in the float model (its output), and goes on to the next unit after this on
 those paused forwards keep alive (the unit's inputs and outputs on the calibration data, and tensors held for
 later, such as a residual) and one concatenated copy of the unit's inputs and outputs. With ``recompute=True`` the
 model is fed from the start for every unit instead (about ``units / 2`` forwards of the data; memory: one unit's
-inputs and outputs). Then ``iterations`` steps on batches of ``batch_size`` samples; the captured tensors of units
-with 2-D convolutions are kept channels-last, where oneDNN's convolutions on large feature maps are 2-5x faster
-on CPU.
+inputs and outputs). Then ``iterations`` steps. A unit that is one convolution or linear layer is linear in
+its weights, so its error over all the captured samples is a quadratic form (:mod:`qdq.ptq.gram`): one pass over
+the captured tensors builds it, and every step is exact over all the samples at the cost of a few small matrix
+products (``objective="gram"``, the default where it applies). Blocks and units reconstructed through their
+activation run on batches of ``batch_size`` samples per step instead (``objective="sampled"``); their captured
+4-D tensors are kept channels-last, where oneDNN's convolutions on large feature maps are 2-5x faster on CPU.
 ``report.layers[name]`` gives the time per unit (``seconds``, of which ``capture_seconds`` feeding the data).
 
-Under torch.distributed every rank captures its own shard; the gradients are averaged over the ranks at every step
-(every rank starts from the same ``V`` and the same seed), and the final integers are broadcast from rank 0, so all
-ranks end with the same weights.
+Under torch.distributed every rank captures its own shard. With the quadratic objective the ranks sum their
+``G``, ``C`` and ``k`` once, which gives the form of all the data, and then step alike with no further traffic;
+with the sampled one the gradients are averaged over the ranks at every step (every rank starts from the same
+``V`` and the same seed). The final integers are broadcast from rank 0, so all ranks end with the same weights.
 
 Example:
     >>> import torch
@@ -77,7 +81,8 @@ from tqdm.auto import tqdm
 
 from qdq.ptq.activation import following_activations
 from qdq.ptq.capture import PausedForwards, call_order, run_until
-from qdq.distributed import all_reduce_tensors, broadcast_tensors
+from qdq.ptq.gram import GramNotApplicable, LayerGram, gram_applies, layer_gram
+from qdq.distributed import all_reduce_tensors, broadcast_tensors, is_distributed
 from qdq.transform.replace import name_quantizers
 from qdq.transform.switches import disable_quantization, preserved_modes, restore_quantizer_states
 from qdq.ptq.weight_layers import check_reiterable, output_channel_dim, quantized_layers, weight_grid
@@ -114,12 +119,15 @@ class UnitResult:
         seconds: wall time of the unit (capture and optimisation).
         capture_seconds: the part of ``seconds`` spent feeding the data to the unit (its inputs and float outputs).
         loss_nearest: reconstruction error (squared, summed over channels, mean over the rest) of the unit with
-            nearest rounding, on up to 256 captured samples.
+            nearest rounding: on every captured sample with the quadratic objective, on up to 256 with the
+            sampled one.
         loss_adaround: the same with the learned rounding.
         flipped: fraction of the unit's weights rounded the other way than nearest.
         kept_nearest: the learned rounding's loss was higher than nearest rounding's (on the same samples, averaged
             over the ranks), so nearest rounding was kept.
         activation: the activation the unit was reconstructed through (``activation=True``), or ``""``.
+        objective: ``"gram"`` (the exact quadratic form over all samples, :mod:`qdq.ptq.gram`) or ``"sampled"``
+            (the unit run on batches of ``batch_size`` samples).
     """
 
     layers: list[str]
@@ -132,6 +140,7 @@ class UnitResult:
     flipped: float = 0.0
     kept_nearest: bool = False
     activation: str = ""
+    objective: str = ""
 
 
 @dataclass
@@ -289,6 +298,7 @@ def adaround(
     seed: int = 0,
     recompute: bool = False,
     activation: bool = False,
+    objective: str = "auto",
     device: torch.device | str | None = None,
     preprocess: Callable[[Any], Any] | None = None,
     progress: bool = True,
@@ -301,7 +311,7 @@ def adaround(
         data: calibration batches that can be iterated more than once (a DataLoader or a list of batches).
         num_batches: batches captured per unit (all when ``None``).
         iterations: optimisation steps per unit.
-        batch_size: samples per step.
+        batch_size: samples per step of the sampled objective.
         lr: Adam's learning rate on ``V``.
         reg: weight of the rounding regulariser.
         beta: the regulariser's exponent, from ``beta[0]`` down to ``beta[1]``.
@@ -314,6 +324,11 @@ def adaround(
         activation: reconstruct a layer's output through the activation it goes into alone (ReLU, ReLU6, ...;
             found in the torch.fx graph: :func:`qdq.ptq.activation.following_activations`), as the paper's best
             variant does: errors the activation clips do not count. Layer-wise units only.
+        objective: how a step measures the reconstruction error. ``"gram"``: exactly, over every captured sample,
+            as a quadratic form in the weights (:mod:`qdq.ptq.gram`; a unit that is one Linear, Conv1d or Conv2d,
+            without ``activation``); each step then costs no pass over the data. ``"sampled"``: the unit run on
+            ``batch_size`` random samples per step (blocks, activations, other layers). ``"auto"``: ``"gram"``
+            where it applies, else ``"sampled"``.
         device: where batches go (default: the model's).
         preprocess: ``batch -> model input``.
         progress: tqdm progress bars.
@@ -323,6 +338,8 @@ def adaround(
         An :class:`AdaRoundReport`.
     """
     check_reiterable(data, "adaround")
+    if objective not in ("auto", "gram", "sampled"):
+        raise ValueError(f"adaround: objective must be 'auto', 'gram' or 'sampled', got {objective!r}")
     if iterations < 1 or batch_size < 1 or not 0 <= warmup < 1:
         raise ValueError(f"adaround: iterations and batch_size must be >= 1 and warmup in [0, 1); got {iterations}, "
                          f"{batch_size}, {warmup}")
@@ -336,6 +353,14 @@ def adaround(
     if missing:
         raise RuntimeError(f"adaround: {', '.join(missing)} did not run on the first calibration batch")
     units = _units(model, order, names, blocks)
+    if objective == "gram":
+        if activation:
+            raise ValueError("adaround: objective='gram' is the error of a layer's own output; it does not go "
+                             "with activation=True (use objective='auto' or 'sampled')")
+        block = next((n for n, _, layer_names in units if layer_names != [n]), None)
+        if block is not None:
+            raise ValueError(f"adaround: objective='gram': unit {block!r} is a block (blocks=); use objective='auto'"
+                             " or 'sampled'")
     acts = {}
     if activation:
         acts = following_activations(model, [n for n, _, layer_names in units if layer_names == [n]])
@@ -374,13 +399,14 @@ def adaround(
             if act is not None:
                 target = act(target)
             result = _round_unit(unit_name, unit, layer_names, candidates, grids, inputs, kwargs, target,
-                                 iterations, batch_size, lr, reg, beta, warmup, seed + index, group, act)
+                                 iterations, batch_size, lr, reg, beta, warmup, seed + index, group, act,
+                                 objective)
             del inputs, target
             result.capture_seconds = capture_seconds
             result.seconds = time.perf_counter() - t0
-            logger.info("adaround: %s (%d samples): loss %.4g -> %.4g, %.1f%% flipped, %.1f s (capture %.1f s)",
-                        unit_name, result.samples, result.loss_nearest, result.loss_adaround, 100 * result.flipped,
-                        result.seconds, result.capture_seconds)
+            logger.info("adaround: %s (%d samples, %s): loss %.4g -> %.4g, %.1f%% flipped, %.1f s (capture %.1f s)",
+                        unit_name, result.samples, result.objective, result.loss_nearest, result.loss_adaround,
+                        100 * result.flipped, result.seconds, result.capture_seconds)
             report.layers[unit_name] = result
             for n in layer_names:
                 q = candidates[n].weight_quantizer
@@ -391,8 +417,32 @@ def adaround(
     return report
 
 
+def _unit_gram(unit_name: str, unit: nn.Module, inputs: torch.Tensor, target: torch.Tensor, kwargs: dict,
+               run: Callable, objective: str, group) -> LayerGram | None:
+    """The unit's quadratic objective (:mod:`qdq.ptq.gram`), or ``None`` where the sampled one is used: a forward
+    that is not one linear or convolution call on its weight (e.g. a subclass that scales its output) takes the
+    sampled objective, with a warning."""
+    if objective == "sampled":
+        return None
+    if kwargs or not gram_applies(unit):
+        if objective == "gram":
+            raise ValueError(f"adaround: objective='gram': {unit_name} is not one Linear, Conv1d or Conv2d called "
+                             "on one tensor (use objective='auto' or 'sampled')")
+        return None
+    try:
+        gram = layer_gram(lambda w, x: run({"weight": w}, x), inputs, target, unit.weight, name=unit_name)
+    except GramNotApplicable as err:
+        if objective == "gram":
+            raise ValueError(f"adaround: {err}; use objective='sampled'") from None
+        logger.warning("adaround: %s; its rounding is learned on sampled batches instead", err)
+        return None
+    if is_distributed(group):
+        gram.reduce(lambda tensors: all_reduce_tensors(tensors, "sum", group))
+    return gram
+
+
 def _round_unit(unit_name, unit, layer_names, candidates, grids, inputs, kwargs, target, iterations, batch_size, lr,
-                reg, beta, warmup, seed, group, act=None) -> UnitResult:
+                reg, beta, warmup, seed, group, act=None, objective="auto") -> UnitResult:
     """Learns the rounding of one unit; ``target`` is already through ``act`` (when given), the unit's output is
     put through it here."""
     result = UnitResult(list(layer_names), iterations=iterations, activation=act.name if act is not None else "")
@@ -425,7 +475,12 @@ def _round_unit(unit_name, unit, layer_names, candidates, grids, inputs, kwargs,
             out[key] = (q * scale).to(candidates[name].weight.dtype)
         return out
 
+    gram: LayerGram | None = None
+
     def loss_on(sample_weights: dict[str, torch.Tensor]) -> float:
+        if gram is not None:
+            with torch.no_grad():
+                return float(gram.loss(sample_weights["weight"]))
         total, count = 0.0, 0
         with torch.no_grad():
             for start in range(0, min(n, 256), batch_size):
@@ -439,22 +494,31 @@ def _round_unit(unit_name, unit, layer_names, candidates, grids, inputs, kwargs,
     try:
         for q in quantizers:
             q.disable()  # the weights given to functional_call are quantized already
+        if act is None and layer_names == [unit_name]:
+            gram = _unit_gram(unit_name, unit, inputs, target, kwargs, run, objective, group)
+        elif objective == "gram":
+            raise ValueError(f"adaround: objective='gram': {unit_name} is a block or goes through its activation")
+        result.objective = "gram" if gram is not None else "sampled"
         result.loss_nearest = loss_on(weights(None))
         generator = torch.Generator().manual_seed(seed)
         params = list(vs.values())
         optimizer = torch.optim.Adam(params, lr=lr)
         warm = int(warmup * iterations)
         for step in range(iterations):
-            idx = torch.randint(n, (min(batch_size, n),), generator=generator).to(inputs.device)
-            out = run(weights(False), inputs[idx])
-            loss = _recon(out, target[idx], cdim)
+            if gram is not None:  # exact over every sample (and alike on every rank: no gradient to average)
+                loss = gram.loss(weights(False)["weight"])
+            else:
+                idx = torch.randint(n, (min(batch_size, n),), generator=generator).to(inputs.device)
+                out = run(weights(False), inputs[idx])
+                loss = _recon(out, target[idx], cdim)
             if step >= warm:
                 t = (step - warm) / max(1, iterations - warm)
                 b = beta[1] + (beta[0] - beta[1]) * (1 - t)
                 loss = loss + reg * sum((1 - (2 * _soft(v) - 1).abs().pow(b)).sum() for v in params)
             optimizer.zero_grad(set_to_none=False)
             loss.backward()
-            all_reduce_tensors([v.grad for v in params], "mean", group)
+            if gram is None:
+                all_reduce_tensors([v.grad for v in params], "mean", group)
             optimizer.step()
         for v in params:
             v.requires_grad_(False)

@@ -1,5 +1,5 @@
 """AdaRound and bias correction under torch.distributed (2 gloo ranks, each with its own shard): the ranks end with
-the same weights and biases."""
+the same weights and biases, and AdaRound's weights are those of one process on all the data."""
 
 from __future__ import annotations
 
@@ -44,3 +44,9 @@ def test_ranks_agree_after_adaround_and_bias_correction(tmp_path):
     single = _model()
     qdq.calibrate_model(single, _data(), progress=False)
     assert torch.equal(single[0].weight_quantizer.amax, ranks[0]["0._weight_quantizer._amax"])
+    # AdaRound's quadratic objective summed over the ranks is the one of all the data: the same integers
+    qdq.adaround(single, _data(), iterations=15, progress=False)
+    for name in ("0", "2"):
+        scale = single.get_submodule(name).weight_quantizer.amax / 127
+        mine = torch.round(single.get_submodule(name).weight.detach() / scale)
+        assert torch.equal(mine, torch.round(ranks[0][f"{name}.weight"] / scale)), name
