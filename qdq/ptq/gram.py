@@ -9,15 +9,17 @@ the squared error of weights ``W'`` summed over all the patches of the calibrati
 
 (per group for grouped and depthwise convolutions). :func:`layer_gram` builds ``G``, ``C`` and ``k`` in one pass
 over the captured inputs and targets. It runs the layer's own forward and reads the patches from what reaches its
-one ``conv1d`` / ``conv2d`` / ``linear`` call (a :class:`~torch.overrides.TorchFunctionMode`), so the input
-quantizer, padding modes and subclasses that pad in their forward (EfficientNet's "same" convolutions) are
-taken as they run; a forward that is not one such call on the given weight, returned as it is, is refused
-(:class:`GramNotApplicable`); :meth:`LayerGram.loss` then gives the exact mean error over every sample for
-any weights in ``O(C_out * K^2)``, where a forward and backward of the layer on a batch costs
-``O(batch * H * W * C_out * K)``. Where the data has fewer rows (samples times output positions) than ``K``, as a
-classifier's head on a few hundred images, the patches and residuals themselves are kept instead and the loss is
-``|D P + E|^2``, which is then the cheaper exact form. Every term is at the scale of the error (``D`` and ``e`` are small), so float32
-steps lose nothing to cancellation; ``G``, ``C`` and ``k`` are summed in float64.
+one ``conv1d`` / ``conv2d`` / ``linear`` call (seen through a :class:`~torch.overrides.TorchFunctionMode`), so
+the input quantizer, padding modes and subclasses that pad in their forward (EfficientNet's "same" convolutions)
+count as they run. A forward that is not one such call on the given weight, whose result it returns, is refused
+(:class:`GramNotApplicable`).
+
+:meth:`LayerGram.loss` then gives the exact mean error over every sample for any weights in ``O(C_out * K^2)``,
+where a forward and backward of the layer on a batch costs ``O(batch * H * W * C_out * K)``. Where the data has
+fewer rows (samples times output positions) than ``K``, as a classifier's head on a few hundred images, the
+patches ``P`` and residuals ``E`` are kept instead and the loss is ``|D P + E|^2``, the cheaper exact form there.
+Every term is at the scale of the error (``D`` and ``e`` are small), so float32 steps lose nothing to
+cancellation; ``G``, ``C`` and ``k`` are summed in float64.
 
 Example:
     >>> import torch
