@@ -85,7 +85,7 @@ from qdq.ptq.gram import GramNotApplicable, LayerGram, gram_applies, layer_gram
 from qdq.distributed import all_reduce_tensors, broadcast_tensors, is_distributed
 from qdq.transform.replace import name_quantizers
 from qdq.transform.switches import disable_quantization, preserved_modes, restore_quantizer_states
-from qdq.ptq.weight_layers import check_reiterable, output_channel_dim, quantized_layers, weight_grid
+from qdq.ptq.weight_layers import check_reiterable, layers_left_out, output_channel_dim, quantized_layers, weight_grid
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -146,10 +146,13 @@ class UnitResult:
 @dataclass
 class AdaRoundReport:
     """What :func:`adaround` did: ``layers`` maps each unit's name to its :class:`UnitResult`; ``frozen`` lists the
-    weight quantizers whose calibrator was removed (their amax is final); ``seconds`` the total wall time."""
+    weight quantizers whose calibrator was removed (their amax is final); ``left_out`` the modules with quantized
+    weights that are no weight layer (:func:`~qdq.ptq.weight_layers.layers_left_out`: nearest rounding, a warning);
+    ``seconds`` the total wall time."""
 
     layers: dict[str, UnitResult] = field(default_factory=dict)
     frozen: list[str] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     def __str__(self) -> str:
@@ -365,7 +368,7 @@ def adaround(
     if activation:
         acts = following_activations(model, [n for n, _, layer_names in units if layer_names == [n]])
         logger.info("adaround: %d of %d units reconstructed through their activation", len(acts), len(units))
-    report = AdaRoundReport()
+    report = AdaRoundReport(left_out=layers_left_out(model, "adaround") if layers is None else [])
     originals: dict[str, torch.Tensor] = {}  # the float weights of the layers rounded so far
     with contextlib.ExitStack() as stack:
         stack.enter_context(preserved_modes(model, quantizer_states=False))

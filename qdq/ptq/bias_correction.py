@@ -48,7 +48,7 @@ from qdq.distributed import all_reduce_tensors
 from qdq.calibrate.feeding import feed, model_device
 from qdq.transform.replace import name_quantizers
 from qdq.transform.switches import disable_quantization, preserved_modes
-from qdq.ptq.weight_layers import check_reiterable, output_channel_dim, quantized_layers
+from qdq.ptq.weight_layers import check_reiterable, layers_left_out, output_channel_dim, quantized_layers
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -68,6 +68,8 @@ class BiasCorrectionReport:
         bias_added: layers that had no bias and got one.
         batches: calibration batches per pass.
         seconds: wall time.
+        left_out: modules with quantized weights that are no weight layer, left uncorrected (with a warning:
+            :func:`~qdq.ptq.weight_layers.layers_left_out`).
     """
 
     layers: list[str] = field(default_factory=list)
@@ -75,6 +77,7 @@ class BiasCorrectionReport:
     bias_added: list[str] = field(default_factory=list)
     batches: int = 0
     seconds: float = 0.0
+    left_out: list[str] = field(default_factory=list)
 
 
 class _ChannelMean:
@@ -134,7 +137,7 @@ def bias_correction(
     missing = [n for n, m in candidates.items() if m not in order]
     if missing:
         raise RuntimeError(f"bias_correction: {', '.join(missing)} did not run on the first calibration batch")
-    report = BiasCorrectionReport()
+    report = BiasCorrectionReport(left_out=layers_left_out(model, "bias_correction") if layers is None else [])
 
     # the float reference: one pass, every layer's per-channel mean
     float_means: dict[str, _ChannelMean] = {}

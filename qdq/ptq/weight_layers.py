@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from typing import Iterable, Sequence
 
 import torch
@@ -25,7 +26,9 @@ from torch.nn.modules.conv import _ConvNd
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
 from qdq.math.ranges import amax_to_scale
 
-__all__ = ["quantized_layers", "output_channel_dim", "check_reiterable", "weight_grid"]
+__all__ = ["quantized_layers", "layers_left_out", "output_channel_dim", "check_reiterable", "weight_grid"]
+
+logger = logging.getLogger(__name__)
 
 
 def _is_weight_layer(module: nn.Module) -> bool:
@@ -47,6 +50,18 @@ def quantized_layers(model: nn.Module, names: Sequence[str] | None = None, who: 
         raise RuntimeError(f"{who}: the model has no quantized layer with an enabled weight quantizer "
                            "(did you call replace_to_quantization_module?)")
     return found
+
+
+def layers_left_out(model: nn.Module, who: str) -> list[str]:
+    """Modules with an enabled weight quantizer that are no weight layer (their weight is not a ``weight``
+    Parameter, e.g. ``nn.MultiheadAttention``'s ``in_proj_weight``): the PTQ algorithms cannot work on them, so they
+    are logged as a warning naming them, and returned."""
+    left = [n for n, m in model.named_modules() if not _is_weight_layer(m)
+            and isinstance(getattr(m, "_weight_quantizer", None), TensorQuantizer) and m._weight_quantizer.is_enabled]
+    if left:
+        logger.warning("%s: %d module(s) with quantized weights are left as they are (their weight is no `weight` "
+                       "Parameter, e.g. nn.MultiheadAttention's in_proj_weight): %s", who, len(left), ", ".join(left))
+    return left
 
 
 def output_channel_dim(module: nn.Module) -> int:

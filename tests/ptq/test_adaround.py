@@ -221,3 +221,30 @@ def test_conv_units_round_on_channels_last_tensors_as_on_nchw_ones():
     assert torch.equal(image, plain)
     flat, _ = _gather([((torch.randn(2, 3),), {}, None)], "u", "input", channels_last=True)
     assert flat.is_contiguous()
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x, need_weights=False)[0])
+
+
+def test_weights_the_algorithms_cannot_reach_are_named(caplog):
+    torch.manual_seed(0)
+    model = _Attention().eval()
+    qdq.replace_to_quantization_module(model)
+    data = [torch.randn(4, 5, 8) for _ in range(2)]
+    qdq.calibrate_model(model, data, progress=False)
+    in_proj = model.attn.in_proj_weight.detach().clone()
+    with caplog.at_level("WARNING"):
+        ada = qdq.adaround(model, data, iterations=5, progress=False)
+        bc = qdq.bias_correction(model, data, progress=False)
+    assert ada.left_out == ["attn"] and bc.left_out == ["attn"]
+    assert "adaround: 1 module(s) with quantized weights are left as they are" in caplog.text
+    assert "bias_correction: 1 module(s)" in caplog.text and "attn" in caplog.text
+    assert "attn.out_proj" in ada.layers and "head" in ada.layers
+    assert torch.equal(model.attn.in_proj_weight, in_proj)
