@@ -187,14 +187,16 @@ def _row(args, fp32, calib, evaluation, block_types, ref, labels, bits, steps, l
     if iterations is not None:
         rep = qdq.adaround(model, calib, iterations=iterations, batch_size=args.ada_batch,
                            blocks=block_types if "ada_blocks" in steps else None, recompute=args.recompute,
-                           activation=args.ada_activation, objective=args.ada_objective, progress=False)
+                           activation=args.ada_activation, objective=args.ada_objective,
+                           holdout=args.ada_holdout, progress=False)
         info["ada_activation"], info["ada_objective"] = args.ada_activation, args.ada_objective
+        info["ada_holdout"] = args.ada_holdout
         info["iterations"] = iterations
         info["adaround_seconds"] = rep.seconds
         info["units"] = {n: {"seconds": r.seconds, "capture_seconds": r.capture_seconds, "samples": r.samples,
                              "loss_nearest": r.loss_nearest, "loss_adaround": r.loss_adaround,
                              "flipped": r.flipped, "kept_nearest": r.kept_nearest, "activation": r.activation,
-                             "objective": r.objective}
+                             "objective": r.objective, "held_out": r.held_out}
                          for n, r in rep.layers.items()}
     if "bc" in steps:
         info["bc_seconds"] = qdq.bias_correction(model, calib, progress=False).seconds
@@ -247,6 +249,8 @@ def main() -> None:
     parser.add_argument("--ada-batch", type=int, default=32, help="AdaRound samples per step (sampled objective)")
     parser.add_argument("--ada-objective", choices=["auto", "gram", "sampled"], default="auto",
                         help="AdaRound's reconstruction error: exact over all samples where it applies, or sampled")
+    parser.add_argument("--ada-holdout", type=float, default=0.125,
+                        help="AdaRound: fraction of each unit's samples held out to choose learned or nearest rounding")
     parser.add_argument("--ada-activation", action="store_true",
                         help="AdaRound reconstructs each layer through the activation it feeds (activation=True)")
     parser.add_argument("--qat-epochs", type=int, default=4, help="QAT row: passes over the calibration images")

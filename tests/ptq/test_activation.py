@@ -71,7 +71,8 @@ def test_adaround_reconstructs_through_the_activation():
     qdq.calibrate_model(model, data, progress=False)
     with qdq.disable_quantization(model), torch.no_grad():
         target = torch.cat([torch.relu(model[0](x)) for x in data])
-    report = qdq.adaround(model, data, iterations=80, batch_size=16, activation=True, progress=False)
+    report = qdq.adaround(model, data, iterations=80, batch_size=16, activation=True, holdout=0,
+                          progress=False)
     first, last = report.layers["0"], report.layers["2"]
     assert first.activation == "1" and last.activation == ""
     # the loss reported is the error after the ReLU (the first layer's input is the model's input, so the rounded

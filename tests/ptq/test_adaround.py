@@ -76,7 +76,8 @@ def _rounded(recompute):
     qdq.calibrate_model(model, data, progress=False)
     float_model = _Residual().eval()
     float_model.load_state_dict({k: v for k, v in model.state_dict().items() if "quantizer" not in k}, strict=False)
-    report = qdq.adaround(model, data, iterations=40, batch_size=8, recompute=recompute, progress=False)
+    report = qdq.adaround(model, data, iterations=40, batch_size=8, recompute=recompute, holdout=0,
+                          progress=False)
     return model, float_model, data, report
 
 
@@ -248,3 +249,34 @@ def test_weights_the_algorithms_cannot_reach_are_named(caplog):
     assert "bias_correction: 1 module(s)" in caplog.text and "attn" in caplog.text
     assert "attn.out_proj" in ada.layers and "head" in ada.layers
     assert torch.equal(model.attn.in_proj_weight, in_proj)
+
+
+def test_held_out_samples_decide_between_learned_and_nearest_rounding():
+    # 64 inputs per output and 40 samples: the optimised samples can be fitted far better than any others
+    torch.manual_seed(0)
+    data = [torch.randn(8, 64) for _ in range(5)]
+    fresh = torch.randn(400, 64)
+    results = {}
+    for holdout in (0.0, 0.125):
+        model = nn.Sequential(nn.Linear(64, 4)).eval()
+        qdq.replace_to_quantization_module(model)
+        qdq.calibrate_model(model, data, progress=False)
+        nearest, float_weight = _integers(model[0]), model[0].weight.detach().clone()
+        report = qdq.adaround(model, data, iterations=300, holdout=holdout, progress=False)
+        layer, q = model[0], model[0].weight_quantizer
+
+        def error(x, integers):
+            with torch.no_grad():
+                target = torch.nn.functional.linear(x, float_weight, layer.bias)
+                out = torch.nn.functional.linear(layer.input_quantizer(x), integers * q.amax / q.maxbound, layer.bias)
+            return float((out - target).pow(2).sum(1).mean())
+
+        results[holdout] = (report.layers["0"], {name: (error(x, _integers(layer)), error(x, nearest))
+                                                 for name, x in (("held", torch.cat(data)[-5:]), ("fresh", fresh))})
+    fitted, errors = results[0.0]
+    assert fitted.held_out == 0 and fitted.loss_adaround < 0.8 * fitted.loss_nearest  # on the samples it fitted
+    assert errors["fresh"][0] > errors["fresh"][1]  # and worse than nearest on others: what holdout guards against
+    checked, errors = results[0.125]
+    assert checked.held_out == 5 and checked.samples == 40
+    assert checked.loss_nearest == pytest.approx(errors["held"][1], rel=1e-4)  # reported on the held-out samples
+    assert errors["held"][0] <= errors["held"][1]  # what is kept is no worse than nearest rounding there

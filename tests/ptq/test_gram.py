@@ -147,7 +147,7 @@ def test_reported_losses_are_the_errors_over_every_sample():
     with torch.no_grad(), qdq.disable_quantization(model):
         target = model[0](inputs)
     layer = model[0]
-    report = qdq.adaround(model, data, iterations=30, layers=["0"], progress=False)
+    report = qdq.adaround(model, data, iterations=30, layers=["0"], holdout=0, progress=False)
     with torch.no_grad():
         q = layer.weight_quantizer
         layer.weight_quantizer.disable()
