@@ -189,3 +189,18 @@ def test_objective_errors_name_the_unit():
     qdq.calibrate_model(block, data, progress=False)
     with pytest.raises(ValueError, match="unit '0' is a block"):
         qdq.adaround(block, data, iterations=2, blocks=["0"], objective="gram", progress=False)
+
+
+def test_a_learned_rounding_that_wins_on_held_out_samples_is_learned_again_on_all():
+    runs = {}
+    for holdout in (0.0, 0.25):
+        torch.manual_seed(0)
+        model, data = _quantized()
+        report = qdq.adaround(model, data, iterations=40, holdout=holdout, progress=False)
+        runs[holdout] = report, {n: model.get_submodule(n).weight.detach().clone() for n in report.layers}
+    (whole, whole_w), (checked, checked_w) = runs[0.0], runs[0.25]
+    refit = [n for n, r in checked.layers.items() if r.refit]
+    assert refit and all(not checked.layers[n].kept_nearest for n in refit)
+    assert all(r.held_out == 6 for r in checked.layers.values()) and not any(r.refit for r in whole.layers.values())
+    for name in refit:  # the second optimisation is the one a run without holdout does
+        assert torch.equal(checked_w[name], whole_w[name]), name
