@@ -196,7 +196,7 @@ def _row(args, fp32, calib, evaluation, block_types, ref, labels, bits, steps, l
         info["units"] = {n: {"seconds": r.seconds, "capture_seconds": r.capture_seconds, "samples": r.samples,
                              "loss_nearest": r.loss_nearest, "loss_adaround": r.loss_adaround,
                              "flipped": r.flipped, "kept_nearest": r.kept_nearest, "activation": r.activation,
-                             "objective": r.objective, "held_out": r.held_out}
+                             "objective": r.objective, "held_out": r.held_out, "refit": r.refit}
                          for n, r in rep.layers.items()}
     if "bc" in steps:
         info["bc_seconds"] = qdq.bias_correction(model, calib, progress=False).seconds
