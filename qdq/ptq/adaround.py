@@ -527,8 +527,6 @@ def _round_unit(unit_name, unit, layer_names, candidates, grids, inputs, kwargs,
             gram = _unit_gram(unit_name, unit, fit_x, fit_y, kwargs, run, objective, group)
             check_gram = _unit_gram(unit_name, unit, check_x, check_y, kwargs, run, "gram", group) if (
                 gram is not None and held) else gram
-        elif objective == "gram":
-            raise ValueError(f"adaround: objective='gram': {unit_name} is a block or goes through its activation")
         result.objective = "gram" if gram is not None else "sampled"
         result.loss_nearest = loss_on(weights(None))
         start_v = {name: v.detach().clone() for name, v in vs.items()}
@@ -573,7 +571,7 @@ def _round_unit(unit_name, unit, layer_names, candidates, grids, inputs, kwargs,
                         result.loss_nearest)
             hard, result.kept_nearest, result.loss_adaround = nearest, True, result.loss_nearest
         elif held and gram is not None:  # the learned rounding won on unseen samples: learn it again on all of them
-            learn(_unit_gram(unit_name, unit, inputs, target, kwargs, run, "gram", group))
+            learn(gram + check_gram)
             hard = weights(True)
             broadcast_tensors(list(hard.values()), group)
             result.refit = True

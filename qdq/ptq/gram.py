@@ -90,16 +90,29 @@ class LayerGram:
         lin = (d * self.c.transpose(1, 2)).sum()
         return (quad + 2 * lin + self.k.to(quad.dtype)) / self.rows
 
-    def reduce(self, reduce_sum: Callable[[list], None]) -> None:
-        """Sums ``G``, ``C``, ``k`` and the rows over the ranks with ``reduce_sum(list_of_tensors)`` (in place; the
-        patch form becomes the ``G`` form first, since only that one adds up)."""
+    def _to_g_form(self) -> None:
+        """The patch form turned into the ``G`` form (in place), the one that adds up over samples."""
         if self.g is None:
             p, e = self.patches.double(), self.residuals.double()
             self.g, self.c = (p @ p.transpose(1, 2)).float(), (p @ e).float()
             self.patches = self.residuals = None
+
+    def reduce(self, reduce_sum: Callable[[list], None]) -> None:
+        """Sums ``G``, ``C``, ``k`` and the rows over the ranks with ``reduce_sum(list_of_tensors)`` (in place)."""
+        self._to_g_form()
         rows = torch.tensor([float(self.rows)], dtype=torch.float64, device=self.g.device)
         reduce_sum([self.g, self.c, self.k, rows])
         self.rows = int(rows.item())
+
+    def __add__(self, other: "LayerGram") -> "LayerGram":
+        """The form of both sets of samples (same layer, same reference weight), with no pass over the data."""
+        if self.g is None and other.g is None and self.rows + other.rows < self.patches.shape[1]:
+            patches = torch.cat([self.patches, other.patches], 2)
+            residuals = torch.cat([self.residuals, other.residuals], 1)
+            return LayerGram(None, None, self.k + other.k, self.rows + other.rows, self.weight, patches, residuals)
+        self._to_g_form()
+        other._to_g_form()
+        return LayerGram(self.g + other.g, self.c + other.c, self.k + other.k, self.rows + other.rows, self.weight)
 
 
 def gram_applies(layer: nn.Module) -> bool:

@@ -31,10 +31,13 @@ __all__ = ["quantized_layers", "layers_left_out", "output_channel_dim", "check_r
 logger = logging.getLogger(__name__)
 
 
-def _is_weight_layer(module: nn.Module) -> bool:
+def _has_enabled_weight_quantizer(module: nn.Module) -> bool:
     q = getattr(module, "_weight_quantizer", None)
-    return isinstance(q, TensorQuantizer) and q.is_enabled and isinstance(getattr(module, "weight", None),
-                                                                           nn.Parameter)
+    return isinstance(q, TensorQuantizer) and q.is_enabled
+
+
+def _is_weight_layer(module: nn.Module) -> bool:
+    return _has_enabled_weight_quantizer(module) and isinstance(getattr(module, "weight", None), nn.Parameter)
 
 
 def quantized_layers(model: nn.Module, names: Sequence[str] | None = None, who: str = "qdq") -> dict[str, nn.Module]:
@@ -56,8 +59,7 @@ def layers_left_out(model: nn.Module, who: str) -> list[str]:
     """Modules with an enabled weight quantizer that are no weight layer (their weight is not a ``weight``
     Parameter, e.g. ``nn.MultiheadAttention``'s ``in_proj_weight``): the PTQ algorithms cannot work on them, so they
     are logged as a warning naming them, and returned."""
-    left = [n for n, m in model.named_modules() if not _is_weight_layer(m)
-            and isinstance(getattr(m, "_weight_quantizer", None), TensorQuantizer) and m._weight_quantizer.is_enabled]
+    left = [n for n, m in model.named_modules() if _has_enabled_weight_quantizer(m) and not _is_weight_layer(m)]
     if left:
         logger.warning("%s: %d module(s) with quantized weights are left as they are (their weight is no `weight` "
                        "Parameter, e.g. nn.MultiheadAttention's in_proj_weight): %s", who, len(left), ", ".join(left))

@@ -204,3 +204,19 @@ def test_a_learned_rounding_that_wins_on_held_out_samples_is_learned_again_on_al
     assert all(r.held_out == 6 for r in checked.layers.values()) and not any(r.refit for r in whole.layers.values())
     for name in refit:  # the second optimisation is the one a run without holdout does
         assert torch.equal(checked_w[name], whole_w[name]), name
+
+
+@pytest.mark.parametrize("kind", ["conv2d", "linear-few-rows"])
+def test_the_forms_of_two_sample_sets_add_up_to_the_form_of_both(kind):
+    make, shape = _LAYERS[kind]
+    torch.manual_seed(4)
+    layer = make()
+    x = torch.randn(shape)
+    with torch.no_grad():
+        y = layer(x) + 0.05 * torch.randn_like(layer(x))
+    w = layer.weight.detach() + 0.02 * torch.randn_like(layer.weight)
+    both = layer_gram(layer, x[:2], y[:2]) + layer_gram(layer, x[2:], y[2:])
+    whole = layer_gram(layer, x, y)
+    assert both.rows == whole.rows and (both.g is None) == (whole.g is None)
+    assert torch.isclose(both.loss(w), whole.loss(w), rtol=1e-5)
+    assert torch.isclose(both.loss(w).double(), _direct(layer, x, y, w.double()), rtol=1e-4)
