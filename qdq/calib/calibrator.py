@@ -43,7 +43,7 @@ from typing import ClassVar, Mapping, Union
 
 import torch
 
-from qdq.math.ranges import _kept_dims
+from qdq.math.ranges import _kept_dims, flat_view
 
 __all__ = ["NoDataCollectedError", "NonFiniteWarning", "ShapeChangedError", "StatsMismatchError", "Stats"]
 
@@ -322,7 +322,7 @@ class _Calibrator:
         """``x`` detached, kept dimensions first, flattened to ``[channels, -1]`` (one row when axis is None)."""
         x = x.detach()
         if self._axis is None:
-            return x.reshape(1, -1)
+            return flat_view(x).reshape(1, -1)  # channels-last data without a copy
         kept = _kept_dims(self._axis, x.dim())
         rest = [d for d in range(x.dim()) if d not in kept]
         return x.permute(*kept, *rest).reshape(math.prod(x.shape[d] for d in kept), -1)

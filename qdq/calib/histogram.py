@@ -45,6 +45,7 @@ import torch
 from qdq.calib.amax_search import check_search_keywords, get_search, search_names
 from qdq.calib.calibrator import NoDataCollectedError, NonFiniteWarning, ShapeChangedError, _Calibrator
 from qdq.math.descriptor import DEFAULT_NUM_BINS
+from qdq.math.ranges import flat_view
 
 __all__ = ["HistogramCalibrator", "rebin", "merge_bins", "bin_exponent"]
 
@@ -260,7 +261,7 @@ class HistogramCalibrator(_Calibrator):
             )
         x = x.to(self._counts.device)
         if self._axis is None and (x.device.type == "cpu" or self._num_bins <= _HISTC_BINS):
-            self._collect_tensor(x.reshape(-1))
+            self._collect_tensor(flat_view(x))
         else:
             self._collect_channels(self._rows(x))
         self.num_batches += 1

@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 from qdq.math._masks import float_mask_route, inside_as_float
-from qdq.math._tensors import float32_tensor
+from qdq.math._tensors import flat_view, float32_tensor
 
 __all__ = [
     "UnsupportedFormatError",
@@ -227,7 +227,7 @@ def _dequantize_bits(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) ->
         factor = None
     bits = out.view(torch.int32)
     bits.copy_(q.view(torch.int8)).bitwise_left_shift_(20).bitwise_and_(_BITS_MASK)
-    low, high = torch.aminmax(out)  # one read, no new tensor: finite values are within +-448 * 2**-120
+    low, high = torch.aminmax(flat_view(out))  # one read, no new tensor: finite values are within +-448 * 2**-120
     if bool(high >= _NAN_AS_BITS) or bool(low <= -_NAN_AS_BITS):  # S.1111.111, a NaN, reads as +-480 * 2**-120
         return False  # (out is overwritten by the caller's fallback)
     if factor is None:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from qdq.math import formats as _formats
-from qdq.math._tensors import float32_tensor
+from qdq.math._tensors import flat_view, float32_tensor
 
 __all__ = [
     "AMAX_EPS",
@@ -21,6 +21,7 @@ __all__ = [
     "check_amax",
     "reduce_amax",
     "reduce_range",
+    "flat_view",
 ]
 
 #: amax values below this are treated as this value (2**-24, the smallest fp16 subnormal).
@@ -153,7 +154,7 @@ def reduce_range(x: torch.Tensor, axis: int | tuple[int, ...] | None = None) -> 
     """
     x = x.detach()
     if axis is None:
-        low, high = torch.aminmax(x)
+        low, high = torch.aminmax(flat_view(x))
         return low.float(), high.float()
     kept = _kept_dims(axis, x.dim())
     dims = [d for d in range(x.dim()) if d not in kept]
