@@ -8,19 +8,21 @@ glibc's default allocator and with ``bench_hot_path.HEAP_ENV``, the two variable
 with the default, every fresh activation-sized block is mapped afresh and its pages faulted in and zeroed by the
 kernel, and the fake-quant model allocates one more block per quantizer (46 per forward here).
 
-Measured (2026-12-04, AMD EPYC, 2 cores, load below 1.4; ``--processes 5 --repeats 40``), INT8 forward over the
-fp32 forward, lowest / median / highest over the five processes of each row:
+Measured (2026-12-04, AMD EPYC, 2 cores, load below 1.4; two runs of ``--processes 5 --repeats 40``, nothing
+else running), INT8 forward over the fp32 forward, lowest / median / highest over the five processes of each row:
 
-=======  =================  ==================  ==================  =================  ==================
-threads  allocator          over fused fp32     over composite      fp32 ms            INT8 ms
-=======  =================  ==================  ==================  =================  ==================
-1        glibc default      1.28 / 1.30 / 1.39  1.17 / 1.25 / 1.37  39.1 / 39.6 / 52.7  50.5 / 54.4 / 70.6
-1        HEAP_ENV           1.23 / 1.26 / 1.33  1.17 / 1.19 / 1.21  38.4 / 39.5 / 42.9  48.4 / 49.3 / 55.5
-2        glibc default      1.32 / 1.37 / 1.44  1.20 / 1.23 / 1.30  21.9 / 30.3 / 44.9  31.3 / 42.0 / 59.4
-2        HEAP_ENV           1.34 / 1.37 / 1.48  1.14 / 1.20 / 1.26  20.8 / 23.3 / 25.0  29.2 / 31.7 / 34.7
-=======  =================  ==================  ==================  =================  ==================
+=======  =============  ==================  ==================  ==========================
+threads  allocator      over fused fp32,    over fused fp32,    over composite fp32,
+                        run 1               run 2               both runs (lowest-highest)
+=======  =============  ==================  ==================  ==========================
+1        glibc default  1.28 / 1.30 / 1.39  1.32 / 1.33 / 1.51  1.17-1.37
+1        HEAP_ENV       1.23 / 1.26 / 1.33  1.24 / 1.27 / 1.30  1.16-1.27
+2        glibc default  1.32 / 1.37 / 1.44  1.35 / 1.46 / 1.49  1.20-1.43
+2        HEAP_ENV       1.34 / 1.37 / 1.48  1.29 / 1.37 / 1.48  1.12-1.35
+=======  =============  ==================  ==================  ==========================
 
-The bound of 1.5x the fp32 forward holds in each of the 20 processes. "fused" is torch's
+fp32 took 21-45 ms at two threads and 36-53 ms at one. 39 of the 40 processes are within 1.5x the fp32 forward,
+every median is; the one above (1.51) ran at one thread with glibc's default allocator. "fused" is torch's
 ``_native_multi_head_attention`` fast path that ``nn.MultiheadAttention`` takes in eval under ``no_grad`` (the
 strict baseline); "composite" the same model with the fast path off, as in training. On the machine of 2026-12-03,
 before fake quantization wrote contiguous outputs for permuted inputs and attention scaled its scores in place, one
