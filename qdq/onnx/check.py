@@ -82,8 +82,10 @@ rule                        severity  what it checks - why TensorRT cares
 ``add-one-side``            info      A residual Add with one input from a DQ whose other input does not come from a
                                       Conv (directly or through BatchNormalization) - TensorRT fuses the add into the
                                       Conv only in that form.
-``add-float``               warning   A residual Add with neither input from a DQ in a quantized model - it runs in
-                                      float, and TensorRT converts its inputs and output around it.
+``add-float``               warning   A residual Add of two activations (both computed from the graph inputs'
+                                      values, not from constants and shapes alone) with neither from a DQ in a
+                                      quantized model - it runs in float, and TensorRT converts its inputs and
+                                      output around it.
 ``float32-remainder``       warning   With ``strongly_typed=True`` only: nodes computing in float32 (DQ with float32
                                       scales, float layers) - TensorRT 11 builds them in FP32, not FP16
                                       (:mod:`qdq.onnx.check_precision`; fix: ``float_dtype=torch.float16``).
@@ -141,6 +143,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import os
@@ -515,6 +518,20 @@ class _Index:
         for t in path:
             self._dq_sources[t] = found
         return found
+
+    @functools.cached_property
+    def activations(self) -> frozenset[str]:
+        """The tensors whose values depend on the values of the graph inputs: computed from a graph input by ops
+        other than ``Shape`` and ``Size``. The rest is computed from constants and shapes alone (a bias a forward
+        edits, ``x.new_zeros(...)`` and the masks built on it, an index table): TensorRT folds it at build time, so it
+        is not data for an add or an activation quantizer to act on."""
+        found = {i.name for i in self.model.graph.input if i.name not in self.constants}
+        for node in self.nodes:  # a graph's nodes are in topological order
+            if node.op in ("Shape", "Size") and node.in_default_domain:
+                continue
+            if any(t in found for t in node.inputs if t):
+                found.update(t for t in node.outputs if t)
+        return frozenset(found)
 
     def origin(self, tensor: str) -> str:
         """Where a tensor comes from, for messages."""
@@ -1030,7 +1047,7 @@ def _check_residual_adds(ix: _Index) -> Iterator[Finding]:
         if add.op != "Add" or not add.in_default_domain or len(add.inputs) != 2 or add.name in scores:
             continue
         a, b = add.inputs
-        if a in ix.constants or b in ix.constants:
+        if a not in ix.activations or b not in ix.activations:  # a bias, a constant or a mask built from shapes
             continue
         dq_a, dq_b = ix.dq_source(a), ix.dq_source(b)
         if dq_a is not None and dq_b is not None:

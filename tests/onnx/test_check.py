@@ -590,6 +590,28 @@ def test_add_with_a_constant_is_not_residual():
     assert check_tensorrt(g.model({"x": [1, 4, 2, 2]}, ["add"])) == []
 
 
+def test_adds_of_what_constants_and_shapes_compute_are_not_residual():
+    """A bias the forward edits (Swin V2 zeroes part of its qkv bias: ScatterND of constants) and a mask built
+    from the input's shape (``x.new_zeros`` and the slices added to it) are folded by TensorRT: no add-float. The
+    same graph with both inputs computed from the input's values keeps the warning."""
+    g = Graph()
+    conv = g.int8_conv("x", "conv")
+    bias = g.op("ScatterND", [g.init("b", np.ones((1, 4, 1, 1), np.float32)),
+                              g.init("idx", np.array([[0, 1, 0, 0]], np.int64)),
+                              g.init("upd", np.zeros(1, np.float32))], "edit_bias")
+    g.op("Add", [conv, bias], "bias_add")
+    shape = g.op("Shape", [conv], "shape")
+    zeros = g.op("ConstantOfShape", [shape], "zeros", value=numpy_helper.from_array(np.zeros(1, np.float32)))
+    mask = g.op("Add", [zeros, g.op("Relu", [zeros], "mask_relu")], "mask_add")  # both inputs from shapes only
+    g.op("Add", ["bias_add", mask], "masked")
+    assert check_tensorrt(g.model({"x": [1, 4, 2, 2]}, ["masked"])) == []
+
+    g = Graph()
+    conv = g.int8_conv("x", "conv")
+    g.op("Add", [conv, g.op("Relu", [conv], "relu")], "add")  # an activation on both sides
+    only(check_tensorrt(g.model({"x": [1, 4, 2, 2]}, ["add"])), "warning", "add-float")
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # coverage, order, findings
 # ------------------------------------------------------------------------------------------------------------------

@@ -68,6 +68,26 @@ def test_recipe_takes_precedence_and_a_second_run_adds_nothing():
     assert remove_placement(plain) == 8 and not list(site_quantizers(plain))
 
 
+@pytest.mark.parametrize("dynamo", [pytest.param(False, id="torchscript"), pytest.param(True, id="dynamo", marks=pytest.mark.slow)])
+def test_swin_v2_attention_bias_and_masks_stay_in_float(dynamo, tmp_path):
+    """Swin V2 adds a relative position bias (and, in shifted windows, a mask) to the attention scores, edits its qkv
+    bias in the forward and builds the mask from the input's shape. None of those adds gets a quantizer: TensorRT's
+    fused attention takes the bias and the mask in float, and the rest is folded at build time."""
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
+
+    torch.manual_seed(0)
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4],
+                            num_classes=10, block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2)
+    model, x, info = flow(model, (2, 3, 32, 32), tmp_path, dynamo=dynamo)
+    assert not [name for name, _ in model.named_modules() if ".attn._add" in name]
+    findings = check_tensorrt(info.model)
+    assert not [f for f in findings if f.severity != "info"], [str(f) for f in findings]
+    attention = [m for m in model.modules() if isinstance(m, quant_nn.QuantScaledDotProductAttention)]
+    assert len(attention) == 4 and all(not a.float_reason for a in attention)
+    report = verify(model, info.path, x)
+    assert report.ok and report.rounding.max_step_difference <= 1, str(report)
+
+
 @pytest.mark.slow
 def test_mobilenet_v3_small_leaves_se_gating_in_float(tmp_path):
     model, x, info = flow(torchvision.models.mobilenet_v3_small(weights=None, num_classes=10), (1, 3, 64, 64),
