@@ -174,7 +174,8 @@ class _SiteMode(TorchFunctionMode):
         record = getattr(_state, "record", None)
         if record is not None:
             inputs = _tensor_inputs(kind, args, kwargs)
-            if inputs:
+            # data only: under jit tracing, shape arithmetic (``H + pad``) runs on 0-dim integer tensors too
+            if inputs and all(t.is_floating_point() and t.dim() > 0 for t in inputs):
                 record(owner, key, "add" if kind == "add_" else kind, len(inputs), inputs[0].device)
         sites = owner.__dict__.get(_SITES_ATTR)
         site = sites.get(key) if sites else None

@@ -68,6 +68,30 @@ def test_recipe_takes_precedence_and_a_second_run_adds_nothing():
     assert remove_placement(plain) == 8 and not list(site_quantizers(plain))
 
 
+class WindowPartition(nn.Module):
+    """A window partition as timm's TinyViT writes it: the padded height is computed with ``+`` from the input's
+    shape, which the tagged TorchScript export traces as 0-dim integer tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        batch, height, width, channels = x.shape
+        padded = height + (7 - height % 7) % 7
+        return (x + self.fc(x)).view(batch, padded // 7, 7, width // 7, 7, channels).sum(dim=(2, 4))
+
+
+def test_shape_arithmetic_gets_no_quantizer():
+    model = WindowPartition().eval()
+    qdq.replace_to_quantization_module(model)
+    x = torch.randn(2, 14, 14, 8)
+    report = place_quantizers(model, x)  # used to quantize `height + pad` and break the view
+    assert [(kind, slot) for _, kind, slot, _ in site_quantizers(model)] == [("add", 0)]
+    assert len(report.placed) == 1
+    assert model(x).shape == (2, 2, 2, 8)
+
+
 @pytest.mark.parametrize("dynamo", [pytest.param(False, id="torchscript"), pytest.param(True, id="dynamo", marks=pytest.mark.slow)])
 def test_swin_v2_attention_bias_and_masks_stay_in_float(dynamo, tmp_path):
     """Swin V2 adds a relative position bias (and, in shifted windows, a mask) to the attention scores, edits its qkv
