@@ -120,10 +120,13 @@ def _call_site(frame) -> tuple[nn.Module | None, tuple | None]:
         if isinstance(owner, nn.Module):
             # a helper method of the same module, called from its forward: the caller's frames tell the calls apart
             frame = frame.f_back
+            # (a wrapper that runs nested in itself - transformers' checkpointing wrapper of a layer's forward, under
+            # torch.export - is one frame, as a functional re-entered above is)
             while (frame is not None and len(chain) < _MAX_DEPTH and frame.f_code.co_filename != _MODULE_FILE
                    and frame.f_locals.get("self") is owner):
-                chain.append((frame.f_code.co_filename, frame.f_code.co_firstlineno, frame.f_code.co_name,
-                              frame.f_lasti))
+                entry = (frame.f_code.co_filename, frame.f_code.co_firstlineno, frame.f_code.co_name, frame.f_lasti)
+                if not chain or chain[-1] != entry:
+                    chain.append(entry)
                 frame = frame.f_back
             return owner, tuple(chain)
         frame = frame.f_back

@@ -68,6 +68,34 @@ def test_recipe_takes_precedence_and_a_second_run_adds_nothing():
     assert remove_placement(plain) == 8 and not list(site_quantizers(plain))
 
 
+class HFViT(nn.Module):
+    """A small HuggingFace ViTModel returning ``last_hidden_state``: its residual adds are in the layer whose
+    forward transformers wraps for gradient checkpointing."""
+
+    def __init__(self):
+        super().__init__()
+        transformers = pytest.importorskip("transformers")
+        config = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=128, image_size=32, patch_size=8)
+        self.vit = transformers.ViTModel(config)
+
+    def forward(self, x):
+        return self.vit(pixel_values=x).last_hidden_state
+
+
+@pytest.mark.slow
+def test_hf_vit_dynamo_export_keeps_the_placed_quantizers(tmp_path):
+    torch.manual_seed(0)
+    model, x, info = flow(HFViT(), (2, 3, 32, 32), tmp_path, dynamo=True)
+    placed = [attr for *_, attr in site_quantizers(model)]
+    assert len(placed) == 4  # the two residual adds of each layer
+    names = [n.name for n in info.model.graph.node if n.op_type == "QuantizeLinear"]
+    torchscript = export_onnx(model, x, tmp_path / "ts.onnx")
+    assert len(names) == sum(n.op_type == "QuantizeLinear" for n in torchscript.model.graph.node)
+    report = verify(model, info.path, x)
+    assert report.ok, str(report)
+
+
 class WindowPartition(nn.Module):
     """A window partition as timm's TinyViT writes it: the padded height is computed with ``+`` from the input's
     shape, which the tagged TorchScript export traces as 0-dim integer tensors."""

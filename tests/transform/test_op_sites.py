@@ -1,6 +1,7 @@
 """Op-site quantizers: inline adds, concats and poolings that go through quantizers without a forward rewrite."""
 
 import copy
+import functools
 import pickle
 
 import torch
@@ -70,6 +71,37 @@ def test_site_quantizers_survive_deepcopy_and_pickle_and_calling_a_submodule():
     torch.testing.assert_close(copy.deepcopy(outer)(x)[0], expected)
     torch.testing.assert_close(pickle.loads(pickle.dumps(outer))(x)[0], expected)
     assert "1._add0_input1_quantizer._amax" in outer.state_dict()
+
+
+def _wrapped(forward):
+    """A forward wrapper as transformers' layers have (``forward_with_checkpointing``): ``self`` in its frame."""
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        return forward(self, *args, **kwargs)
+    return wrapper
+
+
+class WrappedBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 1)
+
+    def forward(self, x):
+        return self.conv(x) + x
+
+
+def test_a_wrapper_running_nested_in_itself_keeps_the_site(monkeypatch):
+    """torch.export ran transformers' forward wrapper nested in itself, which gave the site another key there, and
+    the dynamo export of HF ViT lost its residual-add quantizers."""
+    monkeypatch.setattr(WrappedBlock, "forward", _wrapped(WrappedBlock.forward))
+    model = WrappedBlock()
+    x = torch.randn(1, 2, 3, 3)
+    sites = record_sites(model, x)
+    set_site_quantizer(model, sites[0].key, "add", 1, "_add0_input1_quantizer", _q(0.1))
+    expected = model(x)
+    assert not torch.equal(expected, model.conv(x) + x)
+    monkeypatch.setattr(WrappedBlock, "forward", _wrapped(WrappedBlock.forward))  # the same wrapper, twice
+    torch.testing.assert_close(model(x), expected)
 
 
 def test_an_exception_in_forward_leaves_no_mode_active():
