@@ -14,8 +14,11 @@ quantization.
 Which sites get quantizers is decided by the graph-side placement pass (:func:`qdq.onnx.placement.place_quantizers`);
 :func:`set_site_quantizer` and :func:`remove_site_quantizers` are the low-level means it uses.
 
-A site runs inside a loop once per iteration with the same quantizer (one scale for every iteration). The mode is
-entered by forward hooks of the modules that own sites, so calling such a module on its own works too. Code compiled
+Each execution of a call instruction within one call of its module's forward is a site of its own (the instruction
+and how many times it ran before in that call), so an add inside a loop (HRNet's fusion of its branches, ``for
+block in blocks: x = x + block(x)``) gets its quantizers per iteration, each with its own scale; a module called
+twice runs its sites twice, as it runs its other quantizers. The mode is entered by forward hooks of the modules
+that own sites, so calling such a module on its own works too. Code compiled
 with ``torch.compile`` is not supported (the site lookup reads Python frames).
 
 Example:
@@ -90,7 +93,8 @@ class OpSite:
 
     Attributes:
         owner: dotted path of the module whose forward makes the call (``""`` for the root).
-        key: identifies the call instruction within that module (plain, picklable data).
+        key: identifies the call instruction within that module and the execution of it in one call of the
+            module's forward (plain, picklable data).
         kind: one of :data:`SITE_KINDS`.
         index: the site's position among its owner's sites of the same kind, in first-call order.
         num_inputs: number of tensor inputs at the first call.
@@ -159,6 +163,36 @@ def _call(func, kind: str, args: tuple, kwargs: dict, quantizers: dict[int, Call
     return func(*args, **kwargs)
 
 
+def _occurrence(owner: nn.Module, chain: tuple) -> int:
+    """How many times the call instruction ``chain`` ran before in the current call of ``owner``'s forward (the
+    counts start afresh in each call: :func:`_new_call`)."""
+    calls = _stack_dict("calls").setdefault(id(owner), {})
+    n = calls.get(chain, 0)
+    calls[chain] = n + 1
+    return n
+
+
+def _new_call(module: nn.Module) -> None:
+    _stack_dict("calls")[id(module)] = {}
+
+
+_warned_extra: set[tuple] = set()
+
+
+def _site_of(owner: nn.Module, sites: dict, key: tuple):
+    site = sites.get(key)
+    if site is not None:
+        return site
+    chain, n = key
+    site = sites.get(chain)  # sites set before executions were counted: one site for every execution
+    if site is None and n > 0 and (chain, 0) in sites and (id(owner), chain) not in _warned_extra:
+        _warned_extra.add((id(owner), chain))
+        logger.warning("%s: an op with site quantizers ran %d or more times in one forward, more often than when its "
+                       "sites were placed; the further calls run unquantized (place the sites again: "
+                       "qdq.onnx.placement.place_quantizers)", type(owner).__name__, n + 1)
+    return site
+
+
 class _SiteMode(TorchFunctionMode):
     """Applies the site quantizers of whichever module issues an op; records sites while :func:`record_sites`
     runs (one mode per thread at a time: see :func:`_enter`)."""
@@ -171,17 +205,21 @@ class _SiteMode(TorchFunctionMode):
             kind = None
         if kind is None:
             return func(*args, **kwargs)
-        owner, key = _call_site(sys._getframe(1))
+        owner, chain = _call_site(sys._getframe(1))
         if owner is None:
             return func(*args, **kwargs)
         record = getattr(_state, "record", None)
+        sites = owner.__dict__.get(_SITES_ATTR)
+        if record is None and not sites:
+            return func(*args, **kwargs)
+        key = (chain, _occurrence(owner, chain))
         if record is not None:
             inputs = _tensor_inputs(kind, args, kwargs)
             # data only: under jit tracing, shape arithmetic (``H + pad``) runs on 0-dim integer tensors too
             if inputs and all(t.is_floating_point() and t.dim() > 0 for t in inputs):
                 record(owner, key, "add" if kind == "add_" else kind, len(inputs), inputs[0].device)
-        sites = owner.__dict__.get(_SITES_ATTR)
-        site = sites.get(key) if sites else None
+            sites = owner.__dict__.get(_SITES_ATTR)  # the recording may have placed quantizers on this very call
+        site = _site_of(owner, sites, key) if sites else None
         if site is None:
             return func(*args, **kwargs)
         quantizers = {slot: getattr(owner, attr) for slot, attr in site[1].items()}
@@ -199,12 +237,22 @@ def _stack(name: str) -> list:
     return stack
 
 
+def _stack_dict(name: str) -> dict:
+    found = getattr(_state, name, None)
+    if found is None:
+        found = {}
+        setattr(_state, name, found)
+    return found
+
+
 def _depth() -> int:
     return len(_stack("entered"))
 
 
 def _enter(module: nn.Module, args: Any) -> None:
-    """Forward pre-hook of a module with sites: the mode is entered unless it is active already."""
+    """Forward pre-hook of a module with sites: a new call (its ops' executions counted afresh); the mode is entered
+    unless it is active already."""
+    _new_call(module)
     pushed = None
     if getattr(_state, "mode", None) is None:
         pushed = _state.mode = _SiteMode()
@@ -323,6 +371,8 @@ def record_sites(model: nn.Module, args: Any = None, kwargs: dict | None = None,
         _state.record = record
         token = object()  # the recording's own entry, apart from the model's hooks
         _enter(token, None)
+        # every module call starts its ops' execution counts afresh, as the hooks of modules with sites do later
+        calls_hook = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: _new_call(module))
         try:
             if run is not None:
                 run()
@@ -333,6 +383,7 @@ def record_sites(model: nn.Module, args: Any = None, kwargs: dict | None = None,
                 with torch.no_grad():
                     model(*args, **(kwargs or {}))
         finally:
+            calls_hook.remove()
             _exit(token, None, None)
             _state.record = None
     return list(found.values())

@@ -68,6 +68,31 @@ def test_recipe_takes_precedence_and_a_second_run_adds_nothing():
     assert remove_placement(plain) == 8 and not list(site_quantizers(plain))
 
 
+class LoopedResidual(nn.Module):
+    """Residual adds written once in a loop of the parent's forward, as HRNet fuses its branches."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)) for _ in range(3))
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+def test_residual_adds_in_a_loop_get_one_quantizer_each(tmp_path):
+    model, x, info = flow(LoopedResidual(), (1, 3, 16, 16), tmp_path)
+    assert [(kind, slot) for _, kind, slot, _ in site_quantizers(model)] == [("add", 0)] * 3
+    # each iteration's shortcut is the tensor its block's conv reads: that conv's quantizer, three different ones
+    for i, block in enumerate(model.blocks):
+        assert getattr(model, f"_add{i}_input0_quantizer") is block[0]._input_quantizer
+    fusion = assert_fully_int8(info, model, x)
+    assert fusion.fused_adds == 3
+
+
 class HFViT(nn.Module):
     """A small HuggingFace ViTModel returning ``last_hidden_state``: its residual adds are in the layer whose
     forward transformers wraps for gradient checkpointing."""

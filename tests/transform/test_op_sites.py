@@ -73,6 +73,47 @@ def test_site_quantizers_survive_deepcopy_and_pickle_and_calling_a_submodule():
     assert "1._add0_input1_quantizer._amax" in outer.state_dict()
 
 
+class Loop(nn.Module):
+    """A residual add inside a loop of the forward: one call instruction, one site per iteration."""
+
+    def __init__(self, blocks=3):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(2, 2, 1) for _ in range(blocks))
+        self.repeat = blocks
+
+    def forward(self, x):
+        for conv in self.convs[:self.repeat]:
+            x = x + conv(x)
+        return x
+
+
+def test_each_iteration_of_a_loop_is_a_site(caplog):
+    model = Loop()
+    x = torch.randn(1, 2, 3, 3)
+    sites = record_sites(model, x)
+    assert [(s.kind, s.index) for s in sites] == [("add", 0), ("add", 1), ("add", 2)]
+    assert len({s.key[0] for s in sites}) == 1 and [s.key[1] for s in sites] == [0, 1, 2]
+    set_site_quantizer(model, sites[1].key, "add", 0, "_add1_input0_quantizer", _q(0.1))
+    with torch.no_grad():
+        expected = x + model.convs[0](x)
+        clipped = torch.clamp(torch.round(expected * (127 / 0.1)), -128, 127) * (0.1 / 127)
+        expected = clipped + model.convs[1](expected)  # the second iteration only
+        expected = expected + model.convs[2](expected)
+        torch.testing.assert_close(model(x), expected)
+        torch.testing.assert_close(model(x), expected)  # the next call counts afresh
+        model.repeat = 2
+        assert record_sites(model, x)[-1].key == sites[1].key
+    # an iteration beyond those recorded runs unquantized, with a warning
+    model = Loop()
+    model.repeat = 2
+    for site in record_sites(model, x):
+        set_site_quantizer(model, site.key, "add", 0, f"_add{site.index}_input0_quantizer", _q(0.1))
+    model.repeat = 3
+    with caplog.at_level("WARNING", logger="qdq.transform.op_sites"), torch.no_grad():
+        model(x)
+    assert any("ran 3 or more times" in r.getMessage() for r in caplog.records)
+
+
 def _wrapped(forward):
     """A forward wrapper as transformers' layers have (``forward_with_checkpointing``): ``self`` in its frame."""
     @functools.wraps(forward)
