@@ -385,7 +385,14 @@ def export_onnx(
         except ValueError as err:
             raise ExportError(f"float16 conversion of {path}: {err}") from err
     onnx.save(onnx_model, str(path))
-    onnx.checker.check_model(onnx_model)
+    try:
+        onnx.checker.check_model(onnx_model)
+    except onnx.checker.ValidationError as err:
+        hint = (f" The dynamo exporter writes opset 18 and converts it to the opset asked for ({opset}); its "
+                "conversion can leave newer attributes behind (Split's num_outputs): export with opset=18 or "
+                "later." if dynamo and opset < 18 else "")
+        raise ExportError(f"the {exporter} exporter wrote a file that fails the ONNX checker, kept at {path} for "
+                          f"inspection: {str(err).splitlines()[0]}.{hint}") from err
     pairs = sum(1 for n in onnx_model.graph.node if n.op_type == "DequantizeLinear")
     opset_used = next((o.version for o in onnx_model.opset_import if o.domain in ("", "ai.onnx")), opset)
     info = ExportInfo(path=path, model=onnx_model, exporter=exporter, opset=opset_used, num_qdq_pairs=pairs,

@@ -293,3 +293,29 @@ def test_equal_weights_are_initializers_not_identities(tmp_path):
     weight_qs = [n for n in info.model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in inits]
     assert len(weight_qs) == 2
     assert verify(model, info.path, torch.randn(3, 4)).ok
+
+
+class _GPT2(nn.Module):
+    def __init__(self):
+        super().__init__()
+        transformers = pytest.importorskip("transformers")
+        config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=64,
+                                         bos_token_id=0, eos_token_id=0)
+        self.gpt2 = transformers.GPT2Model(config)
+
+    def forward(self, ids):
+        return self.gpt2(input_ids=ids).last_hidden_state
+
+
+@pytest.mark.slow
+def test_an_invalid_dynamo_file_is_an_export_error_that_names_the_opset(tmp_path):
+    """torch's dynamo exporter converts its opset-18 graph to opset 17 and leaves Split's num_outputs in HF GPT-2:
+    the file fails the ONNX checker. That is an ExportError saying which opset to ask for, and that one works."""
+    torch.manual_seed(0)
+    model, ids = _GPT2().eval(), torch.randint(0, 100, (2, 16))
+    qdq.replace_to_quantization_module(model)
+    qdq.calibrate_model(model, [ids], progress=False)
+    with pytest.raises(ExportError, match="fails the ONNX checker.*opset=18"):
+        export_onnx(model, ids, tmp_path / "m17.onnx", dynamo=True)
+    info = export_onnx(model, ids, tmp_path / "m18.onnx", dynamo=True, opset=18)
+    assert info.opset == 18 and verify(model, info.path, ids).ok
