@@ -265,9 +265,37 @@ def replace_to_quantization_module(
                            type(module).__name__, layer.paths)
         _convert(module, layer.quant_cls, descs)
         report.replaced.append(path)
+    _report_unknown_weight_layers(model, layers, ignore, report)
     name_quantizers(model)
     logger.info("%s", report)
     return report
+
+
+#: Modules with a weight matrix that TensorRT's INT8 layers do not take as one (a lookup table).
+_NOT_WEIGHT_LAYERS = (nn.Embedding, nn.EmbeddingBag)
+
+
+def _report_unknown_weight_layers(model: nn.Module, layers: list[QuantizableLayer], ignore, report) -> None:
+    """Lists in ``report.unsupported`` the modules holding a ``weight`` matrix (2-D or more) that the module map
+    has no quantized class for (transformers' ``Conv1D``, a custom layer): they stay in float, and that is said."""
+    known = {id(layer.module) for layer in layers}
+    listed = {p for p, _ in report.unsupported}
+    found: dict[type, list[str]] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, torch.jit.ScriptModule):  # reported above, with its own reason
+            continue
+        weight = module._parameters.get("weight")
+        if (weight is None or weight.dim() < 2 or id(module) in known or isinstance(module, _NOT_WEIGHT_LAYERS)
+                or type(module).__module__.startswith("qdq.") or path in listed or ignore(path)
+                or any(path.startswith(p + ".") for p in listed)):
+            continue
+        found.setdefault(type(module), []).append(path)
+    for cls, paths in found.items():
+        why = (f"{cls.__module__}.{cls.__qualname__} has a weight matrix but no quantized class in the module map: "
+               "it stays in float (map one to it with quant_map, or ignore it)")
+        report.unsupported.extend((path, why) for path in paths)
+        logger.warning("not quantized: %d %s layers (%s%s): no quantized class in the module map, they stay in float",
+                       len(paths), cls.__qualname__, ", ".join(paths[:3]), ", ..." if len(paths) > 3 else "")
 
 
 def _check_descriptors(descriptors, layers: list[QuantizableLayer]) -> dict[str, Mapping[str, object]]:

@@ -435,3 +435,27 @@ def test_per_layer_descriptors_are_checked():
     with pytest.raises(ValueError, match=r"'0'\['input'\]: must be a QuantDescriptor, got dict"):
         replace_to_quantization_module(model, descriptors={"0": {"input": {"num_bits": 8}}})
     assert not any(quant_modules.is_quantized(m) for m in model.modules())  # checked before anything changes
+
+
+class _Dense(nn.Module):
+    """A layer of its own with a weight matrix (as transformers' Conv1D): no quantized class maps to it."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        return x @ self.weight
+
+
+def test_layers_with_a_weight_matrix_but_no_quantized_class_are_reported(caplog):
+    model = nn.Sequential(nn.Embedding(10, 4), _Dense(), nn.Linear(4, 4), nn.LayerNorm(4), _Dense())
+    with caplog.at_level("WARNING", logger="qdq.transform.replace"):
+        report = replace_to_quantization_module(model)
+    assert report.replaced == ["2"]
+    assert [path for path, _ in report.unsupported] == ["1", "4"]  # not the embedding, the norm or the linear
+    assert all("_Dense has a weight matrix but no quantized class" in why for _, why in report.unsupported)
+    assert "not quantized: 2 _Dense layers (1, 4)" in caplog.text
+    ignored = replace_to_quantization_module(
+        nn.Sequential(_Dense(), nn.Linear(4, 4)), ignore_policy=["0"])
+    assert ignored.unsupported == []
