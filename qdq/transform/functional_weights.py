@@ -28,7 +28,10 @@ __all__ = ["functional_weight_users", "functional_weight_names", "functional_use
 #: Attribute of a patched module naming the children whose functional use the patch quantizes.
 ROUTED_ATTR = "_qdq_routed_linears"
 
-_WEIGHT_USE = re.compile(r"self\.(\w+)\.weight\b")
+#: ``self.<child>.weight`` used as a tensor; reading its metadata (``.dtype``, ``.device``, ...) or testing its type
+#: (``isinstance(self.<child>.weight, ...)``: transformers' T5 before it calls the child) is no use of the values.
+_WEIGHT_USE = re.compile(r"(?<!isinstance\()self\.(\w+)\.weight\b(?!\s*\.\s*(?:(?:dtype|device|shape|ndim|is_cuda|"
+                         r"requires_grad)\b|size\(|dim\(|numel\())")
 
 
 @functools.lru_cache(maxsize=None)
