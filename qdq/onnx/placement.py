@@ -8,7 +8,8 @@ exported file has):
 
 1. **Find and probe the op sites**, in one export. The model is exported with every quantizer tagged by a
    distinct scale (:func:`~qdq.onnx.export.export_with_quantizer_tags`) while :mod:`qdq.transform.op_sites` watches the
-   forward: each inline add, concat and average pooling met (by module and call instruction) gets a temporary
+   forward: each inline add, concat and average pooling met (by module, call instruction and its execution in
+   that call of the forward: an add in a loop is one site per iteration) gets a temporary
    *probe* quantizer with a tag of its own on every input, so each probe's QuantizeLinear says which site input it
    is, whatever the exporter names things. Nothing is traced symbolically, so models torch.fx cannot trace work the
    same; what is needed is that the model exports to ONNX.
