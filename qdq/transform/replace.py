@@ -285,9 +285,10 @@ def _report_unknown_weight_layers(model: nn.Module, layers: list[QuantizableLaye
         if isinstance(module, torch.jit.ScriptModule):  # reported above, with its own reason
             continue
         weight = module._parameters.get("weight")
-        if (weight is None or weight.dim() < 2 or id(module) in known or isinstance(module, _NOT_WEIGHT_LAYERS)
+        if (weight is None or id(module) in known or isinstance(module, _NOT_WEIGHT_LAYERS)
+                or isinstance(weight, nn.parameter.UninitializedParameter)  # a lazy module's: no shape yet
                 or type(module).__module__.startswith("qdq.") or path in listed or ignore(path)
-                or any(path.startswith(p + ".") for p in listed)):
+                or any(path.startswith(p + ".") for p in listed) or weight.dim() < 2):
             continue
         found.setdefault(type(module), []).append(path)
     for cls, paths in found.items():
