@@ -384,6 +384,7 @@ def record_sites(model: nn.Module, args: Any = None, kwargs: dict | None = None,
                     model(*args, **(kwargs or {}))
         finally:
             calls_hook.remove()
+            _stack_dict("calls").clear()  # (keyed by module id: nothing kept for modules that may be gone)
             _exit(token, None, None)
             _state.record = None
     return list(found.values())
