@@ -19,9 +19,9 @@ exported file has):
 
    * **residual Add** (two activations, each computed from the model's inputs: a bias or mask built from
      constants and shapes alone is no activation; the mask or bias added to attention scores, between the first
-     attention MatMul and its Softmax, stays float as TensorRT's fused attention takes it): when one input comes from a quantized Conv/ConvTranspose/Gemm (through
-     BatchNormalization; a MatMul with its bias Add) read by nothing else, the *other* input is quantized - TensorRT
-     fuses the add into that conv's INT8 kernel. When both do, the shallower one (the shortcut) is quantized; when
+     attention MatMul and its Softmax, stays float as TensorRT's fused attention takes it): when one input comes
+     from a quantized Conv/ConvTranspose/Gemm (through BatchNormalization; a MatMul with its bias Add) read by
+     nothing else, the *other* input is quantized - TensorRT fuses the add into that conv's INT8 kernel. When both do, the shallower one (the shortcut) is quantized; when
      neither does, both are (an INT8 elementwise add). An input that already comes from a DequantizeLinear (through
      ops that commute with quantization) is left as it is.
    * **Concat**: when some inputs come from a DequantizeLinear and others do not, the others are quantized.
