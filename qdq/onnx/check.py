@@ -533,6 +533,14 @@ class _Index:
                 found.update(t for t in node.outputs if t)
         return frozenset(found)
 
+    @functools.cached_property
+    def attention_scores(self) -> frozenset[str]:
+        """Names of the nodes between an attention's first MatMul and its Softmax (scale, mask or bias adds,
+        reshapes): no residual adds, as TensorRT's fused attention takes them in float."""
+        from qdq.onnx.check_attention import find_attentions  # imported where used, as _check_attention does
+
+        return frozenset(n.name for att in find_attentions(self) for n in att.between)
+
     def origin(self, tensor: str) -> str:
         """Where a tensor comes from, for messages."""
         node = self.producer.get(tensor)
@@ -1039,12 +1047,9 @@ def _comes_from_conv(ix: _Index, tensor: str) -> bool:
 
 
 def _check_residual_adds(ix: _Index) -> Iterator[Finding]:
-    from qdq.onnx.check_attention import find_attentions
-
-    # the mask or bias added to attention scores is no residual add: TensorRT's fused attention takes it in float
-    scores = {node.name for att in find_attentions(ix) for node in att.between}
     for add in ix.nodes:
-        if add.op != "Add" or not add.in_default_domain or len(add.inputs) != 2 or add.name in scores:
+        if (add.op != "Add" or not add.in_default_domain or len(add.inputs) != 2
+                or add.name in ix.attention_scores):
             continue
         a, b = add.inputs
         if a not in ix.activations or b not in ix.activations:  # a bias, a constant or a mask built from shapes

@@ -21,9 +21,10 @@ exported file has):
      constants and shapes alone is no activation; the mask or bias added to attention scores, between the first
      attention MatMul and its Softmax, stays float as TensorRT's fused attention takes it): when one input comes
      from a quantized Conv/ConvTranspose/Gemm (through BatchNormalization; a MatMul with its bias Add) read by
-     nothing else, the *other* input is quantized - TensorRT fuses the add into that conv's INT8 kernel. When both do, the shallower one (the shortcut) is quantized; when
-     neither does, both are (an INT8 elementwise add). An input that already comes from a DequantizeLinear (through
-     ops that commute with quantization) is left as it is.
+     nothing else, the *other* input is quantized - TensorRT fuses the add into that conv's INT8 kernel. When
+     both do, the shallower one (the shortcut) is quantized; when neither does, both are (an INT8 elementwise add).
+     An input that already comes from a DequantizeLinear (through ops that commute with quantization) is left as
+     it is.
    * **Concat**: when some inputs come from a DequantizeLinear and others do not, the others are quantized.
      (A Concat whose output is quantized needs nothing: TensorRT moves that Q before the Concat.)
    * **average pooling** (AveragePool, GlobalAveragePool, ReduceMean from functional calls): its input is quantized
@@ -80,7 +81,6 @@ from torch import nn
 from qdq.distributed import run_on_rank0
 from qdq.nn.modules.tensor_quantizer import TensorQuantizer
 from qdq.onnx.check import _Index
-from qdq.onnx.check_attention import find_attentions
 import numpy as np
 
 from qdq.onnx.export import TAG_STEP, _constant_values, export_with_quantizer_tags
@@ -213,12 +213,10 @@ def decide_placement(model: onnx.ModelProto, probe_of: dict[str, str], q_names: 
     slots_of: dict[int, dict[int, str]] = defaultdict(dict)
     for (index, slot), probe in edges.items():
         slots_of[index][slot] = probe
-    # the mask or bias added to attention scores stays in float: TensorRT's fused attention takes it so
-    scores = {n.name for att in find_attentions(ix) for n in att.between}
     keep: dict[str, str] = {}
     for index, slots in sorted(slots_of.items()):
         node = ix.nodes[index]
-        if (node.op == "Add" and len(node.inputs) == 2 and node.name not in scores
+        if (node.op == "Add" and len(node.inputs) == 2 and node.name not in ix.attention_scores
                 and all(t in ix.activations for t in node.inputs)):
             quantized = [ix.dq_source(t) is not None for t in node.inputs]
             if all(quantized):

@@ -166,14 +166,14 @@ def _call(func, kind: str, args: tuple, kwargs: dict, quantizers: dict[int, Call
 def _occurrence(owner: nn.Module, chain: tuple) -> int:
     """How many times the call instruction ``chain`` ran before in the current call of ``owner``'s forward (the
     counts start afresh in each call: :func:`_new_call`)."""
-    calls = _stack_dict("calls").setdefault(id(owner), {})
+    calls = _local("calls", dict).setdefault(id(owner), {})
     n = calls.get(chain, 0)
     calls[chain] = n + 1
     return n
 
 
 def _new_call(module: nn.Module) -> None:
-    _stack_dict("calls")[id(module)] = {}
+    _local("calls", dict)[id(module)] = {}
 
 
 _warned_extra: set[tuple] = set()
@@ -229,24 +229,17 @@ class _SiteMode(TorchFunctionMode):
 _state = threading.local()
 
 
-def _stack(name: str) -> list:
-    stack = getattr(_state, name, None)
-    if stack is None:
-        stack = []
-        setattr(_state, name, stack)
-    return stack
-
-
-def _stack_dict(name: str) -> dict:
+def _local(name: str, factory: Callable[[], Any] = list) -> Any:
+    """This thread's ``name`` (a stack of entries, or the execution counts), made by ``factory`` on first use."""
     found = getattr(_state, name, None)
     if found is None:
-        found = {}
+        found = factory()
         setattr(_state, name, found)
     return found
 
 
 def _depth() -> int:
-    return len(_stack("entered"))
+    return len(_local("entered"))
 
 
 def _enter(module: nn.Module, args: Any) -> None:
@@ -257,12 +250,12 @@ def _enter(module: nn.Module, args: Any) -> None:
     if getattr(_state, "mode", None) is None:
         pushed = _state.mode = _SiteMode()
         pushed.__enter__()
-    _stack("entered").append((module, pushed))
+    _local("entered").append((module, pushed))
 
 
 def _pop_entry(name: str, module: nn.Module):
     """The entry ``module``'s pre-hook pushed, or None when it pushed none (a hook added during its forward)."""
-    stack = _stack(name)
+    stack = _local(name)
     if stack and stack[-1][0] is module:
         return stack.pop()[1]
     return None
@@ -304,7 +297,7 @@ def _pause(module: nn.Module, args: Any) -> None:
         _state.mode = None
         mode.__exit__(None, None, None)
         paused = mode
-    _stack("paused").append((module, paused))
+    _local("paused").append((module, paused))
 
 
 def _resume(module: nn.Module, args: Any, output: Any) -> None:
@@ -384,7 +377,7 @@ def record_sites(model: nn.Module, args: Any = None, kwargs: dict | None = None,
                     model(*args, **(kwargs or {}))
         finally:
             calls_hook.remove()
-            _stack_dict("calls").clear()  # (keyed by module id: nothing kept for modules that may be gone)
+            _local("calls", dict).clear()  # (keyed by module id: nothing kept for modules that may be gone)
             _exit(token, None, None)
             _state.record = None
     return list(found.values())

@@ -265,5 +265,5 @@ def test_an_exception_in_a_paused_child_leaves_no_mode_active():
     from qdq.transform import op_sites
 
     assert not _get_current_function_mode_stack() and op_sites._depth() == 0
-    assert not op_sites._stack("paused") and getattr(op_sites._state, "mode", None) is None
+    assert not op_sites._local("paused") and getattr(op_sites._state, "mode", None) is None
     model(torch.randn(3, 4))
