@@ -11,8 +11,11 @@ exported file has):
    forward: each inline add, concat and average pooling met (by module, call instruction and its execution in
    that call of the forward: an add in a loop is one site per iteration) gets a temporary
    *probe* quantizer with a tag of its own on every input, so each probe's QuantizeLinear says which site input it
-   is, whatever the exporter names things. Nothing is traced symbolically, so models torch.fx cannot trace work the
-   same; what is needed is that the model exports to ONNX.
+   is, whatever the exporter names things. A tensor that an earlier site's probe read already (DenseNet's concats
+   take every earlier feature map again) reuses that probe's output instead of adding one more pair; each site keeps
+   at least one probe of its own, so the set of probes feeding a node still says which site it is. Nothing is
+   traced symbolically, so models torch.fx cannot trace work the same; what is needed is that the model exports
+   to ONNX.
 2. **Take the probes out** of the graph again, which leaves the graph the model has without placement, each site
    input labelled.
 3. **Decide**, on that graph, TensorRT's fusion rules:
@@ -144,7 +147,9 @@ class PlacementReport:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _strip_probes(model: onnx.ModelProto, probe_of: dict[str, str]) -> tuple[onnx.ModelProto, dict[tuple[int, int], str]]:
+def _strip_probes(
+    model: onnx.ModelProto, probe_of: dict[str, str],
+) -> tuple[onnx.ModelProto, dict[tuple[int, int], str]]:
     """The model without the probe Q/DQ pairs, and ``{(node index, input slot): probe}`` of the inputs they fed.
 
     ``probe_of`` maps QuantizeLinear node names to probe names.
@@ -199,8 +204,13 @@ def _short(name: str) -> str:
     return name.split("/")[-2] if name.count("/") >= 2 else name
 
 
-def decide_placement(model: onnx.ModelProto, probe_of: dict[str, str], q_names: dict[str, str]) -> list[tuple[str, str, str]]:
-    """The probes to keep, from a probed export: ``[(probe, reason, quantizer to share or "")]``.
+def decide_placement(
+    model: onnx.ModelProto, probe_of: dict[str, str], q_names: dict[str, str],
+) -> list[tuple[tuple[tuple[int, str], ...], int, str, str]]:
+    """The site inputs to quantize, from a probed export: ``[(labels, slot, reason, quantizer to share or "")]``.
+
+    ``labels`` is the node's ``((input slot, probe), ...)``, sorted: the probes that fed it, which say which site it
+    is (a probe read by several sites labels each of their nodes); ``slot`` the input to quantize.
 
     Args:
         model: the ONNX model exported with probes and tags.
@@ -213,7 +223,7 @@ def decide_placement(model: onnx.ModelProto, probe_of: dict[str, str], q_names: 
     slots_of: dict[int, dict[int, str]] = defaultdict(dict)
     for (index, slot), probe in edges.items():
         slots_of[index][slot] = probe
-    keep: dict[str, str] = {}
+    keep: dict[tuple[int, int], str] = {}
     for index, slots in sorted(slots_of.items()):
         node = ix.nodes[index]
         if (node.op == "Add" and len(node.inputs) == 2 and node.name not in ix.attention_scores
@@ -244,20 +254,54 @@ def decide_placement(model: onnx.ModelProto, probe_of: dict[str, str], q_names: 
             want = {}
         for j, reason in want.items():
             if j in slots:
-                keep.setdefault(slots[j], reason)
+                keep[(index, j)] = reason
     out = []
-    for probe, reason in keep.items():
-        index, slot = next(k for k, p in edges.items() if p == probe)
+    for (index, slot), reason in keep.items():
         tensor = ix.nodes[index].input(slot)
         readers = [n for n, _ in ix.consumers.get(tensor, []) if n.is_q and (ix.scale_size(n) or 1) == 1]
         shares = next((q_names[n.name] for n in readers if n.name in q_names), "")
-        out.append((probe, reason, shares))
+        out.append((tuple(sorted(slots_of[index].items())), slot, reason, shares))
     return out
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # The model side
 # --------------------------------------------------------------------------------------------------------------------
+
+
+class _Probe(nn.Module):
+    """A probe on one site input: a tagged Q/DQ pair, or an earlier probe's output for a tensor it already read.
+
+    ``seen`` (shared by the probes of one export) maps ``(id, version)`` of an input tensor to ``(tensor, output,
+    label)``; ``fresh`` holds the sites that have a probe of their own in the current call (the probes of a site run
+    one after the other, first to last). The last probe of a site whose other inputs all reused quantizes anyway,
+    so every site has one. ``label`` is the probe whose Q/DQ pair the input ends up in. The tagged quantizer is
+    made only when needed: made inside the export's trace, each costs milliseconds.
+    """
+
+    reuse = True  # False: a pair on every input, as without the reuse (the tests compare the two)
+
+    def __init__(self, name: str, scale: float, site: tuple, first: bool, last: bool, seen: dict, fresh: set):
+        super().__init__()
+        self.name, self.scale, self.site, self.first, self.last = name, scale, site, first, last
+        self.seen, self.fresh = seen, fresh
+        self.label = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.first:  # (an exporter may run the forward more than once)
+            self.fresh.discard(self.site)
+        key = (id(x), getattr(x, "_version", None))
+        hit = self.seen.get(key)
+        if self.reuse and hit is not None and hit[0] is x and not (self.last and self.site not in self.fresh):
+            self.label = hit[2]
+            return hit[1]
+        quantizer = TensorQuantizer().to(x.device)
+        quantizer.set_export_mode(True, scale=self.scale)
+        out = quantizer(x)
+        self.seen[key] = (x, out, self.name)
+        self.fresh.add(self.site)
+        self.label = self.name
+        return out
 
 
 def _attr(site: OpSite, slot: int) -> str:
@@ -280,21 +324,25 @@ def _analyse(
     attrs: set[str] = set()
     tag_of: dict[int, str] = {}
     first_tag = 1 + len({id(q) for _, q in quantizers(model) if q.is_enabled})  # after the real quantizers' tags
+    seen: dict[tuple, tuple] = {}
+    fresh: set[tuple] = set()
+    site_probes: dict[tuple, list[_Probe]] = {}
 
     def probe(site: OpSite, owner: nn.Module, device: torch.device) -> None:
         """Puts a tagged probe on every input of a site met during the export (so one trace finds and probes)."""
         if any(fnmatch(site.owner, pattern) for pattern in skip):
             return
-        for slot in range(site.num_inputs if site.kind != "pool" else 1):
-            if (site.owner, _attr(site, slot)) in placed:
-                continue
+        slots = [slot for slot in range(site.num_inputs if site.kind != "pool" else 1)
+                 if (site.owner, _attr(site, slot)) not in placed]
+        for slot in slots:
             attr = f"{_PROBE}{len(attrs)}"
-            quantizer = TensorQuantizer().to(device)
+            name = f"{site.owner}.{attr}" if site.owner else attr
             tag = first_tag + len(attrs)
-            quantizer.set_export_mode(True, scale=tag * TAG_STEP)
+            quantizer = _Probe(name, tag * TAG_STEP, (site.owner, site.key), slot == slots[0], slot == slots[-1],
+                               seen, fresh)
+            site_probes.setdefault((site.owner, site.key), []).append(quantizer)
             set_site_quantizer(owner, site.key, site.kind, slot, attr, quantizer)
             attrs.add(attr)
-            name = f"{site.owner}.{attr}" if site.owner else attr
             probes[name] = (site, slot)
             tag_of[tag] = name
 
@@ -311,6 +359,12 @@ def _analyse(
             onnx_model = onnx.load(str(path), load_external_data=False)
         finally:
             remove_site_quantizers(model, attrs)
+            seen.clear()  # (the tensors of the trace)
+    # each site by the probes its node reads: its own and those it reused
+    site_by_labels = {}
+    for quantizers_of_site in site_probes.values():
+        labels = tuple(sorted((probes[q.name][1], q.label) for q in quantizers_of_site))
+        site_by_labels[labels] = probes[quantizers_of_site[0].name][0]
     q_names = dict(box["q_names"])
     consts = _constant_values(onnx_model)
     for index, node in enumerate(onnx_model.graph.node):
@@ -323,8 +377,15 @@ def _analyse(
     probe_of = {node: name for node, name in q_names.items() if name in probes}
     real = {node: name for node, name in q_names.items() if name not in probes}
     decisions = []
-    for name, reason, shares in decide_placement(onnx_model, probe_of, real):
-        site, slot = probes[name]
+    for labels, slot, reason, shares in decide_placement(onnx_model, probe_of, real):
+        site = site_by_labels.get(labels)
+        if site is None:  # the exporter merged or split a site's node: its own probe on that input still says
+            own = probes[dict(labels)[slot]]
+            if own[1] != slot:
+                logger.warning("Placement: no site reads the probes %s; input %d left as it is",
+                               [label for _, label in labels], slot)
+                continue
+            site = own[0]
         decisions.append((site.owner, site.key, site.kind, site.index, slot, reason, shares))
     return len(sites), decisions
 
@@ -382,8 +443,11 @@ def place_quantizers(
         owner = model.get_submodule(owner_path)
         attr = f"_{kind}{index}_input{slot}_quantizer"
         quantizer = named.get(shares) or TensorQuantizer(quant_desc)
-        device = next((t.device for t in owner.parameters()), None) or next((t.device for t in model.parameters()), None)
-        set_site_quantizer(owner, key, kind, slot, attr, quantizer if device is None or shares else quantizer.to(device))
+        device = next((t.device for t in owner.parameters()), None) or next(
+            (t.device for t in model.parameters()), None)
+        if device is not None and not shares:
+            quantizer = quantizer.to(device)
+        set_site_quantizer(owner, key, kind, slot, attr, quantizer)
         report.placed.append(Placed(owner_path, attr, kind, slot, reason, shares if shares in named else ""))
         logger.info("Placement: %s (%s)%s", f"{owner_path}.{attr}" if owner_path else attr, reason,
                     f", shares {shares}" if shares in named else "")

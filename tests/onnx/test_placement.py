@@ -1,6 +1,7 @@
 """Automatic Q/DQ placement: the flow replace -> rules step (placement + shared scales) -> calibrate -> export is rated
 fully INT8 by the fusion predictor, passes the checker, and ONNX Runtime agrees with PyTorch on every Q node."""
 
+import copy
 import logging
 
 import pytest
@@ -16,8 +17,11 @@ from qdq.onnx.check import check_tensorrt
 from qdq.onnx.fusion import predict_fusion
 from qdq.onnx.placement import place_quantizers, remove_placement
 from qdq.onnx.rules import apply_custom_rules_to_quantizer
-from qdq.transform.op_sites import site_quantizers
+from qdq.transform.op_sites import record_sites, site_quantizers
 from qdq.rules import apply_resnet_rules
+
+
+EXPORTERS = [pytest.param(False, id="torchscript"), pytest.param(True, id="dynamo", marks=pytest.mark.slow)]
 
 
 def flow(model, shape, tmp_path, dynamo=False, **rules):
@@ -145,7 +149,7 @@ def test_shape_arithmetic_gets_no_quantizer():
     assert model(x).shape == (2, 2, 2, 8)
 
 
-@pytest.mark.parametrize("dynamo", [pytest.param(False, id="torchscript"), pytest.param(True, id="dynamo", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("dynamo", EXPORTERS)
 def test_swin_v2_attention_bias_and_masks_stay_in_float(dynamo, tmp_path):
     """Swin V2 adds a relative position bias (and, in shifted windows, a mask) to the attention scores, edits its qkv
     bias in the forward and builds the mask from the input's shape. None of those adds gets a quantizer: TensorRT's
@@ -194,7 +198,7 @@ class TinyInception(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.relu(z), 1), 1))
 
 
-@pytest.mark.parametrize("dynamo", [pytest.param(False, id="torchscript"), pytest.param(True, id="dynamo", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("dynamo", EXPORTERS)
 def test_concats_pools_and_adds_of_an_inline_forward(dynamo, tmp_path):
     model, x, info = flow(TinyInception(), (1, 3, 8, 8), tmp_path, dynamo=dynamo)
     assert_fully_int8(info, model, x)
@@ -208,6 +212,63 @@ def test_shufflenet_dynamo_split_keeps_scales(tmp_path):
     model, x, info = flow(torchvision.models.shufflenet_v2_x0_5(weights=None, num_classes=10), (1, 3, 32, 32),
                           tmp_path, dynamo=True)
     assert_fully_int8(info, model, x)
+
+
+class Reread(nn.Module):
+    """Sites reading tensors an earlier site read: two identical concats, adds of the concats' inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.b1, self.b2 = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 3, padding=1)
+        self.proj = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        a, b = F.relu(self.b1(x)), F.relu(self.b2(x))
+        y1, y2 = torch.cat([a, b], 1), torch.cat([a, b], 1)
+        s = self.proj(y1) + x
+        return s + y2 + F.avg_pool2d(torch.cat([x[:, :4], a + b], 1), 3, 1, 1)
+
+
+def _placed_and_probes(model, x, monkeypatch, reuse, dynamo=False):
+    from qdq.onnx import placement
+
+    seen = []
+    decide = placement.decide_placement
+
+    def spy(onnx_model, probe_of, q_names):
+        seen.append(len(probe_of))
+        return decide(onnx_model, probe_of, q_names)
+
+    monkeypatch.setattr(placement, "decide_placement", spy)
+    monkeypatch.setattr(placement._Probe, "reuse", reuse)
+    report = place_quantizers(model, x, dynamo=dynamo)
+    return sorted((p.path, p.reason, p.shares) for p in report.placed), seen[0]
+
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+@pytest.mark.parametrize("build, shape, rereads", [
+    (Reread, (1, 3, 8, 8), True),
+    (TinyInception, (1, 3, 8, 8), False),
+    (lambda: torchvision.models.DenseNet(growth_rate=4, block_config=(3, 2), num_init_features=8, bn_size=2,
+                                         num_classes=5), (1, 3, 32, 32), True),
+], ids=["reread", "inception", "densenet"])
+def test_a_tensor_read_again_reuses_its_probe_with_the_same_placement(build, shape, rereads, dynamo, monkeypatch):
+    """A tensor read by several sites gets one probe pair in the analysed export; what is placed is the same."""
+    torch.manual_seed(0)
+    model = build().eval()
+    qdq.replace_to_quantization_module(model)
+    x = torch.randn(shape)
+    without, pairs_without = _placed_and_probes(copy.deepcopy(model), x, monkeypatch, reuse=False, dynamo=dynamo)
+    placed, pairs = _placed_and_probes(model, x, monkeypatch, reuse=True, dynamo=dynamo)
+    assert placed == without and placed
+    assert pairs < pairs_without if rereads else pairs == pairs_without
+    if isinstance(model, torchvision.models.DenseNet):
+        # each concat reads one feature map no earlier concat read (the newest): one pair per site, not per input
+        sites = record_sites(model, x)
+        assert pairs_without == sum(s.num_inputs if s.kind != "pool" else 1 for s in sites) > pairs == len(sites)
 
 
 class DataDependent(nn.Module):
