@@ -275,6 +275,24 @@ def test_large_tensor_fake_fp8_per_channel_strided_nan_and_flush_denormal():
     assert formats._keeps_denormals()
 
 
+@pytest.mark.parametrize("byte", [0x7F, 0xFF])
+@pytest.mark.parametrize("where", [0, -1])
+def test_bit_level_dequantization_finds_either_nan_byte_anywhere_in_memory(byte, where):
+    """The NaN check reads q's bytes: one +NaN (0x7F) or -NaN (0xFF) byte, first or last in memory order of a
+    channels-last tensor, sends the tensor to torch's cast; +-448 (0x7E, 0xFE), the largest finite bytes, do not."""
+    full = torch.tensor([0x7E, 0xFE, 0x01, 0x80], dtype=torch.uint8).repeat(formats._BITS_MIN_NUMEL // 4)
+    q = full.view(torch.float8_e4m3fn).reshape(4, 4, 32, 32).contiguous(memory_format=torch.channels_last)
+    scale = torch.tensor(0.25)
+    out = torch.empty(q.shape).contiguous(memory_format=torch.channels_last)
+    assert formats._dequantize_bits(q, scale, out)
+    assert torch.equal(out.view(torch.int32), (q.float() * scale).view(torch.int32))
+    q.permute(0, 2, 3, 1).reshape(-1).view(torch.uint8)[where] = byte  # memory order of channels-last
+    assert not formats._dequantize_bits(q, scale, out)
+    got = formats.dequantize_fp8(q, scale, out=out)
+    assert int(got.isnan().sum()) == 1
+    assert torch.equal(got.nan_to_num().view(torch.int32), (q.float() * scale).nan_to_num().view(torch.int32))
+
+
 def test_torch_cast_saturates_as_the_clamp_skip_assumes():
     """On torch 2.14 the float8_e4m3fn cast saturates (overflow and infinities to +-448, NaN stays NaN); where a torch
     does not, the probe says so and the clamp stays."""
