@@ -209,16 +209,16 @@ _BITS_MASK = -0x78100000
 
 
 def _dequantize_bits(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> bool:
-    """``out = float32(q) * scale`` by bit arithmetic on ``out``'s memory, in place (five vectorized passes instead
-    of torch's scalar float8 cast loop, 5-10x slower on the CPU). False where that is not exact (``out`` may have
-    been written).
+    """``out = float32(q) * scale`` by bit arithmetic on ``out``'s memory, in place (four vectorized passes and two
+    byte maxima instead of torch's scalar float8 cast loop, 5-10x slower on the CPU). False where that is not exact
+    (``out`` may have been written).
 
     The FP8 byte ``s eeee mmm`` sign-extended to int32, shifted left by 20 and masked is the float32 ``s 0000eeee
     mmm0...``: the E4M3 value times 2**-120 exactly (E4M3 subnormals become float32 subnormals), so one product with
     ``scale * 2**120`` (exact: a power of two) rounds as ``float32(q) * scale`` does. NaN bytes would read as 480:
     a tensor with a NaN takes torch's cast instead. The NaN bytes are found on ``q`` itself: ``0x7F`` (+NaN) is the
-    largest int8 and ``0xFF`` (-NaN) the largest uint8, so two byte maxima find them (0.2 ms each at 25x96x56x56,
-    where an aminmax of the float32 result, subnormal numbers, took 8 ms).
+    largest int8 and ``0xFF`` (-NaN) the largest uint8, so two maxima over q's bytes find them (a 25x96x56x56 tensor
+    on 2 threads: 4.2 ms for the whole dequantization, 5.1 ms with an aminmax of the float32 result instead).
     """
     if not (_eager_cpu(q) and _eager_cpu(out) and q.numel() >= _BITS_MIN_NUMEL and _keeps_denormals()):
         return False
