@@ -137,6 +137,17 @@ def section_overhead_models(ctx: Context) -> None:
     ctx.cache["efficientnet"] = (fp32, models, calib, evalb, None, None)
 
 
+def _with_casts(function, *args):
+    """``function(*args)`` with FP8 fake quantization on torch's float8 casts, not the compiled CPU kernel."""
+    from qdq.math.formats import use_compiled_fp8
+
+    previous = use_compiled_fp8(False)
+    try:
+        return function(*args)
+    finally:
+        use_compiled_fp8(previous)
+
+
 def section_overhead(ctx: Context, result: dict) -> None:
     from qdq.math.formats import fake_fp8_quant
     from qdq.tensor_quant import fake_quantize_by_amax, fake_tensor_quant
@@ -146,12 +157,15 @@ def section_overhead(ctx: Context, result: dict) -> None:
     x = torch.cat([b[0] for b in evalb])[: ctx.option("batch")]
     int8, fp8 = models["int8 max"], models["fp8 max, every layer"]  # like for like: every layer quantized
     with torch.no_grad():
-        timing = interleaved({"fp32": lambda: fp32(x), "int8": lambda: int8(x), "fp8": lambda: fp8(x)},
+        timing = interleaved({"fp32": lambda: fp32(x), "int8": lambda: int8(x), "fp8": lambda: fp8(x),
+                              "fp8, casts": lambda: _with_casts(fp8, x)},
                              repeat=ctx.option("rounds"), warmup=1)
     model_part = timing.to_dict("fp32")
-    t = {k: timing.median(k) for k in ("fp32", "int8", "fp8")}
+    t = {k: timing.median(k) for k in ("fp32", "int8", "fp8", "fp8, casts")}
     model_part["fp8_over_int8"] = timing.ratio("fp8", "int8")
     model_part["extra_time_fp8_over_extra_time_int8"] = (t["fp8"] - t["fp32"]) / max(t["int8"] - t["fp32"], 1e-9)
+    model_part["extra_time_fp8_casts_over_extra_time_int8"] = ((t["fp8, casts"] - t["fp32"])
+                                                               / max(t["int8"] - t["fp32"], 1e-9))
     # the bare functions: one activation-sized tensor per tensor, one weight per channel
     act = torch.randn(32, 96, 56, 56)
     w = torch.randn(256, 256, 3, 3)
@@ -162,9 +176,11 @@ def section_overhead(ctx: Context, result: dict) -> None:
             "int8 per tensor": lambda: fake_tensor_quant(act, a_amax),
             "int8 per tensor, quantizer path": lambda: fake_quantize_by_amax(act, a_amax),
             "fp8 per tensor": lambda: fake_fp8_quant(act, a_amax),
+            "fp8 per tensor, casts": lambda: _with_casts(fake_fp8_quant, act, a_amax),
             "int8 per channel": lambda: fake_tensor_quant(w, w_amax),
             "int8 per channel, quantizer path": lambda: fake_quantize_by_amax(w, w_amax),
             "fp8 per channel": lambda: fake_fp8_quant(w, w_amax),
+            "fp8 per channel, casts": lambda: _with_casts(fake_fp8_quant, w, w_amax),
             "copy (memory bound)": lambda: act.clone(),
         }, repeat=ctx.option("rounds") * 3, warmup=2)
     op_part = ops.to_dict()
@@ -180,7 +196,9 @@ def section_overhead(ctx: Context, result: dict) -> None:
                                      "batch": int(x.shape[0])}
     print(f"  forward over fp32: int8 {model_part['ratio_to_fp32']['int8']:.3f}x, fp8 "
           f"{model_part['ratio_to_fp32']['fp8']:.3f}x; fp8/int8 {model_part['fp8_over_int8']:.3f}; extra time "
-          f"fp8/int8 {model_part['extra_time_fp8_over_extra_time_int8']:.3f}", flush=True)
+          f"fp8/int8 {model_part['extra_time_fp8_over_extra_time_int8']:.3f} (torch's casts instead of the compiled "
+          f"kernel: fp8 {model_part['ratio_to_fp32']['fp8, casts']:.3f}x, extra time fp8/int8 "
+          f"{model_part['extra_time_fp8_casts_over_extra_time_int8']:.3f})", flush=True)
     print(f"  functions fp8/int8: {op_part['fp8_over_int8']}", flush=True)
 
 

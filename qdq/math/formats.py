@@ -29,7 +29,9 @@ infinities to +-448, NaN to NaN; probed once), and :func:`dequantize_fp8` of 163
 bits from the FP8 bytes with in-place integer ops instead of torch's float8 -> float32 cast, a scalar loop 5-10x
 slower (NaN values and ``torch.set_flush_denormal(True)`` take the cast). :func:`fake_quantize_fp8` runs both on
 the quotient's buffer. Under torch.compile on the CPU it rounds in float32 arithmetic instead (the same bits), which
-inductor vectorizes and fuses where its float8 casts are scalar code.
+inductor vectorizes and fuses where its float8 casts are scalar code; eager execution on the CPU runs that arithmetic
+compiled once per process for tensors of 65536 or more values: one vectorized loop instead of the division, the
+scalar cast loop and the dequantization (:func:`use_compiled_fp8`).
 
 Blocked INT4 quantization reshapes a 2-D weight ``(rows, features)`` to ``(rows, features / block, block)`` and
 quantizes it with one amax per ``(row, block)`` with the integer arithmetic of :mod:`qdq.tensor_quant` (the same
@@ -49,6 +51,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 import torch
@@ -69,6 +72,7 @@ __all__ = [
     "dequantize_fp8",
     "fake_quantize_fp8",
     "fake_fp8_quant",
+    "use_compiled_fp8",
     "FakeFP8QuantFunction",
     "block_view",
     "fake_blocked_quant",
@@ -85,6 +89,8 @@ BLOCK_SIZES = (32, 64, 128)
 FORMAT_NAMES = ("int8", "fp8", "int4", "float")
 
 _FP8_DTYPE = torch.float8_e4m3fn
+
+logger = logging.getLogger(__name__)
 
 
 class UnsupportedFormatError(ValueError, TypeError):
@@ -269,6 +275,10 @@ def fake_quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     scale = float32_tensor(scale, x.device)
     if _compiling_cpu(x):
         return _fake_quantize_fp8_arith(x, scale)
+    if _compiled_kernel_applies(x):
+        out = _fake_quantize_fp8_compiled(x, scale)
+        if out is not None:
+            return out
     y = _quotient(x, scale)
     return dequantize_fp8(_to_fp8(y), scale, out=y)
 
@@ -302,6 +312,95 @@ def _fake_quantize_fp8_arith(x: torch.Tensor, scale: torch.Tensor) -> torch.Tens
     bits = torch.bitwise_and(y.view(torch.int32), _EXPONENT_BITS).clamp(_FP8_MIN_NORMAL_BITS, _FP8_MAX_BINADE_BITS)
     m = (bits + _TO_ROUNDING_CONSTANT).view(torch.float32)
     return torch.copysign((y + m) - m, y) * scale  # copysign: -0 for negatives that round to zero, as the cast
+
+
+#: Eager FP8 fake quantization on the CPU of this many elements or more runs the compiled kernel.
+_COMPILED_MIN_NUMEL = 1 << 16
+
+
+class _CompiledKernel:
+    """The state of :func:`use_compiled_fp8`'s kernel: whether it is on, and the compiled function once built."""
+
+    enabled = True
+    function = None
+
+
+def use_compiled_fp8(enabled: bool) -> bool:
+    """Turns the compiled CPU kernel of eager FP8 fake quantization on (the default) or off; returns the previous
+    setting.
+
+    In eager execution on the CPU, :func:`fake_quantize_fp8` of 65536 or more values with one scale, or with one
+    per index of dimension 0 of a contiguous tensor (weights per output channel), runs :func:`_fake_quantize_fp8_arith` compiled by torch.compile (inductor,
+    dynamic shapes, one graph per process; its C++ is cached on disk in inductor's cache directory): one vectorized
+    pass where torch's float8 casts are scalar loops (25x96x56x56 float32 on 2 threads, torch 2.14.1: 3.3-4.0 ms
+    against 10.7-11.1 ms for the casts and 4.3-5.0 ms for INT8's fake quantization). The numbers are the same bits
+        either way (tested). The first call compiles (14 s with an empty inductor cache, 3-4 s with a warm one; the
+    second graph, for weights with a scale per output channel, 0.2-1.4 s). Where compiling fails (no C++ compiler,
+    an inductor error) a warning names the error and the casts run from then on. Off, the casts always run and
+    nothing is compiled.
+
+    >>> previous = use_compiled_fp8(False)
+    >>> use_compiled_fp8(previous)
+    False
+    """
+    previous, _CompiledKernel.enabled = _CompiledKernel.enabled, bool(enabled)
+    return previous
+
+
+def _compiled_kernel_applies(x: torch.Tensor) -> bool:
+    """Eager CPU execution of a large tensor with no autograd to record: where :func:`_fake_quantize_fp8_compiled`
+    is tried (the compiled function's own gradient would not be the casts' one)."""
+    return (_CompiledKernel.enabled and x.numel() >= _COMPILED_MIN_NUMEL and _eager_cpu(x)
+            and not (torch.is_grad_enabled() and x.requires_grad))
+
+
+def _plain_tensor(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """float32 ``t`` (dense in its memory order) as a contiguous tensor of ``shape`` of its own over the same memory:
+    not a view (dynamo guards a view's base, so every base shape would compile again) and, made outside inference
+    mode, not an inference tensor (another dispatch key set: another graph)."""
+    if t.dtype != torch.float32:
+        return t.float().view(shape)
+    stride = (shape[1], 1) if len(shape) == 2 else (1,)
+    return torch.empty(0).set_(t.untyped_storage(), t.storage_offset(), shape, stride)
+
+
+def _kernel_operands(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]] | None:
+    """``(x_dense, shape)``: ``x`` as one row of its memory with one scale, or as ``(channels, rest)`` with a scale
+    per index of dimension 0 (a contiguous weight); None for other operands (they take the casts)."""
+    if scale.numel() == 1:
+        flat = flat_view(x)
+        return (flat, (x.numel(),)) if flat.data_ptr() == x.data_ptr() else None  # else flat_view copied
+    per_row = x.dim() >= 2 and scale.shape == (x.shape[0],) + (1,) * (x.dim() - 1)
+    return (x, (x.shape[0], x.numel() // x.shape[0])) if per_row and x.is_contiguous() else None
+
+
+def _fake_quantize_fp8_compiled(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """:func:`fake_quantize_fp8` by the compiled kernel of :func:`use_compiled_fp8`; None where it does not apply
+    (a scale per channel other than along dimension 0 of a contiguous tensor, a tensor that is not dense in any
+    order) or compiling failed (then the caller runs the casts).
+
+    The kernel sees two graphs: ``x`` as one float32 row of its memory and a 0-dim scale, or as ``(channels, rest)``
+    and a ``(channels, 1)`` scale, plain tensors (not views, not inference tensors, no autograd) in grad mode off, so
+    that no tensor rank, layout, dtype or autograd state of the caller makes dynamo compile again (it stops at 8
+    graphs per function). The result gets ``x``'s shape and strides.
+    """
+    operands = _kernel_operands(x.detach(), scale)
+    if operands is None:
+        return None
+    dense, shape = operands
+    try:
+        if _CompiledKernel.function is None:
+            logger.info("FP8 fake quantization: compiling its CPU kernel (torch.compile, once per process)")
+            _CompiledKernel.function = torch.compile(_fake_quantize_fp8_arith, dynamic=True, fullgraph=True)
+        with torch.inference_mode(False), torch.no_grad():
+            out = _CompiledKernel.function(_plain_tensor(dense, shape),
+                                           scale.reshape(shape[:1] + (1,) if len(shape) == 2 else ()).clone())
+    except Exception as error:  # a compiler missing or failing: the casts give the same bits, slower
+        _CompiledKernel.enabled = False
+        logger.warning("FP8 fake quantization: the compiled CPU kernel failed (%s: %s); torch's float8 casts run "
+                       "from now on (the same numbers, about 2.5x the time)", type(error).__name__, error)
+        return None
+    return out.as_strided(x.shape, x.stride())
 
 
 class FakeFP8QuantFunction(torch.autograd.Function):

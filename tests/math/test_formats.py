@@ -1,5 +1,7 @@
 """FP8 E4M3 and blocked INT4 fake quantization against small NumPy references (qdq.formats)."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -252,7 +254,9 @@ def test_large_tensor_fake_fp8_is_exact_against_the_reference(scale):
     assert torch.equal(formats.quantize_fp8(x, scale).view(torch.uint8), clamped.view(torch.uint8))
 
 
-def test_large_tensor_fake_fp8_per_channel_strided_nan_and_flush_denormal():
+def test_large_tensor_fake_fp8_per_channel_strided_nan_and_flush_denormal(monkeypatch):
+    """The casts and the bit-level dequantization (the compiled kernel, off here, has its own tests below)."""
+    monkeypatch.setattr(formats._CompiledKernel, "enabled", False)
     x = _hard_values(64 * 1024).reshape(64, 1024)
     scale = torch.rand(64, 1) + 0.01
     reference = lambda t: (formats.quantize_fp8(t, scale).float() * scale).view(torch.int32)  # noqa: E731
@@ -341,3 +345,159 @@ def test_compiled_fake_fp8_takes_the_arithmetic_route_with_the_same_bits(backend
     assert calls, "the compiled function did not take the arithmetic route"
     eager = formats.fake_quantize_fp8(x, scale)
     assert torch.equal(got.view(torch.int32), eager.view(torch.int32))
+
+
+class _KernelSpy:
+    """Counts the calls the compiled CPU kernel answered (not None); skips where inductor has no C++ compiler."""
+
+    def __init__(self, monkeypatch):
+        if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+            pytest.skip("no C++ compiler: inductor cannot build the compiled FP8 kernel (the casts run, tested here)")
+        self.answered = 0
+        compiled = formats._fake_quantize_fp8_compiled
+
+        def spy(x, scale):
+            out = compiled(x, scale)
+            self.answered += out is not None
+            return out
+
+        monkeypatch.setattr(formats, "_fake_quantize_fp8_compiled", spy)
+        monkeypatch.setattr(formats._CompiledKernel, "enabled", True)
+
+
+def _with_casts(x, scale):
+    previous = formats.use_compiled_fp8(False)
+    try:
+        return formats.fake_quantize_fp8(x, scale)
+    finally:
+        formats.use_compiled_fp8(previous)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.stride() == b.stride() and bool(((a.view(torch.int32) == b.view(torch.int32))
+                                              | (a.isnan() & b.isnan())).all())
+
+
+_N = 4 * formats._COMPILED_MIN_NUMEL
+
+
+def _kernel_operand(case: str) -> torch.Tensor:
+    """A tensor of _hard_values (two NaNs included) in the layout, dtype or wrapping ``case`` names."""
+    x = _hard_values(_N + 64).reshape(-1)
+    x[[70, 777]] = torch.tensor([float("nan"), -float("nan")])
+    if case == "storage offset":
+        return x[64:]
+    x = x[:_N].reshape(64, 64, 8, 8)
+    if case == "channels-last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if case == "transposed view":
+        return x.transpose(0, 1)
+    if case in ("float16", "bfloat16", "per row, float16"):
+        return x.to(getattr(torch, case.split()[-1]))
+    if case == "per row, 2-D":
+        return x.reshape(512, -1)
+    if case == "parameter":
+        return torch.nn.Parameter(x)
+    return x
+
+
+_KERNEL_CASES = ["contiguous", "channels-last", "transposed view", "storage offset", "float16", "bfloat16",
+                 "parameter", "inference mode", "per row", "per row, float16", "per row, 2-D"]
+
+
+def _kernel_scale(case: str, x: torch.Tensor) -> torch.Tensor:
+    """One scale, or one per index of dimension 0 for the "per row" cases."""
+    if not case.startswith("per row"):
+        return torch.tensor(300.0 / 448)
+    return formats.fp8_scale(x.detach().float().nan_to_num().abs().amax(dim=tuple(range(1, x.dim())), keepdim=True))
+
+
+@pytest.mark.parametrize("case", _KERNEL_CASES)
+def test_compiled_cpu_kernel_gives_the_bits_and_layout_of_the_casts(case, monkeypatch):
+    """Eager FP8 fake quantization of >= 65536 values with one scale on the CPU runs the compiled kernel: for every
+    E4M3 value and tie, subnormals, overflow, infinities, NaN and -0, in any dense layout and input dtype, it gives
+    the bits and strides of torch's casts."""
+    spy = _KernelSpy(monkeypatch)
+    x = _kernel_operand(case)
+    scale = _kernel_scale(case, x)
+    if case == "inference mode":
+        with torch.inference_mode():
+            got = formats.fake_quantize_fp8(x, scale)
+    else:
+        with torch.no_grad():
+            got = formats.fake_quantize_fp8(x, scale)
+    assert spy.answered == 1, "the compiled kernel did not run"
+    assert got.dtype == torch.float32 and _same_bits(got, _with_casts(x.detach(), scale))
+    assert int(got.isnan().sum()) == 2
+
+
+def test_compiled_cpu_kernel_compiles_one_graph_for_every_caller(monkeypatch):
+    """Sizes, layouts, dtypes, parameters and grad modes all reuse one compiled graph: dynamo stops compiling at 8
+    graphs per function, which would leave a model's later layers on the casts."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    spy = _KernelSpy(monkeypatch)
+    torch._dynamo.reset()
+    for case in _KERNEL_CASES:
+        x = _kernel_operand(case)
+        scale = _kernel_scale(case, x)
+        with torch.inference_mode() if case == "inference mode" else torch.no_grad():
+            formats.fake_quantize_fp8(x, scale)
+        more = torch.cat([x.detach()] * 2)  # another size, grad mode on
+        formats.fake_quantize_fp8(more, torch.cat([scale] * 2) if scale.dim() else scale)
+    assert spy.answered == 2 * len(_KERNEL_CASES)
+    entries = _debug_get_cache_entry_list(formats._fake_quantize_fp8_arith.__code__)
+    assert len(entries) == 2, f"{len(entries)} compiled graphs: one per tensor, one per row"
+
+
+def test_compiled_cpu_kernel_leaves_other_operands_to_the_casts(monkeypatch):
+    """Small tensors, tensors that are not dense in any order, scales per channel on other axes than 0 or of a
+    non-contiguous tensor and inputs whose autograd is recorded take the casts; a gradient through fake_fp8_quant
+    is the straight-through one either way."""
+    spy = _KernelSpy(monkeypatch)
+    x = _hard_values(2 * _N).reshape(128, 64, 8, 8)
+    per_row = formats.fp8_scale(x.abs().amax(dim=(1, 2, 3), keepdim=True))
+    for operand, scale in ((x[:1, :8], torch.tensor(1.0)), (x[:, ::2], torch.tensor(1.0)),
+                           (x, formats.fp8_scale(x.abs().amax(dim=(0, 2, 3), keepdim=True))),
+                           (x.contiguous(memory_format=torch.channels_last), per_row),
+                           (x.reshape(-1)[:512 * 512].reshape(512, 512), torch.rand(512) + 0.01)):  # last axis
+        assert _same_bits(formats.fake_quantize_fp8(operand, scale), _with_casts(operand, scale))
+    assert spy.answered == 0
+    w = x.clone().requires_grad_()
+    formats.fake_quantize_fp8(w, torch.tensor(1.0))
+    assert spy.answered == 0
+    formats.fake_fp8_quant(w, torch.tensor(1.0)).sum().backward()  # the autograd function's forward: the kernel
+    assert spy.answered == 1
+    assert torch.equal(w.grad, (x.abs() <= 1.0).float())
+
+
+def test_compiled_cpu_kernel_that_fails_warns_once_and_the_casts_take_over(monkeypatch, caplog):
+    def no_compiler(function, **options):
+        def fail(*args):
+            raise RuntimeError("C++ compiler not found")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    monkeypatch.setattr(formats._CompiledKernel, "function", None)
+    monkeypatch.setattr(formats._CompiledKernel, "enabled", True)
+    x = _hard_values(_N)
+    with caplog.at_level("WARNING", logger="qdq.math.formats"):
+        first = formats.fake_quantize_fp8(x, torch.tensor(0.5))
+        formats.fake_quantize_fp8(x, torch.tensor(0.5))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "RuntimeError: C++ compiler not found" in warnings[0], warnings
+    assert not formats._CompiledKernel.enabled
+    assert _same_bits(first, _with_casts(x, torch.tensor(0.5)))
+
+
+def test_use_compiled_fp8_off_never_compiles(monkeypatch):
+    monkeypatch.setattr(formats._CompiledKernel, "function", None)
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("compiled while turned off"))
+    previous = formats.use_compiled_fp8(False)
+    try:
+        x = _hard_values(_N)
+        assert torch.equal(formats.fake_quantize_fp8(x, torch.tensor(2.0)).nan_to_num(),
+                           (formats.quantize_fp8(x, torch.tensor(2.0)).float() * 2.0).nan_to_num())
+    finally:
+        formats.use_compiled_fp8(previous)
+    assert formats._CompiledKernel.function is None
