@@ -11,8 +11,9 @@ Sections (all numbers measured in this run, ratios side by side):
    PyTorch (``qdq.verify``) and checked for TensorRT. FP8 rows: qdq's default (``set_model_format(m, "fp8")``: the
    layers TensorRT has no FP8 kernel for, here the depthwise convolutions, stay float), every layer in FP8
    (``fp8_fallback=None``) and INT8 for those layers (``fp8_fallback="int8"``).
-2. Fake-quant overhead: the EfficientNet-Lite0 forward (fp32, INT8 and FP8 fake quantization on every layer) and
-   the bare fake-quant functions on one tensor, interleaved round by round; ``overhead = time / fp32 time``.
+2. Fake-quant overhead: the EfficientNet-Lite0 forward (fp32, INT8 and FP8 fake quantization on every layer; FP8
+   also on torch's float8 casts instead of its compiled CPU kernel), a training step of the same models (batch 8)
+   and the bare fake-quant functions on one tensor, interleaved round by round; ``overhead = time / fp32 time``.
 3. A ViT (timm ``vit_tiny_patch16_224``, random weights: the CIFAR-10 ViT example is not part of this benchmark):
    FP8 everywhere and INT4 weight-only (block 64) Linear layers: ONNX Runtime parity, checker errors, overhead.
 4. ``--sections fp8_kinds``: EfficientNet-Lite0 with FP8 on every layer but one kind (stem, expand, depthwise,
@@ -137,6 +138,16 @@ def section_overhead_models(ctx: Context) -> None:
     ctx.cache["efficientnet"] = (fp32, models, calib, evalb, None, None)
 
 
+def _extra_time_ratio(seconds: dict, fp8: str = "fp8") -> float | None:
+    """The time FP8 adds to fp32 over the time INT8 adds; None where INT8 added none (noise)."""
+    int8 = seconds["int8"] - seconds["fp32"]
+    return (seconds[fp8] - seconds["fp32"]) / int8 if int8 > 0 else None
+
+
+def _text(ratio: float | None) -> str:
+    return "n/a (INT8 added no time)" if ratio is None else f"{ratio:.3f}"
+
+
 def _with_casts(function, *args):
     """``function(*args)`` with FP8 fake quantization on torch's float8 casts, not the compiled CPU kernel."""
     from qdq.math.formats import use_compiled_fp8
@@ -163,9 +174,8 @@ def section_overhead(ctx: Context, result: dict) -> None:
     model_part = timing.to_dict("fp32")
     t = {k: timing.median(k) for k in ("fp32", "int8", "fp8", "fp8, casts")}
     model_part["fp8_over_int8"] = timing.ratio("fp8", "int8")
-    model_part["extra_time_fp8_over_extra_time_int8"] = (t["fp8"] - t["fp32"]) / max(t["int8"] - t["fp32"], 1e-9)
-    model_part["extra_time_fp8_casts_over_extra_time_int8"] = ((t["fp8, casts"] - t["fp32"])
-                                                               / max(t["int8"] - t["fp32"], 1e-9))
+    model_part["extra_time_fp8_over_extra_time_int8"] = _extra_time_ratio(t)
+    model_part["extra_time_fp8_casts_over_extra_time_int8"] = _extra_time_ratio(t, "fp8, casts")
     # the bare functions: one activation-sized tensor per tensor, one weight per channel
     act = torch.randn(32, 96, 56, 56)
     w = torch.randn(256, 256, 3, 3)
@@ -192,14 +202,38 @@ def section_overhead(ctx: Context, result: dict) -> None:
                                                                         "int8 per tensor, quantizer path"),
                                 "per channel, quantizer path": ops.ratio("fp8 per channel",
                                                                          "int8 per channel, quantizer path")}
+    step_part = _training_steps(fp32, int8, fp8, x[:8], ctx.option("rounds"))
     result["fake_quant_overhead"] = {"efficientnet_lite0_forward": model_part, "functions": op_part,
-                                     "batch": int(x.shape[0])}
+                                     "efficientnet_lite0_training_step": step_part, "batch": int(x.shape[0])}
     print(f"  forward over fp32: int8 {model_part['ratio_to_fp32']['int8']:.3f}x, fp8 "
           f"{model_part['ratio_to_fp32']['fp8']:.3f}x; fp8/int8 {model_part['fp8_over_int8']:.3f}; extra time "
-          f"fp8/int8 {model_part['extra_time_fp8_over_extra_time_int8']:.3f} (torch's casts instead of the compiled "
+          f"fp8/int8 {_text(model_part['extra_time_fp8_over_extra_time_int8'])} (torch's casts instead of the compiled "
           f"kernel: fp8 {model_part['ratio_to_fp32']['fp8, casts']:.3f}x, extra time fp8/int8 "
-          f"{model_part['extra_time_fp8_casts_over_extra_time_int8']:.3f})", flush=True)
+          f"{_text(model_part['extra_time_fp8_casts_over_extra_time_int8'])})", flush=True)
     print(f"  functions fp8/int8: {op_part['fp8_over_int8']}", flush=True)
+    print(f"  training step (forward and backward, batch {step_part['batch']}) over fp32: int8 "
+          f"{step_part['ratio_to_fp32']['int8']:.3f}x, fp8 {step_part['ratio_to_fp32']['fp8']:.3f}x, fp8 with the "
+          f"casts {step_part['ratio_to_fp32']['fp8, casts']:.3f}x; extra time fp8/int8 "
+          f"{_text(step_part['extra_time_fp8_over_extra_time_int8'])}", flush=True)
+
+
+def _training_steps(fp32, int8, fp8, x, rounds: int) -> dict:
+    """A QAT step without the optimizer (train mode, forward, backward) of copies of the three models, interleaved;
+    FP8 also with torch's casts."""
+    copies = {name: copy.deepcopy(m).train() for name, m in (("fp32", fp32), ("int8", int8), ("fp8", fp8))}
+
+    def step(model, casts=False):
+        model.zero_grad(set_to_none=True)
+        (_with_casts(model, x) if casts else model(x)).square().mean().backward()
+
+    timing = interleaved({"fp32": lambda: step(copies["fp32"]), "int8": lambda: step(copies["int8"]),
+                          "fp8": lambda: step(copies["fp8"]), "fp8, casts": lambda: step(copies["fp8"], casts=True)},
+                         repeat=rounds, warmup=1)
+    part = timing.to_dict("fp32")
+    t = {k: timing.median(k) for k in ("fp32", "int8", "fp8")}
+    part["extra_time_fp8_over_extra_time_int8"] = _extra_time_ratio(t)
+    part["batch"] = int(x.shape[0])
+    return part
 
 
 def section_compiled(ctx: Context, result: dict) -> None:
@@ -222,11 +256,11 @@ def section_compiled(ctx: Context, result: dict) -> None:
     part.update(timing.to_dict("fp32"))
     t = {k: timing.median(k) for k in compiled}
     part["fp8_over_int8"] = timing.ratio("fp8", "int8")
-    part["extra_time_fp8_over_extra_time_int8"] = (t["fp8"] - t["fp32"]) / max(t["int8"] - t["fp32"], 1e-9)
+    part["extra_time_fp8_over_extra_time_int8"] = _extra_time_ratio(t)
     result["compiled_overhead"] = part
     print(f"  compiled forward over compiled fp32: int8 {part['ratio_to_fp32']['int8']:.3f}x, fp8 "
           f"{part['ratio_to_fp32']['fp8']:.3f}x; fp8/int8 {part['fp8_over_int8']:.3f}; extra time fp8/int8 "
-          f"{part['extra_time_fp8_over_extra_time_int8']:.3f} (compile {part['compile_seconds']})", flush=True)
+          f"{_text(part['extra_time_fp8_over_extra_time_int8'])} (compile {part['compile_seconds']})", flush=True)
 
 
 def section_vit(ctx: Context, result: dict) -> None:
