@@ -50,11 +50,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import _len_torch_dispatch_stack
+
 from qdq.math._masks import float_mask_route, inside_as_float
 from qdq.math._tensors import flat_view, float32_tensor
 
@@ -348,10 +351,24 @@ def use_compiled_fp8(enabled: bool) -> bool:
 
 
 def _compiled_kernel_applies(x: torch.Tensor) -> bool:
-    """Eager CPU execution of a large tensor with no autograd to record: where :func:`_fake_quantize_fp8_compiled`
-    is tried (the compiled function's own gradient would not be the casts' one)."""
+    """Eager CPU execution of a large tensor with no autograd to record (the compiled function's own gradient
+    would not be the casts' one) and no dispatch mode active (one sees every op: the casts' ops it gets): where
+    :func:`_fake_quantize_fp8_compiled` is tried."""
     return (_CompiledKernel.enabled and x.numel() >= _COMPILED_MIN_NUMEL and _eager_cpu(x)
-            and not (torch.is_grad_enabled() and x.requires_grad))
+            and not (torch.is_grad_enabled() and x.requires_grad) and _len_torch_dispatch_stack() == 0)
+
+
+@contextlib.contextmanager
+def _without_function_modes():
+    """No torch function mode active inside, the modes restored after: dynamo would trace an active mode's Python
+    into the kernel (qdq's op-site mode, active in a model's forward, reads its caller's frame: that fails there).
+    The modes do not see the kernel's ops."""
+    modes = [torch._C._pop_torch_function_stack() for _ in range(torch._C._len_torch_function_stack())]
+    try:
+        yield
+    finally:
+        for mode in reversed(modes):
+            torch._C._push_on_torch_function_stack(mode)
 
 
 def _plain_tensor(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -392,7 +409,7 @@ def _fake_quantize_fp8_compiled(x: torch.Tensor, scale: torch.Tensor) -> torch.T
         if _CompiledKernel.function is None:
             logger.info("FP8 fake quantization: compiling its CPU kernel (torch.compile, once per process)")
             _CompiledKernel.function = torch.compile(_fake_quantize_fp8_arith, dynamic=True, fullgraph=True)
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad(), _without_function_modes():
             out = _CompiledKernel.function(_plain_tensor(dense, shape),
                                            scale.reshape(shape[:1] + (1,) if len(shape) == 2 else ()).clone())
     except Exception as error:  # a compiler missing or failing: the casts give the same bits, slower

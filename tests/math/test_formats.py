@@ -1,6 +1,7 @@
 """FP8 E4M3 and blocked INT4 fake quantization against small NumPy references (qdq.formats)."""
 
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -469,6 +470,35 @@ def test_compiled_cpu_kernel_leaves_other_operands_to_the_casts(monkeypatch):
     formats.fake_fp8_quant(w, torch.tensor(1.0)).sum().backward()  # the autograd function's forward: the kernel
     assert spy.answered == 1
     assert torch.equal(w.grad, (x.abs() <= 1.0).float())
+
+
+def test_compiled_cpu_kernel_runs_under_a_function_mode_and_leaves_dispatch_modes_the_casts(monkeypatch):
+    """A torch function mode (qdq's op-site mode is one, in a model's forward) is set aside while the kernel runs
+    and restored; under a dispatch mode, which sees every aten op, the casts run."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Frames(TorchFunctionMode):  # reads its caller's frame, as the op-site mode does
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            sys._getframe(1).f_locals
+            return func(*args, **(kwargs or {}))
+
+    class Ops(TorchDispatchMode):
+        seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    spy = _KernelSpy(monkeypatch)
+    x, scale = _kernel_operand("contiguous"), torch.tensor(0.25)
+    with Frames():
+        got = formats.fake_quantize_fp8(x, scale)
+        assert torch._C._len_torch_function_stack() == 1
+    assert spy.answered == 1 and _same_bits(got, _with_casts(x, scale))
+    with Ops():
+        got = formats.fake_quantize_fp8(x, scale)
+    assert spy.answered == 1 and Ops.seen and _same_bits(got, _with_casts(x, scale))
 
 
 def test_compiled_cpu_kernel_that_fails_warns_once_and_the_casts_take_over(monkeypatch, caplog):
