@@ -333,14 +333,14 @@ def use_compiled_fp8(enabled: bool) -> bool:
     setting.
 
     In eager execution on the CPU, :func:`fake_quantize_fp8` of 65536 or more values with one scale, or with one
-    per index of dimension 0 of a contiguous tensor (weights per output channel), runs :func:`_fake_quantize_fp8_arith` compiled by torch.compile (inductor,
-    dynamic shapes, one graph per process; its C++ is cached on disk in inductor's cache directory): one vectorized
-    pass where torch's float8 casts are scalar loops (25x96x56x56 float32 on 2 threads, torch 2.14.1: 3.3-4.0 ms
-    against 10.7-11.1 ms for the casts and 4.3-5.0 ms for INT8's fake quantization). The numbers are the same bits
-        either way (tested). The first call compiles (14 s with an empty inductor cache, 3-4 s with a warm one; the
-    second graph, for weights with a scale per output channel, 0.2-1.4 s). Where compiling fails (no C++ compiler,
-    an inductor error) a warning names the error and the casts run from then on. Off, the casts always run and
-    nothing is compiled.
+    per index of dimension 0 of a contiguous tensor (weights per output channel), runs
+    :func:`_fake_quantize_fp8_arith` compiled by torch.compile (inductor, dynamic shapes, two graphs per process; its
+    C++ is cached on disk in inductor's cache directory): one vectorized loop where torch's float8 casts are scalar
+    loops (25x96x56x56 float32 on 2 threads, torch 2.14.1: 3.3-4.0 ms against 10.7-11.1 ms for the casts and
+    4.3-5.0 ms for INT8's fake quantization). The numbers are the same bits either way (tested). The first call
+    compiles (14 s with an empty inductor cache, 3-4 s with a warm one; the second graph 0.2-1.4 s). Where compiling
+    fails (no C++ compiler, an inductor error) a warning names the error and the casts run from then on. Off, the
+    casts always run and nothing is compiled. CUDA tensors take the casts, which are vectorized kernels there.
 
     >>> previous = use_compiled_fp8(False)
     >>> use_compiled_fp8(previous)
