@@ -378,7 +378,8 @@ def _plain_tensor(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     if t.dtype != torch.float32:
         return t.float().view(shape)
     stride = (shape[1], 1) if len(shape) == 2 else (1,)
-    return torch.empty(0).set_(t.untyped_storage(), t.storage_offset(), shape, stride)
+    plain = torch.empty(0, dtype=torch.float32, device=t.device)  # whatever torch's default dtype and device
+    return plain.set_(t.untyped_storage(), t.storage_offset(), shape, stride)
 
 
 def _kernel_operands(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]] | None:
@@ -415,7 +416,7 @@ def _fake_quantize_fp8_compiled(x: torch.Tensor, scale: torch.Tensor) -> torch.T
     except Exception as error:  # a compiler missing or failing: the casts give the same bits, slower
         _CompiledKernel.enabled = False
         logger.warning("FP8 fake quantization: the compiled CPU kernel failed (%s: %s); torch's float8 casts run "
-                       "from now on (the same numbers, about 2.5x the time)", type(error).__name__, error)
+                       "from now on (the same numbers, 2-3x the time)", type(error).__name__, error)
         return None
     return out.as_strided(x.shape, x.stride())
 

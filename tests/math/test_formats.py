@@ -501,6 +501,18 @@ def test_compiled_cpu_kernel_runs_under_a_function_mode_and_leaves_dispatch_mode
     assert spy.answered == 1 and Ops.seen and _same_bits(got, _with_casts(x, scale))
 
 
+def test_compiled_cpu_kernel_under_another_default_dtype(monkeypatch):
+    spy = _KernelSpy(monkeypatch)
+    x, scale = _kernel_operand("contiguous"), torch.tensor(0.25)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = formats.fake_quantize_fp8(x, scale)
+    finally:
+        torch.set_default_dtype(previous)
+    assert spy.answered == 1 and got.dtype == torch.float32 and _same_bits(got, _with_casts(x, scale))
+
+
 def test_compiled_cpu_kernel_that_fails_warns_once_and_the_casts_take_over(monkeypatch, caplog):
     def no_compiler(function, **options):
         def fail(*args):
