@@ -415,9 +415,9 @@ def _kernel_scale(case: str, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("case", _KERNEL_CASES)
 def test_compiled_cpu_kernel_gives_the_bits_and_layout_of_the_casts(case, monkeypatch):
-    """Eager FP8 fake quantization of >= 65536 values with one scale on the CPU runs the compiled kernel: for every
-    E4M3 value and tie, subnormals, overflow, infinities, NaN and -0, in any dense layout and input dtype, it gives
-    the bits and strides of torch's casts."""
+    """Eager FP8 fake quantization of >= 65536 values on the CPU, with one scale or one per row, runs the compiled
+    kernel: for every E4M3 value and tie, subnormals, overflow, infinities, NaN and -0, in any dense layout, input
+    dtype and grad mode, it gives the bits and strides of torch's casts."""
     spy = _KernelSpy(monkeypatch)
     x = _kernel_operand(case)
     scale = _kernel_scale(case, x)
@@ -432,9 +432,9 @@ def test_compiled_cpu_kernel_gives_the_bits_and_layout_of_the_casts(case, monkey
     assert int(got.isnan().sum()) == 2
 
 
-def test_compiled_cpu_kernel_compiles_one_graph_for_every_caller(monkeypatch):
-    """Sizes, layouts, dtypes, parameters and grad modes all reuse one compiled graph: dynamo stops compiling at 8
-    graphs per function, which would leave a model's later layers on the casts."""
+def test_compiled_cpu_kernel_compiles_two_graphs_for_every_caller(monkeypatch):
+    """Sizes, layouts, dtypes, parameters and grad modes all reuse the kernel's two graphs (one scale, a scale per
+    row): dynamo stops compiling at 8 graphs per function, which would leave a model's later layers on the casts."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
     spy = _KernelSpy(monkeypatch)
